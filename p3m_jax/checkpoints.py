@@ -1,0 +1,81 @@
+"""p3m-jax's own model checkpoint format (orbax).
+
+A model checkpoint is a directory::
+
+    OUT_DIR/
+      p3m_model.json     {"format": 1, "arch": "resnet34", "options": {...}}
+      variables/         orbax StandardCheckpointer tree: params, batch_stats, [constants]
+
+It is written to a temporary sibling directory and renamed into place at the end, so an
+interrupted save never leaves a directory that reads as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+
+MODEL_META_FILE = "p3m_model.json"
+VARIABLES_DIR = "variables"
+FORMAT_VERSION = 1
+
+
+def is_model_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by `save_model_checkpoint`."""
+    return os.path.isfile(os.path.join(os.fspath(path), MODEL_META_FILE))
+
+
+def save_model_checkpoint(path: str | os.PathLike, arch: str, variables: Any, *,
+                          options: dict | None = None, overwrite: bool = False) -> str:
+    """Saves model variables with their architecture name; returns the absolute path."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        variables = jax.tree_util.tree_map(np.asarray, variables)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)
+            checkpointer.wait_until_finished()
+        meta = {"format": FORMAT_VERSION, "arch": arch, "options": options or {}}
+        with open(os.path.join(tmp, MODEL_META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_model_checkpoint(path: str | os.PathLike) -> tuple[str, dict, Any]:
+    """Reads a model checkpoint; returns ``(arch, options, variables)`` (numpy leaves)."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    path = os.path.abspath(os.fspath(path))
+    meta_path = os.path.join(path, MODEL_META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path} is not a p3m-jax model checkpoint (no {MODEL_META_FILE})")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        arch, options = meta["arch"], dict(meta.get("options", {}))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"corrupt checkpoint metadata {meta_path}: {e}") from e
+    if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer p3m-jax (format {meta['format']})")
+    with ocp.StandardCheckpointer() as checkpointer:
+        variables = checkpointer.restore(os.path.join(path, VARIABLES_DIR))
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    return arch, options, variables

@@ -1,0 +1,249 @@
+"""Building blocks with PyTorch's exact semantics, written for XLA.
+
+Everything here is NHWC. The layers reproduce what the authors' PyTorch model computes
+(so the released weights give the same outputs) while staying friendly to TPUs: the
+max-pooling indices and the max-unpooling are written with static slices, compares and
+selects only, never with a scatter or a gather.
+
+Conventions shared by the whole `models` package:
+- Parameter and submodule names mirror the attribute names of the authors' PyTorch modules
+  (``conv1``, ``bn1``, ``decoder4_g``/``0``...), so that importing a PyTorch state dict is a
+  mechanical renaming (see `p3m_jax.weights.torch_import`).
+- ``dtype`` is the compute dtype (float32 or bfloat16); parameters are always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+# PyTorch defaults: BatchNorm2d(eps=1e-5, momentum=0.1), LayerNorm(eps=1e-5).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.1
+
+
+def torch_conv_init(key, shape, dtype=jnp.float32):
+    """PyTorch's default Conv2d/Linear weight init (kaiming_uniform with a=sqrt(5)).
+
+    Equivalent to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); ``shape`` is (..., fan_in_per_group, out).
+    """
+    fan_in = 1
+    for d in shape[:-1]:
+        fan_in *= d
+    bound = 1.0 / jnp.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def conv2d(features: int, kernel_size: int, *, use_bias: bool, name: str,
+           groups: int = 1, dtype: Dtype = jnp.float32) -> nn.Conv:
+    """A stride-1 'same' convolution, as PyTorch's ``Conv2d(k, padding=k // 2)``."""
+    pad = kernel_size // 2
+    return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
+                   use_bias=use_bias, feature_group_count=groups, dtype=dtype,
+                   param_dtype=jnp.float32, kernel_init=torch_conv_init, name=name)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with PyTorch's semantics.
+
+    Training mode normalizes with the batch statistics (biased variance) and updates the
+    running statistics as PyTorch does: ``running = (1 - m) * running + m * batch`` with the
+    *unbiased* batch variance, m = 0.1. (Flax's own BatchNorm keeps the biased variance, which
+    drifts from PyTorch's running_var on small crops.) Under ``jax.jit`` with a data-sharded
+    batch the mean and variance are global over the batch, i.e. synchronized across devices.
+
+    Statistics are computed in float32 whatever the compute dtype.
+    """
+
+    epsilon: float = BN_EPSILON
+    momentum: float = BN_MOMENTUM
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        reduce_axes = tuple(range(x.ndim - 1))
+        if train:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=reduce_axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=reduce_axes)
+            if not self.is_initializing():
+                count = 1
+                for a in reduce_axes:
+                    count *= x.shape[a]
+                unbiased = var * (count / max(count - 1, 1))
+                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        # Folded into one multiply-add per element, with 1 / sqrt as PyTorch computes it.
+        mul = scale / jnp.sqrt(var + self.epsilon)
+        shift = bias - mean * mul
+        return (x * mul.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
+
+
+class ConvBNReLUStack(nn.Module):
+    """A PyTorch ``nn.Sequential`` of conv3x3 (+ BN + ReLU) triples.
+
+    ``widths`` lists the output channels of each convolution. Submodules are named by their
+    position in the PyTorch Sequential (conv at 3*i, BN at 3*i + 1; the ReLU at 3*i + 2 has no
+    parameters). When ``plain_last`` is set the last convolution has no BN and no ReLU.
+    The optional 2x bilinear upsampling the authors append does not change the numbering of
+    the layers before it, so it is done by the caller.
+    """
+
+    widths: Sequence[int]
+    plain_last: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        n = len(self.widths)
+        for i, width in enumerate(self.widths):
+            x = conv2d(width, 3, use_bias=True, name=str(3 * i), dtype=self.dtype)(x)
+            if self.plain_last and i == n - 1:
+                break
+            x = BatchNorm(dtype=self.dtype, name=str(3 * i + 1))(x, train)
+            x = nn.relu(x)
+        return x
+
+
+def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """Plain max-pooling without padding (PyTorch ``MaxPool2d(window, stride)``)."""
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+
+
+def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Max-pooling that also returns PyTorch's argmax indices.
+
+    Args:
+      x: (N, H, W, C).
+      window, stride, padding: as PyTorch's ``MaxPool2d(window, stride, padding,
+        return_indices=True)`` (floor mode).
+
+    Returns:
+      ``(pooled, indices)``, both (N, Ho, Wo, C); indices are int32 flat positions ``y * W + x``
+      in the (unpadded) input plane. Padding never wins; on ties the first maximum in
+      row-major order of the window wins, like PyTorch's CPU and CUDA kernels.
+    """
+    n, h, w, c = x.shape
+    ho = (h + 2 * padding - window) // stride + 1
+    wo = (w + 2 * padding - window) // stride + 1
+    neg = jnp.array(-jnp.inf, x.dtype)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=neg)
+    rows = jnp.arange(ho, dtype=jnp.int32)[:, None] * stride - padding
+    cols = jnp.arange(wo, dtype=jnp.int32)[None, :] * stride - padding
+    best = None
+    best_idx = None
+    # One static strided slice per window offset, visited in row-major order: a strict
+    # ">" keeps the first maximum, as PyTorch does.
+    for dy in range(window):
+        for dx in range(window):
+            cand = jax.lax.slice(xp, (0, dy, dx, 0),
+                                 (n, dy + (ho - 1) * stride + 1, dx + (wo - 1) * stride + 1, c),
+                                 (1, stride, stride, 1))
+            cand_idx = ((rows + dy) * w + (cols + dx))[None, :, :, None]
+            if best is None:
+                best = cand
+                best_idx = jnp.broadcast_to(cand_idx, cand.shape)
+            else:
+                better = cand > best
+                best = jnp.where(better, cand, best)
+                best_idx = jnp.where(better, cand_idx, best_idx)
+    return best, best_idx.astype(jnp.int32)
+
+
+def _shift_up_left(a: jax.Array, dy: int, dx: int, fill) -> jax.Array:
+    """b[i, j] = a[i + dy, j + dx] (zero-based, dy/dx >= 0), ``fill`` past the edge."""
+    if dy == 0 and dx == 0:
+        return a
+    n, h, w, c = a.shape
+    a = jnp.pad(a, ((0, 0), (0, dy), (0, dx), (0, 0)), constant_values=fill)
+    return a[:, dy:dy + h, dx:dx + w, :]
+
+
+def max_unpool_2x2(x: jax.Array, indices: jax.Array, pool_window: int = 2) -> jax.Array:
+    """PyTorch's ``F.max_unpool2d(x, indices, kernel_size=2, stride=2)``, without a scatter.
+
+    Args:
+      x: pooled values (N, h, w, C).
+      indices: the flat indices returned by `max_pool_with_indices` for that pooling, pointing
+        into a plane of shape (2h, 2w).
+      pool_window: the window of the stride-2 pooling that produced ``indices``: 2 (2x2, no
+        padding; each index lies in its own 2x2 block) or 3 (3x3 with padding 1, as in the
+        ResNet-34 variant; a window also reaches the first row/column of the next block).
+
+    Returns:
+      (N, 2h, 2w, C): every value written at its index in a zero map. Where several windows
+      chose the same position (overlapping 3x3 windows) the value of the last window in
+      row-major order is kept, which is PyTorch's CPU behaviour.
+    """
+    if pool_window not in (2, 3):
+        raise ValueError(f"pool_window must be 2 or 3, got {pool_window}")
+    n, h, w, c = x.shape
+    out_w = 2 * w
+    # Window (i, j) of a stride-2 pooling covers rows 2i - p .. 2i - p + k - 1. Output row
+    # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1).
+    reach = (0,) if pool_window == 2 else (0, 1)
+    shifted = {(dy, dx): (_shift_up_left(x, dy, dx, 0), _shift_up_left(indices, dy, dx, -1))
+               for dy in reach for dx in reach}
+    rows = jnp.arange(h, dtype=jnp.int32)[:, None] * 2
+    cols = jnp.arange(w, dtype=jnp.int32)[None, :] * 2
+    quads = []
+    for a in (0, 1):
+        for b in (0, 1):
+            target = ((rows + a) * out_w + (cols + b))[None, :, :, None]
+            value = jnp.zeros_like(x)
+            # Windows in row-major order; a later match overwrites an earlier one.
+            for dy in reach:
+                for dx in reach:
+                    xv, iv = shifted[(dy, dx)]
+                    value = jnp.where(iv == target, xv, value)
+            quads.append(value)
+    # quads[2a + b] holds output pixels (2i + a, 2j + b): interleave them.
+    q = jnp.stack(quads, axis=3).reshape(n, h, w, 2, 2, c)
+    return q.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
+
+
+def _upsample_axis(x: jax.Array, factor: int, axis: int) -> jax.Array:
+    """Linear upsampling along one axis with half-pixel centres and edge clamping."""
+    n = x.shape[axis]
+    first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+    prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis)
+    nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis=axis)
+    phases = []
+    for p in range(factor):
+        # Output f*i + p samples the input at i + t, t = (p + 0.5) / f - 0.5 in (-0.5, 0.5).
+        t = (p + 0.5) / factor - 0.5
+        if t >= 0:
+            phases.append(x * (1.0 - t) + nxt * t if t else x)
+        else:
+            phases.append(prev * (-t) + x * (1.0 + t))
+    out = jnp.stack(phases, axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] = n * factor
+    return out.reshape(shape)
+
+
+def upsample_bilinear(x: jax.Array, factor: int) -> jax.Array:
+    """Bilinear upsampling of (N, H, W, C) by an integer factor, PyTorch ``align_corners=False``.
+
+    Matches ``nn.Upsample(scale_factor=factor, mode='bilinear')``: half-pixel centres, source
+    coordinates clamped at the borders. Written as ``factor`` static phases of a two-tap
+    filter per axis (slices, multiplies, adds: no gather, no dense resize matrix), which is
+    exact in the interpolation weights and cheap on every backend.
+    """
+    if factor == 1:
+        return x
+    return _upsample_axis(_upsample_axis(x, factor, 1), factor, 2)

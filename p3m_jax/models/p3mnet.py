@@ -1,0 +1,92 @@
+"""P3M-Net: an encoder, the shared two-branch decoder, and `build_model`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from p3m_jax.models.decoder import (OUTPUT_NAMES, RESNET34_DECODER, SWIN_T_DECODER,
+                                    VITAE_S_DECODER, DecoderSpec, P3MDecoder)
+from p3m_jax.models.layers import Dtype
+
+# Input normalization the networks were trained with (ImageNet statistics, RGB order).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# arch name -> (module path, encoder class name, decoder spec). Encoders are imported lazily
+# so that building one variant does not import the others.
+ARCHITECTURES: dict[str, tuple[str, str, DecoderSpec]] = {
+    "resnet34": ("p3m_jax.models.resnet", "ResNet34MP", RESNET34_DECODER),
+    "swin_t": ("p3m_jax.models.swin", "SwinTStemPooling", SWIN_T_DECODER),
+    "vitae_s": ("p3m_jax.models.vitae", "ViTAESmall", VITAE_S_DECODER),
+}
+
+
+class P3MNet(nn.Module):
+    """P3M-Net for NHWC float inputs (ImageNet-normalized RGB, sides multiples of 32).
+
+    Returns a dict with the six outputs, all float32 at the input resolution:
+    ``global`` (N, H, W, 3) logits of background/transition/foreground, ``local`` (N, H, W, 1)
+    sigmoid alpha, ``fusion`` (N, H, W, 1) the fused alpha, ``side2``/``side1``/``side0``
+    (N, H, W, 3) the dBFI side logits.
+    """
+
+    encoder: nn.Module
+    decoder_spec: DecoderSpec
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        check_input_shape(x.shape)
+        features = self.encoder(x, train)
+        return P3MDecoder(self.decoder_spec, dtype=self.dtype, name="decoder")(features, train)
+
+
+def check_input_shape(shape) -> None:
+    """Raises ValueError unless ``shape`` is (N, H, W, 3) with H and W multiples of 32."""
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"P3M-Net expects an NHWC batch of RGB images (N, H, W, 3); got shape "
+                         f"{tuple(shape)}")
+    n, h, w, _ = shape
+    if h % 32 or w % 32 or h == 0 or w == 0:
+        raise ValueError(f"P3M-Net needs height and width that are positive multiples of 32 "
+                         f"(five 2x poolings); got {h}x{w}. Resize or pad the image first.")
+
+
+def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any) -> P3MNet:
+    """Builds an uninitialized P3M-Net.
+
+    Args:
+      arch: "resnet34", "swin_t" or "vitae_s".
+      dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay float32.
+      **encoder_options: passed to the encoder's constructor.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    module_name, class_name, spec = ARCHITECTURES[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise NotImplementedError(f"the {arch} encoder is not available yet") from e
+        raise
+    encoder_cls: Callable[..., nn.Module] = getattr(module, class_name)
+    encoder = encoder_cls(dtype=dtype, name="encoder", **encoder_options)
+    return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype)
+
+
+def init_variables(model: P3MNet, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
+    """Initializes ``model``'s variables (params, batch_stats, ...) with a dummy batch.
+
+    The variables do not depend on the image size except for architectures that say so.
+    """
+    h, w = image_size
+    return model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+
+
+__all__ = ["P3MNet", "build_model", "init_variables", "check_input_shape", "ARCHITECTURES",
+           "OUTPUT_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]

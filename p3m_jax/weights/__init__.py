@@ -1,0 +1,1 @@
+"""Import of externally trained weights (the authors' PyTorch checkpoints)."""

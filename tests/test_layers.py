@@ -1,0 +1,233 @@
+"""Layers and bridges against PyTorch's own functions/modules with the same weights."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jax
+import jax.numpy as jnp
+
+from p3m_jax.models import layers
+from p3m_jax.models.bridges import DBFI, SBFI, TFI
+
+RTOL = ATOL = 1e-5
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def conv_kernel(w):
+    """PyTorch OIHW weight -> Flax HWIO kernel."""
+    return w.detach().numpy().transpose(2, 3, 1, 0)
+
+
+@pytest.mark.parametrize("window,padding,shape", [(3, 1, (2, 16, 12, 3)), (2, 0, (1, 8, 14, 5))])
+def test_max_pool_indices_match_torch(window, padding, shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    y, idx = layers.max_pool_with_indices(jnp.asarray(x), window, 2, padding)
+    ty, tidx = F.max_pool2d(nchw(x), window, 2, padding, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
+    np.testing.assert_array_equal(np.asarray(idx), nhwc(tidx))
+
+
+def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
+    # All-equal negative input: every window ties, and the -inf padding must not be chosen.
+    x = np.full((1, 6, 6, 1), -3.0, np.float32)
+    x[0, 2:4, 2:4, 0] = 1.0  # a 2x2 plateau shared by several overlapping windows
+    _, idx = layers.max_pool_with_indices(jnp.asarray(x), 3, 2, 1)
+    _, tidx = F.max_pool2d(nchw(x), 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(idx), nhwc(tidx))
+    assert np.asarray(idx)[0, 0, 0, 0] == 0  # first element of the window, not padding
+
+
+@pytest.mark.parametrize("window,padding", [(3, 1), (2, 0)])
+def test_max_unpool_matches_torch_including_overlaps(window, padding):
+    rng = np.random.default_rng(1)
+    # Few distinct values: overlapping 3x3 windows often pick the same position, which
+    # exercises the "last window in row-major order wins" rule.
+    x = rng.integers(0, 3, size=(2, 16, 16, 4)).astype(np.float32)
+    _, idx = F.max_pool2d(nchw(x), window, 2, padding, return_indices=True)
+    values = torch.from_numpy(rng.standard_normal(idx.shape).astype(np.float32))
+    expected = F.max_unpool2d(values, idx, kernel_size=2, stride=2)
+    got = layers.max_unpool_2x2(jnp.asarray(nhwc(values)), jnp.asarray(nhwc(idx)), window)
+    assert got.shape == (2, 16, 16, 4)
+    np.testing.assert_array_equal(np.asarray(got), nhwc(expected))
+    # The case under test really occurs: some positions are chosen by several windows.
+    flat = idx.reshape(2, 4, -1).numpy()
+    if window == 3:
+        assert any(len(np.unique(f)) < f.size for f in flat.reshape(-1, flat.shape[-1]))
+
+
+def test_max_unpool_rejects_unknown_window():
+    with pytest.raises(ValueError, match="pool_window"):
+        layers.max_unpool_2x2(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1), jnp.int32), 4)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8, 16, 32])
+def test_upsample_bilinear_matches_torch(factor):
+    x = np.random.default_rng(factor).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    expected = F.interpolate(nchw(x), scale_factor=factor, mode="bilinear", align_corners=False)
+    got = layers.upsample_bilinear(jnp.asarray(x), factor)
+    np.testing.assert_allclose(np.asarray(got), nhwc(expected), rtol=RTOL, atol=ATOL)
+
+
+def _torch_bn(channels, seed):
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.bias.copy_(torch.rand(channels, generator=g) - 0.5)
+        bn.running_mean.copy_(torch.rand(channels, generator=g) - 0.5)
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+    return bn
+
+
+def _bn_variables(bn):
+    return {"params": {"scale": bn.weight.detach().numpy(), "bias": bn.bias.detach().numpy()},
+            "batch_stats": {"mean": bn.running_mean.numpy().copy(),
+                            "var": bn.running_var.numpy().copy()}}
+
+
+def test_batchnorm_eval_and_train_match_torch_including_running_stats():
+    x = np.random.default_rng(2).standard_normal((3, 5, 7, 6)).astype(np.float32) * 2 + 1
+    bn = _torch_bn(6, seed=0)
+    variables = _bn_variables(bn)
+    module = layers.BatchNorm()
+    bn.eval()
+    np.testing.assert_allclose(np.asarray(module.apply(variables, jnp.asarray(x), train=False)),
+                               nhwc(bn(nchw(x))), rtol=RTOL, atol=ATOL)
+    bn.train()
+    expected = nhwc(bn(nchw(x)))  # also updates bn's running statistics (momentum 0.1)
+    got, updates = module.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], bn.running_mean.numpy(),
+                               rtol=RTOL, atol=ATOL)
+    # PyTorch keeps the unbiased batch variance in running_var.
+    np.testing.assert_allclose(updates["batch_stats"]["var"], bn.running_var.numpy(),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_conv_bn_relu_stack_matches_torch_sequential():
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 4, 3, padding=1), _torch_bn(4, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 3, padding=1), _torch_bn(6, 2), torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 3, 3, padding=1)).eval()
+    params, stats = {}, {}
+    for i, mod in enumerate(seq):
+        if isinstance(mod, torch.nn.Conv2d):
+            params[str(i)] = {"kernel": conv_kernel(mod.weight), "bias": mod.bias.detach().numpy()}
+        elif isinstance(mod, torch.nn.BatchNorm2d):
+            v = _bn_variables(mod)
+            params[str(i)], stats[str(i)] = v["params"], v["batch_stats"]
+    x = np.random.default_rng(3).standard_normal((2, 8, 6, 4)).astype(np.float32)
+    stack = layers.ConvBNReLUStack((4, 6, 3), plain_last=True)
+    got = stack.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(np.asarray(got), nhwc(seq(nchw(x))), rtol=RTOL, atol=ATOL)
+
+
+# --- Bridges: small PyTorch versions written from DESIGN.md section 3, same weights. ---
+
+def _conv(cin, cout, k, gen):
+    conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.2)
+    return conv
+
+
+class TorchTFI(torch.nn.Module):
+    def __init__(self, c, gen):
+        super().__init__()
+        self.transform = _conv(c, c // 2, 1, gen)
+        self.conv1 = _conv(3 * (c // 2), c, 3, gen)
+        self.bn1 = _torch_bn(c, 5).eval()
+
+    def forward(self, g, l, e):
+        x = torch.cat([self.transform(g), self.transform(l), self.transform(e)], 1)
+        return torch.relu(self.bn1(self.conv1(x)))
+
+
+class TorchSBFI(torch.nn.Module):
+    def __init__(self, c, c_stem, stride, gen):
+        super().__init__()
+        self.stride = stride
+        self.transform1 = _conv(c, c // 2, 1, gen)
+        self.transform2 = _conv(c_stem, c // 2, 1, gen)
+        self.conv1 = _conv(c, c, 3, gen)
+        self.bn1 = _torch_bn(c, 6).eval()
+
+    def forward(self, x, stem):
+        s = F.max_pool2d(stem, 2, self.stride)
+        y = torch.cat([self.transform1(x), self.transform2(s)], 1)
+        return torch.relu(self.bn1(self.conv1(y))) + x
+
+
+class TorchDBFI(torch.nn.Module):
+    def __init__(self, c, c_deep, stride, gen):
+        super().__init__()
+        self.stride = stride
+        self.transform1 = _conv(c, c // 2, 1, gen)
+        self.transform2 = _conv(c_deep, c // 2, 1, gen)
+        self.conv1 = _conv(c, c, 3, gen)
+        self.bn1 = _torch_bn(c, 7).eval()
+        self.conv2 = _conv(c, 3, 3, gen)
+
+    def forward(self, x, deep):
+        d = F.interpolate(self.transform2(deep), scale_factor=self.stride, mode="bilinear")
+        y = torch.relu(self.bn1(self.conv1(torch.cat([self.transform1(x), d], 1)))) + x
+        side = F.interpolate(self.conv2(y), scale_factor=32 // self.stride, mode="bilinear")
+        return y, side
+
+
+def _flax_variables(module: torch.nn.Module):
+    """Converts a small torch module's state dict by the same rules as the weight import."""
+    params, stats = {}, {}
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Conv2d):
+            params[name] = {"kernel": conv_kernel(child.weight)}
+        elif isinstance(child, torch.nn.BatchNorm2d):
+            v = _bn_variables(child)
+            params[name], stats[name] = v["params"], v["batch_stats"]
+    return {"params": params, "batch_stats": stats}
+
+
+def test_tfi_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    ref = TorchTFI(8, gen)
+    g, l, e = (np.random.default_rng(i).standard_normal((2, 6, 4, 8)).astype(np.float32)
+               for i in range(3))
+    got = TFI(8).apply(_flax_variables(ref), g, l, e, train=False)
+    np.testing.assert_allclose(np.asarray(got), nhwc(ref(nchw(g), nchw(l), nchw(e))),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_sbfi_matches_torch(stride):
+    gen = torch.Generator().manual_seed(stride)
+    ref = TorchSBFI(8, 4, stride, gen)
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 8)).astype(np.float32)
+    stem = np.random.default_rng(1).standard_normal((1, 4 * stride, 6 * stride, 4)).astype(
+        np.float32)
+    got = SBFI(8, stride).apply(_flax_variables(ref), x, stem, train=False)
+    np.testing.assert_allclose(np.asarray(got), nhwc(ref(nchw(x), nchw(stem))),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_dbfi_matches_torch(stride):
+    gen = torch.Generator().manual_seed(stride)
+    ref = TorchDBFI(8, 16, stride, gen)
+    deep = np.random.default_rng(0).standard_normal((1, 2, 3, 16)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((1, 2 * stride, 3 * stride, 8)).astype(
+        np.float32)
+    (got, side) = DBFI(8, stride).apply(_flax_variables(ref), x, deep, train=False)
+    exp, exp_side = ref(nchw(x), nchw(deep))
+    np.testing.assert_allclose(np.asarray(got), nhwc(exp), rtol=RTOL, atol=ATOL)
+    assert side.shape == (1, 64, 96, 3)
+    np.testing.assert_allclose(np.asarray(side), nhwc(exp_side), rtol=RTOL, atol=ATOL)
