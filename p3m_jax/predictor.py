@@ -14,6 +14,15 @@ from p3m_jax.models import ARCHITECTURES, build_model, check_input_shape, init_v
 from p3m_jax.weights import torch_import
 
 
+def init_key(seed: int) -> jax.Array:
+    """PRNG key for weight initialization.
+
+    The "rbg" generator compiles 2-3x faster than the default threefry on XLA:CPU, where
+    compiling the ~400 random initializers of a P3M-Net otherwise dominates start-up time.
+    """
+    return jax.random.key(seed, impl="rbg")
+
+
 def _is_abstract(x) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct)
 
@@ -37,7 +46,7 @@ class Predictor:
     def random(cls, arch: str, seed: int = 0, *, dtype=jnp.float32, **options) -> "Predictor":
         """A predictor with freshly initialized (untrained) weights, for tests and benchmarks."""
         model = build_model(arch, dtype=dtype, **options)
-        variables = jax.jit(lambda r: init_variables(model, r))(jax.random.key(seed))
+        variables = jax.jit(lambda r: init_variables(model, r))(init_key(seed))
         return cls(arch, variables, dtype=dtype, options=options)
 
     def forward(self, x) -> dict[str, np.ndarray]:
@@ -71,11 +80,11 @@ def variables_from_torch(path: str | os.PathLike, arch: str, *, backbone_only: b
     state_dict = torch_import.read_torch_checkpoint(path)
     model = build_model(arch, **(options or {}))
     init = lambda r: init_variables(model, r)  # noqa: E731
-    reference = jax.eval_shape(init, jax.random.key(seed))
+    reference = jax.eval_shape(init, init_key(seed))
     variables, report = torch_import.convert_state_dict(
         state_dict, arch, reference, backbone_only=backbone_only, source=os.fspath(path))
     if any(_is_abstract(v) for v in jax.tree_util.tree_leaves(variables)):
-        fresh = jax.jit(init)(jax.random.key(seed))
+        fresh = jax.jit(init)(init_key(seed))
         variables = jax.tree_util.tree_map(
             lambda v, f: np.asarray(f) if _is_abstract(v) else v, variables, fresh)
     if verbose:
