@@ -1,0 +1,119 @@
+"""Transformer pieces shared by the Swin-T and ViTAE-S encoders.
+
+- `dense`, `layer_norm`: Linear/LayerNorm with the initialisation the authors' transformers use
+  (truncated normal std 0.02 for Linear weights, zero biases; LayerNorm ones/zeros).
+- `Mlp`: Linear -> exact (erf) GELU -> Linear, PyTorch's ``nn.GELU()`` (not the tanh
+  approximation that is Flax's default).
+- `global_attention`: softmax attention over all tokens through `jax.nn.dot_product_attention`,
+  split into chunks of queries when the full logits would be large, so that a 1088x1600 image
+  (27,200 tokens in ViTAE's second stage) needs a bounded amount of memory.
+- `DropPath`: stochastic depth (per-sample residual dropping) in training mode.
+
+Shapes follow `jax.nn.dot_product_attention`: tokens (B, T, heads, head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from p3m_jax.models.layers import Dtype
+
+# Upper bound on the number of attention logits (batch x heads x queries x keys) computed at
+# once by `global_attention`: 2**27 float32 logits are 512 MiB. (A batch of 8 training crops of
+# 512x512 needs 2 chunks in ViTAE's stage 2; a 1088x1600 test image 12.)
+MAX_LOGITS_PER_CHUNK = 2 ** 27
+
+trunc_normal_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def dense(features: int, *, name: str, use_bias: bool = True,
+          dtype: Dtype = jnp.float32) -> nn.Dense:
+    """A Linear layer initialised like the authors' transformers (``trunc_normal_(std=.02)``)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=trunc_normal_init, bias_init=nn.initializers.zeros, name=name)
+
+
+def layer_norm(epsilon: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """PyTorch ``nn.LayerNorm(dim, eps=epsilon)`` over the last axis (statistics in float32)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Mlp(nn.Module):
+    """The transformer MLP: fc1 -> GELU (exact) -> fc2 (dropout rates are 0 in P3M-Net)."""
+
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_features = x.shape[-1]
+        x = dense(self.hidden_features, name="fc1", dtype=self.dtype)(x)
+        x = nn.gelu(x, approximate=False)
+        return dense(out_features, name="fc2", dtype=self.dtype)(x)
+
+
+def global_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     max_logits_per_chunk: int = MAX_LOGITS_PER_CHUNK) -> jax.Array:
+    """Softmax attention of every query over every key, ``softmax(q k^T / sqrt(d)) v``.
+
+    Args:
+      q: (B, T, heads, head_dim) queries; k, v: (B, S, heads, head_dim) keys and values.
+      max_logits_per_chunk: when B * heads * T * S exceeds this, the queries are processed in
+        sequential chunks (`jax.lax.map`) so that at most about this many logits exist at once;
+        each chunk is rematerialised in the backward pass (`jax.checkpoint`), so training
+        memory is bounded too. Every query still sees every key: the result is the same as
+        unchunked attention.
+
+    Returns:
+      (B, T, heads, head_dim), in the dtype of ``q``. Logits and softmax are computed in
+      float32.
+    """
+    b, t, h, d = q.shape
+    s = k.shape[1]
+    dtype = q.dtype
+
+    def attend(q_chunk):
+        # float32 logits/softmax whatever the compute dtype (as PyTorch in float32).
+        out = jax.nn.dot_product_attention(q_chunk.astype(jnp.float32), k.astype(jnp.float32),
+                                           v.astype(jnp.float32))
+        return out.astype(dtype)
+
+    per_query = b * h * s
+    if per_query * t <= max_logits_per_chunk:
+        return attend(q)
+    chunk = max(1, max_logits_per_chunk // per_query)
+    num_chunks = math.ceil(t / chunk)
+    chunk = math.ceil(t / num_chunks)  # even chunks, less padding
+    pad = num_chunks * chunk - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qp = qp.reshape(b, num_chunks, chunk, h, d).transpose(1, 0, 2, 3, 4)
+    out = jax.lax.map(jax.checkpoint(attend), qp)  # (num_chunks, B, chunk, heads, d)
+    out = out.transpose(1, 0, 2, 3, 4).reshape(b, num_chunks * chunk, h, d)
+    return out[:, :t]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drops the whole residual branch of a sample with
+    probability ``rate`` and rescales the kept ones by 1 / (1 - rate) (timm's ``DropPath``).
+
+    Needs a ``'dropout'`` PRNG stream in training when ``rate > 0``; identity otherwise.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if not train or self.rate <= 0.0:
+            return x
+        if not self.has_rng("dropout"):
+            raise ValueError(
+                f"{'/'.join(self.path)}: stochastic depth (rate {self.rate:.3g} here) needs a "
+                "'dropout' PRNG in training: call apply(..., train=True, rngs={'dropout': key}), "
+                "or build the model with drop_path_rate=0.0")
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))

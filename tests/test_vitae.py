@@ -1,0 +1,340 @@
+"""P3M-Net(ViTAE-S): Performer and global attention, the PCM branch and the normal cell
+against small PyTorch reimplementations, parameter count, forward passes, and imports
+(ImageNet backbone, the Performer's random features, round trip of an authors' state dict)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from p3m_jax.models import build_model, init_variables  # noqa: E402
+from p3m_jax.models.attention import global_attention  # noqa: E402
+from p3m_jax.models.vitae import (PCM, Attention, NormalCell,  # noqa: E402
+                                  PerformerAttention, performer_features_init)
+from p3m_jax.weights.backbone import load_backbone  # noqa: E402
+from p3m_jax.weights.torch_import import convert_state_dict  # noqa: E402
+
+
+VITAE_S_PARAMS = 27_463_052  # the authors' model, PyTorch parameters(), head included
+
+# ----------------------------------------------------------------------------- helpers
+
+def randomize(variables, seed=0):
+    """Replaces every leaf by random values of its shape (a harder test than the init)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.3 + (1.0 if v.ndim == 1 else 0.0),
+                              jnp.float32), variables)
+
+
+def filled_variables(model, seed=0):
+    """Cheap stand-in for ``init`` (no compilation): every variable of the model's tree,
+    kernels ~ N(0, 1/fan_in), scales 1, biases 0, BN statistics (0, 1)."""
+    shapes = jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name in ("kernel", "w"):
+            fan_in = int(np.prod(s.shape[:-1])) if name == "kernel" else s.shape[-1]
+            return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(np.float32)
+        if name in ("scale", "var"):
+            return np.ones(s.shape, np.float32)
+        return np.zeros(s.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def t(a):
+    return torch.from_numpy(np.asarray(a, np.float32).copy())
+
+
+def torch_layer_norm(x, p, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), t(p["scale"]), t(p["bias"]), eps)
+
+
+def torch_linear(x, p):
+    return F.linear(x, t(p["kernel"]).T, t(p["bias"]) if "bias" in p else None)
+
+
+
+# ----------------------------------------------------------------------------- torch refs
+
+def torch_performer(x, p, w, heads):
+    """The authors' Performer attention: kqv -> k, q, v; positive random features."""
+    b, n, c = x.shape
+    hd = c // heads
+    m = w.shape[1]
+    kqv = torch_linear(x, p["kqv"]).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    k, q, v = kqv[0], kqv[1], kqv[2]
+
+    def prm(z):
+        zd = (z * z).sum(-1, keepdim=True).repeat(1, 1, 1, m) / 2
+        return torch.exp(torch.einsum("bhti,hmi->bhtm", z, w) - zd) / math.sqrt(m)
+
+    kp, qp = prm(k), prm(q)
+    d = torch.einsum("bhti,bhi->bht", qp, kp.sum(dim=2)).unsqueeze(-1)
+    kptv = torch.einsum("bhin,bhim->bhnm", v, kp)
+    y = torch.einsum("bhti,bhni->bhtn", qp, kptv) / (d.repeat(1, 1, 1, hd) + 1e-8)
+    return torch_linear(y.permute(0, 2, 1, 3).reshape(b, n, c), p["proj"])
+
+
+def torch_attention(x, p, heads):
+    b, n, c = x.shape
+    qkv = torch_linear(x, p["qkv"]).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1)
+    return torch_linear((attn @ v).transpose(1, 2).reshape(b, n, c), p["proj"])
+
+
+def torch_pcm(x_nchw, p, bs, groups):
+    def conv(v, q):
+        return F.conv2d(v, t(q["kernel"]).permute(3, 2, 0, 1), t(q["bias"]), padding=1,
+                        groups=groups)
+
+    def bn(v, q, s):
+        return F.batch_norm(v, t(s["mean"]), t(s["var"]), t(q["scale"]), t(q["bias"]),
+                            training=False, eps=1e-5)
+
+    y = F.silu(bn(conv(x_nchw, p["0"]), p["1"], bs["1"]))
+    y = F.silu(bn(conv(y, p["3"]), p["4"], bs["4"]))
+    return F.silu(conv(y, p["6"]))
+
+
+def torch_normal_cell(x_nhwc, p, bs, w, heads, groups, performer):
+    b, h, wd, c = x_nhwc.shape
+    conv_x = torch_pcm(x_nhwc.permute(0, 3, 1, 2), p["PCM"], bs["PCM"], groups)
+    conv_x = conv_x.permute(0, 2, 3, 1).reshape(b, h * wd, c)
+    x = x_nhwc.reshape(b, h * wd, c)
+    y = torch_layer_norm(x, p["norm1"], 1e-6)
+    attn = torch_performer(y, p["attn"], w, heads) if performer else \
+        torch_attention(y, p["attn"], heads)
+    x = x + attn + conv_x
+    y = torch_linear(F.gelu(torch_linear(torch_layer_norm(x, p["norm2"], 1e-6), p["mlp"]["fc1"])),
+                     p["mlp"]["fc2"])
+    return (x + y).reshape(b, h, wd, c)
+
+
+def numpy_tree(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def test_performer_features_are_scaled_orthogonal_and_deterministic():
+    w = np.asarray(performer_features_init(jax.random.key(3), 2, 32, 64))
+    assert w.shape == (2, 32, 64)
+    for head in w:
+        np.testing.assert_allclose(head @ head.T, 32 * np.eye(32), atol=1e-3)
+    np.testing.assert_array_equal(w, performer_features_init(jax.random.key(3), 2, 32, 64))
+    assert not np.allclose(w, performer_features_init(jax.random.key(4), 2, 32, 64))
+
+
+def test_performer_attention_matches_pytorch():
+    heads, c = 2, 16
+    x = np.random.default_rng(0).normal(size=(2, 20, c)).astype(np.float32)
+    mod = PerformerAttention(heads)
+    variables = mod.init(jax.random.key(0), jnp.asarray(x))
+    assert variables["constants"]["w"].shape == (heads, 4, 8)
+    # The never-applied LayerNorm exists (state dict / parameter count), as the authors'.
+    assert set(variables["params"]) == {"kqv", "proj", "norm1"}
+    params = randomize(variables["params"])
+    params = dict(params, kqv={"kernel": params["kqv"]["kernel"] * 0.3,
+                               "bias": params["kqv"]["bias"] * 0.1})
+    ours = mod.apply({"params": params, "constants": variables["constants"]}, jnp.asarray(x))
+    ref = torch_performer(t(x), numpy_tree(params), t(variables["constants"]["w"]), heads)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_global_attention_matches_pytorch_and_chunking_is_exact():
+    heads, c = 2, 16
+    x = np.random.default_rng(1).normal(size=(2, 37, c)).astype(np.float32)
+    mod = Attention(heads)
+    params = randomize(mod.init(jax.random.key(0), jnp.asarray(x))["params"])
+    ours = mod.apply({"params": params}, jnp.asarray(x))
+    ref = torch_attention(t(x), numpy_tree(params), heads)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=2e-5, rtol=1e-5)
+    # Query chunks (37 queries in chunks of <= 10, padded) give the same result.
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 37, 3, 8)), jnp.float32) for _ in range(3))
+    full = global_attention(q, k, v)
+    chunked = global_attention(q, k, v, max_logits_per_chunk=2 * 3 * 37 * 10)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-6)
+    grads = [jax.grad(lambda q: jnp.sum(global_attention(q, k, v, max_logits_per_chunk=m) ** 2))(q)
+             for m in (2 ** 26, 2 * 3 * 37 * 10)]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), atol=1e-5)
+
+
+def test_pcm_branch_matches_pytorch():
+    c, groups = 16, 4
+    x = np.random.default_rng(3).normal(size=(2, 6, 5, c)).astype(np.float32)
+    mod = PCM(groups)
+    variables = randomize(mod.init(jax.random.key(0), jnp.asarray(x), False))
+    variables["batch_stats"] = jax.tree_util.tree_map(jnp.abs, variables["batch_stats"])
+    ours = mod.apply(variables, jnp.asarray(x), False)
+    assert variables["params"]["0"]["kernel"].shape == (3, 3, c // groups, 4 * c)
+    ref = torch_pcm(t(x).permute(0, 3, 1, 2), numpy_tree(variables["params"]),
+                    numpy_tree(variables["batch_stats"]), groups)
+    np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).numpy(), atol=2e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("performer", [False, True])
+def test_normal_cell_matches_pytorch(performer):
+    c, heads, groups = 16, 2, 4
+    x = np.random.default_rng(4).normal(size=(2, 4, 6, c)).astype(np.float32)
+    cell = NormalCell(heads, groups, performer)
+    variables = cell.init(jax.random.key(0), jnp.asarray(x), False)
+    params = randomize(variables["params"])
+    if performer:
+        params["attn"] = dict(params["attn"], kqv={"kernel": params["attn"]["kqv"]["kernel"] * 0.3,
+                                                   "bias": params["attn"]["kqv"]["bias"] * 0.1})
+    bs = jax.tree_util.tree_map(lambda v: jnp.abs(v) + 0.5, randomize(variables["batch_stats"]))
+    consts = variables.get("constants", {})
+    ours = cell.apply({"params": params, "batch_stats": bs, "constants": consts},
+                      jnp.asarray(x), False)
+    w = t(consts["attn"]["w"]) if performer else None
+    ref = torch_normal_cell(t(x), numpy_tree(params), numpy_tree(bs), w, heads, groups,
+                            performer)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=5e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+def test_parameter_count_matches_authors():
+    model = build_model("vitae_s")
+    shapes = jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"])) \
+        == VITAE_S_PARAMS
+    consts = shapes["constants"]["encoder"]["layers"]["0"]["NC"]
+    assert {k: v["attn"]["w"].shape for k, v in consts.items()} == {"0": (1, 32, 64),
+                                                                     "1": (1, 32, 64)}
+
+
+def test_performer_features_come_from_the_init_rng():
+    model = build_model("vitae_s")
+    init = jax.jit(lambda r: init_variables(model, r)["constants"])
+    a, b, c = init(jax.random.key(0)), init(jax.random.key(0)), init(jax.random.key(1))
+    w = lambda v: np.asarray(v["encoder"]["layers"]["0"]["NC"]["0"]["attn"]["w"])  # noqa: E731
+    np.testing.assert_array_equal(w(a), w(b))
+    assert not np.allclose(w(a), w(c))
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 160)])
+def test_forward_any_multiple_of_32(hw):
+    model = build_model("vitae_s")
+    variables = filled_variables(model)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, *hw, 3)), jnp.float32)
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    for name, ch in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3), ("side1", 3),
+                     ("side0", 3)]:
+        assert out[name].shape == (1, *hw, ch), name
+        assert bool(jnp.isfinite(out[name]).all()), name
+
+
+def vitae_s_backbone_state_dict(seed=0):
+    """An ImageNet ViTAE-S backbone (``state_dict_ema``) as the authors' code names it."""
+    rng = np.random.default_rng(seed)
+    shapes = {"layers.0.RC.proj1.weight": (32, 3, 3, 3), "layers.0.RC.proj1.bias": (32,),
+              "layers.0.RC.proj2.weight": (64, 32, 3, 3), "layers.0.RC.proj2.bias": (64,),
+              "layers.0.RC.proj3.weight": (64, 64, 3, 3), "layers.0.RC.proj3.bias": (64,),
+              "layers.0.RC.norm.weight": (64,), "layers.0.RC.norm.bias": (64,),
+              "head.weight": (1000, 512), "head.bias": (1000,)}
+    dims, depths, groups = (64, 128, 256, 512), (2, 2, 12, 2), (1, 32, 64, 128)
+    for i in range(4):
+        c, g = dims[i], groups[i]
+        if i:
+            p = f"layers.{i}.RC."
+            shapes.update({p + "norm.weight": (dims[i - 1],), p + "norm.bias": (dims[i - 1],),
+                           p + "linear.weight": (c, dims[i - 1])})
+        for j in range(depths[i]):
+            p = f"layers.{i}.NC.{j}."
+            qkv = "kqv" if i == 0 else "qkv"
+            shapes.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,),
+                           p + f"attn.{qkv}.weight": (3 * c, c), p + f"attn.{qkv}.bias": (3 * c,),
+                           p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
+                           p + "norm2.weight": (c,), p + "norm2.bias": (c,),
+                           p + "mlp.fc1.weight": (4 * c, c), p + "mlp.fc1.bias": (4 * c,),
+                           p + "mlp.fc2.weight": (c, 4 * c), p + "mlp.fc2.bias": (c,),
+                           p + "PCM.0.weight": (4 * c, c // g, 3, 3), p + "PCM.0.bias": (4 * c,),
+                           p + "PCM.3.weight": (c, 4 * c // g, 3, 3), p + "PCM.3.bias": (c,),
+                           p + "PCM.6.weight": (c, c // g, 3, 3), p + "PCM.6.bias": (c,)})
+            for bn, width in (("PCM.1.", 4 * c), ("PCM.4.", c)):
+                shapes.update({p + bn + leaf: (width,) for leaf in
+                               ("weight", "bias", "running_mean", "running_var")})
+                shapes[p + bn + "num_batches_tracked"] = ()
+            if i == 0:
+                shapes.update({p + "attn.norm1.weight": (c,), p + "attn.norm1.bias": (c,)})
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_backbone_state_dict_loads_into_encoder(tmp_path):
+    model = build_model("vitae_s")
+    variables = filled_variables(model)
+    sd = vitae_s_backbone_state_dict()
+    path = tmp_path / "vitae_s_backbone.pth.tar"
+    torch.save({"state_dict_ema": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+    loaded, report = load_backbone(path, "vitae_s", variables)
+    enc = loaded["params"]["encoder"]
+    np.testing.assert_array_equal(enc["layers"]["2"]["NC"]["11"]["PCM"]["3"]["kernel"],
+                                  sd["layers.2.NC.11.PCM.3.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(enc["layers"]["0"]["NC"]["1"]["attn"]["kqv"]["kernel"],
+                                  sd["layers.0.NC.1.attn.kqv.weight"].T)
+    np.testing.assert_array_equal(loaded["batch_stats"]["encoder"]["layers"]["3"]["NC"]["0"]
+                                  ["PCM"]["4"]["var"], sd["layers.3.NC.0.PCM.4.running_var"])
+    n_encoder = len(jax.tree_util.tree_leaves(variables["params"]["encoder"])) + \
+        len(jax.tree_util.tree_leaves(variables["batch_stats"]["encoder"]))
+    assert len(report.loaded) == n_encoder
+    # The backbone carries no random features: ours stay as initialized, and are reported.
+    w_key = "constants/encoder/layers/0/NC/0/attn/w"
+    assert w_key in report.left_at_init
+    np.testing.assert_array_equal(
+        loaded["constants"]["encoder"]["layers"]["0"]["NC"]["0"]["attn"]["w"],
+        variables["constants"]["encoder"]["layers"]["0"]["NC"]["0"]["attn"]["w"])
+    constants = {k for k in report.left_at_init if k.startswith("constants/")}
+    assert constants == {w_key, w_key.replace("NC/0", "NC/1")}
+    assert all(k.split("/")[1] == "decoder" for k in set(report.left_at_init) - constants)
+    assert "head.weight" not in report.ignored  # the head is part of the encoder, loaded
+    assert all(k.endswith("num_batches_tracked") for k in report.ignored)
+
+
+def to_authors_state_dict(variables):
+    """Our variables under the authors' key names (the inverse of the import rules)."""
+    sd = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        names = [p.key for p in path]
+        collection, module, leaf = names[0], ".".join(names[1:-1]), names[-1]
+        v = np.asarray(v)
+        if leaf == "kernel":
+            sd[module + ".weight"] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+        elif leaf == "scale":
+            sd[module + ".weight"] = v
+        elif leaf in ("mean", "var"):
+            sd[module + ".running_" + leaf] = v
+        else:
+            sd[module + "." + leaf] = v
+    return sd
+
+
+def test_authors_state_dict_round_trip_uses_stored_performer_features():
+    model = build_model("vitae_s")
+    variables = filled_variables(model, seed=5)
+    sd = to_authors_state_dict(variables)
+    assert "encoder.layers.0.NC.1.attn.w" in sd and "encoder.head.weight" in sd
+    reference = jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
+    converted, report = convert_state_dict(sd, "vitae_s", reference)
+    assert report.left_at_init == [] and report.ignored == []
+    for a, b in zip(jax.tree_util.tree_leaves(converted), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+    # Without the features the import still succeeds; they are left to the caller's init.
+    del sd["encoder.layers.0.NC.0.attn.w"], sd["encoder.layers.0.NC.1.attn.w"]
+    _, report = convert_state_dict(sd, "vitae_s", reference)
+    assert report.left_at_init == ["constants/encoder/layers/0/NC/0/attn/w",
+                                   "constants/encoder/layers/0/NC/1/attn/w"]
