@@ -1,0 +1,173 @@
+"""The paper's test strategies (RESIZE, HYBRID) as functions of a predictor and one image.
+
+Both follow the authors' public inference (DESIGN.md section 6):
+
+* sizes: a side s at ratio r becomes min(1600, int(s * r) - int(s * r) % 32) (at least 32 here, where the
+  authors' code would fail on images under 64 px);
+* resizing is scikit-image's `transform.resize` on floats in [0, 1] (bilinear, Gaussian anti-aliasing with
+  sigma (factor - 1) / 2 when shrinking, 'reflect' padding, output clipped to the input range), reproduced
+  call for call with scipy.ndimage in `resize_like_skimage` (no scikit-image at run time);
+* RESIZE: one pass at half size, the `fusion` output resized back to the image size;
+* HYBRID: the `global` output of the half-size pass as a trimap (argmax -> 0 / 128 / 255), resized back as an
+  8-bit image; the `local` output of a full-size pass resized back; where the resized trimap is exactly 255 the
+  alpha is 1, exactly 0 it is 0, elsewhere the local alpha.
+
+`NetworkRunner` runs the predictor on one normalized image, either at the exact input shape (one XLA
+compilation per distinct shape) or bucketed: padded (symmetric reflection) up to a multiple of `bucket` on each
+side and cropped back, so that many image sizes share a few compilations. Bucketing changes the network's
+view near the border (and whatever global context the model has), so bucketed predictions differ slightly from
+exact ones; benchmarks/bench_eval_compile.py measures by how much.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+MAX_SIDE = 1600  # the authors' MAX_SIZE_H / MAX_SIZE_W
+MIN_SIDE = 32
+GLOBAL_RATIO = 0.5  # HYBRID's global pass and RESIZE's single pass
+LOCAL_RATIO = 1.0  # HYBRID's local pass
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_STD = np.array([0.229, 0.224, 0.225], np.float32)
+STRATEGIES = ("resize", "hybrid")
+
+
+def protocol_side(side: int, ratio: float) -> int:
+    """The network input length for an image side at `ratio`, as the authors compute it."""
+    scaled = int(side * ratio)
+    return max(MIN_SIDE, min(MAX_SIDE, scaled - scaled % 32))
+
+
+def protocol_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """(height, width) of the network input for an image of (height, width) at `ratio`."""
+    return protocol_side(height, ratio), protocol_side(width, ratio)
+
+
+def resize_like_skimage(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """`skimage.transform.resize(image, shape)` for a float image (H, W) or (H, W, C), same dtype.
+
+    Same scipy.ndimage calls as scikit-image: Gaussian anti-aliasing (sigma = max(0, (in / out - 1) / 2) per
+    axis, mode 'mirror') when any axis shrinks, then a bilinear `zoom` with grid_mode=True and mode 'mirror',
+    then the result clipped to the input's value range.
+    """
+    image = np.asarray(image)
+    if image.dtype.kind != "f":
+        raise TypeError(f"resize_like_skimage expects a float image, got {image.dtype}")
+    if image.dtype == np.float16:
+        image = image.astype(np.float32)
+    out_shape = tuple(int(s) for s in shape) + tuple(image.shape[2:])
+    if any(s < 1 for s in out_shape):
+        raise ValueError(f"cannot resize to {out_shape}")
+    factors = np.divide(image.shape, out_shape)
+    filtered = image
+    if any(o < i for o, i in zip(out_shape, image.shape)):
+        sigma = np.maximum(0, (factors - 1) / 2)
+        filtered = ndimage.gaussian_filter(image, sigma, cval=0, mode="mirror")
+    out = ndimage.zoom(filtered, [1 / f for f in factors], order=1, mode="mirror", cval=0, grid_mode=True)
+    np.clip(out, image.min(), image.max(), out=out)
+    return out
+
+
+def normalize(image01: np.ndarray) -> np.ndarray:
+    """ImageNet normalization of an RGB image in [0, 1] (H, W, 3) -> float32."""
+    return ((np.asarray(image01, np.float32) - _MEAN) / _STD).astype(np.float32)
+
+
+def bucket_shape(height: int, width: int, bucket: int) -> tuple[int, int]:
+    """(height, width) rounded up to multiples of `bucket`."""
+    return -(-height // bucket) * bucket, -(-width // bucket) * bucket
+
+
+class NetworkRunner:
+    """Runs a predictor on one normalized (H, W, 3) image; exact or bucketed input shapes.
+
+    Args:
+      predictor: anything with `forward(x) -> dict of numpy arrays` for x of shape (1, H, W, 3), H and W
+        multiples of 32 (`p3m_jax.predictor.Predictor`).
+      bucket: None for exact shapes; else a multiple of 32: inputs are padded up to multiples of it.
+    """
+
+    def __init__(self, predictor, bucket: int | None = None):
+        if bucket is not None and (bucket <= 0 or bucket % 32):
+            raise ValueError(f"bucket must be a positive multiple of 32, got {bucket}")
+        self.predictor = predictor
+        self.bucket = bucket
+        self.input_shapes = collections.Counter()  # network input shapes used (= compilations of forward)
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        height, width = x.shape[:2]
+        if self.bucket is not None:
+            padded_h, padded_w = bucket_shape(height, width, self.bucket)
+            if (padded_h, padded_w) != (height, width):
+                x = np.pad(x, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="symmetric")
+        self.input_shapes[x.shape[:2]] += 1
+        out = self.predictor.forward(x[None])
+        return {k: np.asarray(v[0, :height, :width]) for k, v in out.items()}
+
+
+def _as_runner(predictor_or_runner) -> Callable[[np.ndarray], dict]:
+    if isinstance(predictor_or_runner, NetworkRunner):
+        return predictor_or_runner
+    return NetworkRunner(predictor_or_runner)
+
+
+def _network_input(image01: np.ndarray, ratio: float) -> np.ndarray:
+    height, width = image01.shape[:2]
+    return normalize(resize_like_skimage(image01, protocol_size(height, width, ratio)))
+
+
+def trimap_from_logits(logits: np.ndarray) -> np.ndarray:
+    """argmax over the 3 classes of (H, W, 3) logits -> uint8 trimap 0 / 128 / 255."""
+    return np.array([0, 128, 255], np.uint8)[np.argmax(logits, axis=-1)]
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    return image.astype(np.float64) / 255.0  # skimage's img_as_float
+
+
+def predict_resize(predictor, image: np.ndarray) -> np.ndarray:
+    """RESIZE strategy: alpha (H, W) float32 in [0, 1] for an RGB uint8 image (H, W, 3)."""
+    image01 = _check_image(image)
+    out = _as_runner(predictor)(_network_input(image01, GLOBAL_RATIO))
+    return resize_like_skimage(out["fusion"][..., 0].astype(np.float32), image.shape[:2])
+
+
+def predict_hybrid(predictor, image: np.ndarray) -> np.ndarray:
+    """HYBRID strategy: alpha (H, W) float64 in [0, 1] for an RGB uint8 image (H, W, 3)."""
+    image01 = _check_image(image)
+    runner = _as_runner(predictor)
+    size = image.shape[:2]
+    global_out = runner(_network_input(image01, GLOBAL_RATIO))
+    trimap = trimap_from_logits(global_out["global"]).astype(np.float64) / 255.0  # img_as_float of uint8
+    trimap = resize_like_skimage(trimap, size) * 255.0
+    local_out = runner(_network_input(image01, LOCAL_RATIO))
+    local = resize_like_skimage(local_out["local"][..., 0].astype(np.float32), size)
+    # float64 like the authors' combination, so that `quantize` truncates exactly as they do
+    return np.where(trimap == 255, 1.0, np.where(trimap == 0, 0.0, local.astype(np.float64)))
+
+
+def predict_alpha(predictor, image: np.ndarray, strategy: str = "hybrid") -> np.ndarray:
+    """Alpha (H, W) in [0, 1] of an RGB uint8 image with the strategy 'resize' or 'hybrid'."""
+    strategy = strategy.lower()
+    if strategy == "resize":
+        return predict_resize(predictor, image)
+    if strategy == "hybrid":
+        return predict_hybrid(predictor, image)
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def quantize(alpha: np.ndarray) -> np.ndarray:
+    """8-bit alpha as the authors save it: (alpha * 255).astype(uint8) in the alpha's own float precision,
+    i.e. truncation (values are clipped to [0, 1] first)."""
+    alpha = np.asarray(alpha)
+    if alpha.dtype.kind != "f":
+        alpha = alpha.astype(np.float64)
+    alpha = np.clip(alpha, 0, 1)
+    return (alpha * alpha.dtype.type(255)).astype(np.uint8)

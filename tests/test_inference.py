@@ -1,0 +1,114 @@
+"""Tests of the RESIZE / HYBRID test strategies (p3m_jax.inference)."""
+
+import numpy as np
+import pytest
+from skimage.transform import resize as skimage_resize
+
+from p3m_jax import inference
+
+
+class FakePredictor:
+    """Deterministic per-pixel outputs from the input, recording the input shapes it saw."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def forward(self, x):
+        assert x.ndim == 4 and x.shape[0] == 1 and x.shape[1] % 32 == 0 and x.shape[2] % 32 == 0, x.shape
+        self.shapes.append(x.shape[1:3])
+        red = x[..., :1]
+        alpha = 1 / (1 + np.exp(-red))
+        logits = np.concatenate([-red, np.zeros_like(red) + 0.3, red], axis=-1)
+        return {"global": logits, "local": alpha, "fusion": alpha ** 2, "side2": logits, "side1": logits,
+                "side0": logits}
+
+
+def _image(rng, height, width):
+    base = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+    return np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape,out", [((101, 75, 3), (32, 64)), ((40, 52), (97, 131)), ((64, 64), (64, 64))])
+def test_resize_matches_scikit_image(shape, out):
+    rng = np.random.default_rng(0)
+    image = rng.random(shape)
+    np.testing.assert_array_equal(inference.resize_like_skimage(image, out), skimage_resize(image, out))
+    image32 = image.astype(np.float32)
+    got = inference.resize_like_skimage(image32, out)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, skimage_resize(image32, out))
+
+
+def test_protocol_sizes():
+    assert inference.protocol_size(1080, 1440, 0.5) == (512, 704)
+    assert inference.protocol_size(1080, 1440, 1.0) == (1056, 1440)
+    assert inference.protocol_size(4000, 5000, 1.0) == (1600, 1600)
+    assert inference.protocol_size(50, 70, 0.5) == (32, 32)  # the authors' code would ask for 0 here
+
+
+def test_resize_strategy_follows_the_authors_steps():
+    rng = np.random.default_rng(1)
+    image = _image(rng, 150, 97)
+    fake = FakePredictor()
+    got = inference.predict_resize(fake, image)
+    # the authors' steps, with scikit-image itself
+    small = skimage_resize(image, (64, 32)) * 255.0
+    x = ((small / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)
+    fusion = FakePredictor().forward(x[None])["fusion"][0, :, :, 0]
+    expected = skimage_resize(fusion, (150, 97))
+    assert fake.shapes == [(64, 32)]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert got.shape == (150, 97)
+
+
+def test_hybrid_strategy_combines_global_trimap_and_local_alpha():
+    rng = np.random.default_rng(2)
+    image = _image(rng, 130, 170)
+    fake = FakePredictor()
+    got = inference.predict_hybrid(fake, image)
+    assert fake.shapes == [(64, 64), (128, 160)]
+    small = skimage_resize(image, (64, 64)) * 255.0
+    norm = lambda im: ((im / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)  # noqa
+    out_small = FakePredictor().forward(norm(small)[None])
+    trimap = np.array([0, 128, 255], np.uint8)[np.argmax(out_small["global"][0], axis=-1)]
+    trimap = skimage_resize(trimap, (130, 170)) * 255.0
+    full = skimage_resize(image, (128, 160)) * 255.0
+    local = skimage_resize(FakePredictor().forward(norm(full)[None])["local"][0, :, :, 0], (130, 170))
+    weight = np.ones(trimap.shape)
+    weight[trimap == 255] = 0
+    weight[trimap == 0] = 0
+    expected = trimap * (1.0 - weight) / 255 + local * weight
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert (got == 1).any() and (got == 0).any() and ((got > 0) & (got < 1)).any()
+
+
+def test_quantize_truncates_like_the_authors():
+    alpha = np.array([0.0, 0.999, 1.0, 1.2, -0.1, 0.5], np.float32)
+    np.testing.assert_array_equal(inference.quantize(alpha), [0, 254, 255, 255, 0, 127])
+
+
+def test_bucketed_runner_pads_and_crops():
+    fake = FakePredictor()
+    runner = inference.NetworkRunner(fake, bucket=128)
+    x = np.random.default_rng(3).normal(size=(96, 160, 3)).astype(np.float32)
+    out = runner(x)
+    assert fake.shapes == [(128, 256)]
+    assert out["fusion"].shape == (96, 160, 1)
+    np.testing.assert_allclose(out["fusion"], FakePredictor().forward(x[None])["fusion"][0])  # per-pixel model
+    with pytest.raises(ValueError, match="multiple of 32"):
+        inference.NetworkRunner(fake, bucket=100)
+
+
+def test_strategies_run_a_real_random_model():
+    from p3m_jax.predictor import Predictor
+
+    predictor = Predictor.random("resnet34")
+    image = _image(np.random.default_rng(4), 70, 90)
+    for strategy in inference.STRATEGIES:
+        alpha = inference.predict_alpha(predictor, image, strategy)
+        assert alpha.shape == (70, 90) and np.isfinite(alpha).all()
+        assert alpha.min() >= 0 and alpha.max() <= 1
+    with pytest.raises(ValueError, match="strategy"):
+        inference.predict_alpha(predictor, image, "crop")
+    with pytest.raises(ValueError, match="RGB uint8"):
+        inference.predict_alpha(predictor, image[..., 0], "resize")

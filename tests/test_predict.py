@@ -1,0 +1,95 @@
+"""Tests of the predict CLI and robust image reading."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from p3m_jax import image_io, predict
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from p3m_jax.predictor import Predictor
+
+    return Predictor.random("resnet34", seed=0).save(tmp_path_factory.mktemp("ckpt") / "model")
+
+
+def _gradient_image(height, width):
+    yy, xx = np.mgrid[:height, :width]
+    return np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
+                     np.full_like(xx, 90)], -1).astype(np.uint8)
+
+
+def test_image_loading_variants(tmp_path):
+    rgb = _gradient_image(45, 67)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((45, 67), 7, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).save(tmp_path / "b.webp", lossless=True)
+    np.testing.assert_array_equal(image_io.load_rgb(tmp_path / "a.png"), rgb)
+    np.testing.assert_array_equal(image_io.load_rgb(tmp_path / "gray.png"), np.repeat(rgb[..., :1], 3, 2))
+    np.testing.assert_array_equal(image_io.load_rgb(tmp_path / "rgba.png"), rgb)
+    np.testing.assert_array_equal(image_io.load_rgb(tmp_path / "b.webp"), rgb)
+    # EXIF orientation 6 (rotate 90 clockwise to display): the stored 45x67 image is read as 67x45
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    upright = image_io.load_rgb(tmp_path / "rot.jpg")
+    assert upright.shape == (67, 45, 3)
+    np.testing.assert_allclose(upright.astype(float), np.rot90(rgb, k=-1).astype(float), atol=12)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(image_io.ImageReadError, match="bad.jpg"):
+        image_io.load_rgb(tmp_path / "bad.jpg")
+
+
+def test_predict_cli_on_mixed_inputs(checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(_gradient_image(61, 83)).save(inputs / "odd.jpg")  # odd size, not a multiple of 32
+    Image.fromarray(_gradient_image(70, 50)[..., 1]).save(inputs / "gray.png")
+    Image.fromarray(np.dstack([_gradient_image(33, 97), np.full((33, 97), 9, np.uint8)])).save(inputs / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 counter-clockwise
+    Image.fromarray(_gradient_image(40, 72)).save(inputs / "rotated.jpg", exif=exif)
+    Image.fromarray(_gradient_image(48, 64)).save(inputs / "web.webp")
+    (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    out = tmp_path / "out"
+    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                         "--strategy", "resize", "--cache_dir", str(tmp_path / "cache")])
+    assert code == 1  # one file failed, the others were processed
+    expected = {"odd": (61, 83), "gray": (70, 50), "rgba": (33, 97), "rotated": (72, 40), "web": (48, 64)}
+    for name, shape in expected.items():
+        alpha = np.asarray(Image.open(out / f"{name}_alpha.png"))
+        rgba = np.asarray(Image.open(out / f"{name}_rgba.png"))
+        assert alpha.shape == shape and alpha.dtype == np.uint8, name
+        assert rgba.shape == shape + (4,), name
+        np.testing.assert_array_equal(rgba[..., 3], alpha)
+    assert not (out / "corrupt_alpha.png").exists()
+    assert not list(out.glob(".tmp_*"))
+
+
+def test_predict_large_image_is_downscaled_and_scaled_back(checkpoint, tmp_path):
+    class Recorder:
+        def __init__(self, inner):
+            self.inner, self.shapes = inner, []
+
+        def forward(self, x):
+            self.shapes.append(x.shape[1:3])
+            return self.inner.forward(x)
+
+    from p3m_jax.predictor import load_pretrained
+
+    recorder = Recorder(load_pretrained(checkpoint))
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_gradient_image(1100, 1210)).save(path)
+    written, failed = predict.run(recorder, [path], tmp_path / "out", strategy="resize", bucket=None,
+                                  progress=False)
+    assert not failed and len(written) == 1
+    assert np.asarray(Image.open(written[0])).shape == (1100, 1210)
+    assert recorder.shapes == [(512, 576)]  # short side 1080 first (1080 x 1188), then half size
+
+
+def test_missing_input_is_reported(tmp_path, capsys):
+    code = predict.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path / "nope"), "--output",
+                         str(tmp_path / "o")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
