@@ -28,13 +28,13 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from p3m_jax import image_io, inference, metrics
+from p3m_jax.fileio import atomic_write
 
 SPLITS = {
     # split name -> (folder under the release root, image folder)
@@ -281,18 +281,8 @@ def format_table(results: dict[str, dict]) -> str:
 
 def write_json(path, payload) -> None:
     """Writes JSON atomically (temp file in the same folder, then rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, allow_nan=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as handle:
+        json.dump(payload, handle, indent=1, allow_nan=True)
 
 
 def parse_args(argv=None):

@@ -9,10 +9,11 @@ colour files, as the authors' `trim_img`). Failures raise `ImageReadError` namin
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from p3m_jax.fileio import atomic_write
 
 # Portraits can be large; allow up to ~400 megapixels before Pillow's decompression-bomb guard.
 Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 400_000_000)
@@ -64,15 +65,5 @@ def load_gray(path) -> np.ndarray:
 
 def save_png(path, array: np.ndarray) -> None:
     """Writes a uint8 (H, W), (H, W, 3) or (H, W, 4) array as PNG atomically (temp file + rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(np.asarray(array, np.uint8)).save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(np.asarray(array, np.uint8)).save(handle, format="PNG")

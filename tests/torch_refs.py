@@ -1,0 +1,50 @@
+"""Helpers shared by the transformer tests: cheap filled variables and PyTorch functional refs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from p3m_jax.models import init_variables
+
+
+def randomize(variables, seed=0):
+    """Replaces every leaf by random values of its shape (a harder test than the init)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.3 + (1.0 if v.ndim == 1 else 0.0),
+                              jnp.float32), variables)
+
+
+def filled_variables(model, seed=0):
+    """Cheap stand-in for ``init`` (no compilation): every variable of the model's tree,
+    kernels ~ N(0, 1/fan_in), scales 1, biases 0, BN statistics (0, 1)."""
+    shapes = jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name in ("kernel", "w", "relative_position_bias_table"):
+            fan_in = int(np.prod(s.shape[:-1])) if name == "kernel" else s.shape[-1]
+            return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(np.float32)
+        if name in ("scale", "var"):
+            return np.ones(s.shape, np.float32)
+        return np.zeros(s.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def t(a):
+    """A float32 torch tensor holding a copy of ``a``."""
+    return torch.from_numpy(np.asarray(a, np.float32).copy())
+
+
+def torch_layer_norm(x, p, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), t(p["scale"]), t(p["bias"]), eps)
+
+
+def torch_linear(x, p):
+    return F.linear(x, t(p["kernel"]).T, t(p["bias"]) if "bias" in p else None)
