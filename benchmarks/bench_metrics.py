@@ -5,8 +5,12 @@ loops). The authors' Conn additionally runs a Euclidean distance transform per t
 uses; `--authors-edt` adds that step so the NumPy column has the authors' cost profile.
 
     python benchmarks/bench_metrics.py [--size 1080 1440] [--repeats 3] [--batch 4] [--authors-edt]
+        [--sample_dir DIR]
 
-Prints the median seconds per image of each implementation and the ratio NumPy / JAX.
+The ground-truth matte is the first mask of the P3M-500-P sample (default: the shared folder beside the
+repository, ../shared/p3m10k_sample/P3M-10k/validation/P3M-500-P) resized to --size, or a synthetic matte
+when that folder is absent. Prints the median seconds per image of each implementation and the ratio
+NumPy / JAX.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from scipy import ndimage
 
 from p3m_jax.metrics import matting_metrics
 
-SAMPLE = pathlib.Path("/work/shared/p3m10k_sample/P3M-10k/validation/P3M-500-P")
+# the shared folder sits beside the repository checkout
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+SAMPLE = SHARED / "p3m10k_sample" / "P3M-10k" / "validation" / "P3M-500-P"
 
 
 def numpy_metrics(pred, gt, trimap, authors_edt=False):
@@ -69,12 +75,17 @@ def numpy_metrics(pred, gt, trimap, authors_edt=False):
     return out
 
 
-def make_pair(height, width, seed=0):
-    """A real matte from the sample (resized) or a synthetic one, and a noisy 8-bit prediction of it."""
+def make_pair(height, width, seed=0, sample_dir=SAMPLE):
+    """A real matte from `sample_dir` (resized) or a synthetic one, and a noisy 8-bit prediction of it.
+
+    Returns `(pred, gt, trimap, source)`, source naming the matte used.
+    """
     import cv2
 
     rng = np.random.default_rng(seed)
-    masks = sorted((SAMPLE / "mask").glob("*.png")) if SAMPLE.exists() else []
+    sample_dir = pathlib.Path(sample_dir)
+    masks = sorted((sample_dir / "mask").glob("*.png")) if sample_dir.exists() else []
+    source = str(masks[0]) if masks else "synthetic (no sample found)"
     if masks:
         gt8 = cv2.resize(cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE), (width, height))
     else:
@@ -84,7 +95,7 @@ def make_pair(height, width, seed=0):
     pred8 = np.clip(gt8 + noise, 0, 255).astype(np.uint8)
     trimap = np.where(gt8 == 255, 255, np.where(gt8 == 0, 0, 128)).astype(np.uint8)
     trimap = np.where(ndimage.binary_dilation(trimap == 128, iterations=10), 128, trimap).astype(np.uint8)
-    return pred8.astype(np.float32) / 255, gt8.astype(np.float32) / 255, trimap
+    return pred8.astype(np.float32) / 255, gt8.astype(np.float32) / 255, trimap, source
 
 
 def median_time(fn, repeats):
@@ -102,9 +113,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="batch size of the batched JAX row")
     parser.add_argument("--authors-edt", action="store_true", help="add the authors' unused distance transform")
+    parser.add_argument("--sample_dir", type=pathlib.Path, default=SAMPLE,
+                        help="P3M-500-P folder whose first mask/*.png is the ground truth (synthetic if absent)")
     args = parser.parse_args()
     height, width = args.size
-    pred, gt, trimap = make_pair(height, width)
+    pred, gt, trimap, source = make_pair(height, width, sample_dir=args.sample_dir)
 
     def jax_single():
         jax.block_until_ready(matting_metrics(pred, gt, trimap))
@@ -128,6 +141,7 @@ def main():
 
     print(f"matting metrics, one {height}x{width} image, {jax.devices()[0].platform} "
           f"({jax.device_count()} device), median of {args.repeats}")
+    print(f"ground truth: {source}")
     print(f"max relative difference JAX vs NumPy over all metrics: {worst:.2e}")
     print(f"JAX first call (compile + run): {first_call:.2f} s")
     print(f"| implementation | s / image | NumPy / this |")

@@ -73,8 +73,8 @@ def _reflect_index(index, size):
     return jnp.where(m < size, m, period - 1 - m)
 
 
-def _filter_axis(x, sizes, kernel, offsets, axis):
-    """Correlate the batch `x` (N, H, W) along axis 1 or 2 with `kernel`, reflecting at the per-image sizes."""
+def _filter_axis_gather(x, sizes, kernel, offsets, axis):
+    """`_filter_axis` for any sizes (also below the filter radius): reflected source indices gathered per image."""
     n_positions = x.shape[axis]
     radius = int(-offsets[0])
     positions = jnp.arange(-radius, n_positions + radius, dtype=jnp.int32)
@@ -83,13 +83,57 @@ def _filter_axis(x, sizes, kernel, offsets, axis):
         padded = jax.vmap(lambda img, idx: img[idx, :])(x, source)
     else:
         padded = jax.vmap(lambda img, idx: img[:, idx])(x, source)
-    out = jnp.zeros_like(x)
+    return _correlate_padded(padded, kernel, n_positions, axis)
+
+
+def _filter_axis_shifted(x, sizes, kernel, offsets, axis):
+    """`_filter_axis` for sizes >= the filter radius, from static shifted slices only (no gather).
+
+    With size s >= radius r one reflection covers every position the valid outputs read: x[k] at -1-k on the
+    left and, at position s + m (m < r), x[s - 1 - m], i.e. the value 2m + 1 places before. Those right-hand
+    positions depend on the per-image size, so they are chosen with r selects of statically shifted copies.
+    """
+    n_positions = x.shape[axis]
+    radius = int(-offsets[0])
+    head = jnp.flip(jax.lax.slice_in_dim(x, 0, radius, axis=axis), axis)
+    tail_shape = list(x.shape)
+    tail_shape[axis] = radius
+    base = jnp.concatenate([head, x, jnp.zeros(tail_shape, x.dtype)], axis=axis)  # position j at j + r
+    positions = jnp.arange(-radius, n_positions + radius, dtype=jnp.int32)
+    positions = positions.reshape((1, -1, 1) if axis == 1 else (1, 1, -1))
+    first_outside = sizes.reshape(-1, 1, 1)
+    padded = base
+    for m in range(radius):
+        shift = 2 * m + 1
+        before = jax.lax.slice_in_dim(base, 0, base.shape[axis] - shift, axis=axis)
+        pad = [(0, 0)] * 3
+        pad[axis] = (shift, 0)
+        padded = jnp.where(positions == first_outside + m, jnp.pad(before, pad), padded)
+    return _correlate_padded(padded, kernel, n_positions, axis)
+
+
+def _correlate_padded(padded, kernel, n_positions, axis):
+    """sum_k kernel[k] * padded[k : k + n] along `axis` (padded holds r extra positions on each side)."""
+    out = None
     for k, weight in enumerate(kernel):
         if weight == 0.0:
             continue
-        piece = jax.lax.slice_in_dim(padded, k, k + n_positions, axis=axis)
-        out = out + np.float32(weight) * piece
+        piece = np.float32(weight) * jax.lax.slice_in_dim(padded, k, k + n_positions, axis=axis)
+        out = piece if out is None else out + piece
     return out
+
+
+def _filter_axis(x, sizes, kernel, offsets, axis):
+    """Correlate the batch `x` (N, H, W) along axis 1 or 2 with `kernel`, reflecting at the per-image sizes."""
+    radius = int(-offsets[0])
+    if x.shape[axis] < radius:  # every image is smaller than the radius: reflections repeat
+        return _filter_axis_gather(x, sizes, kernel, offsets, axis)
+    return jax.lax.cond(
+        jnp.all(sizes >= radius),
+        lambda v: _filter_axis_shifted(v, sizes, kernel, offsets, axis),
+        lambda v: _filter_axis_gather(v, sizes, kernel, offsets, axis),
+        x,
+    )
 
 
 def _gradient_magnitude(x, heights, widths):
@@ -100,43 +144,63 @@ def _gradient_magnitude(x, heights, widths):
     return jnp.sqrt(d_rows**2 + d_cols**2)
 
 
-def _component_labels(mask):
-    """Label the 4-connected components of each (H, W) slice of `mask` (B, H, W).
+def _pair_graph(mask):
+    """The graph of horizontal pixel pairs of `mask` (B, H, W): half as many nodes as pixels.
 
-    Every foreground pixel gets the flat index (over the whole batch) of the first pixel in raster order of its
-    component; background gets B*H*W. Label-equivalence scheme: each round takes the minimum label over the 4
-    neighbours, hooks the root of every label onto the smallest label seen next to it (scatter-min), then
-    shortens label chains by pointer jumping; it stops when a round changes nothing. Labels always point
-    to a pixel of the same component with a smaller or equal index, so the fixed point is the component minimum.
+    Node (b, y, j) holds the pixels (y, 2j) and (y, 2j + 1) (W is padded to even with background). Two
+    horizontally adjacent pixels are 4-connected, so the foreground of a pair always lies in one component and
+    the pairs can be labelled instead of the pixels. Returns `(left, right, east, south)`: the foreground of the
+    left / right pixel of each pair (B, H, W/2), and whether a pair is connected to its east neighbour
+    (B, H, W/2 - 1: right pixel and the next pair's left pixel) or its south neighbour (B, H - 1, W/2: a pixel
+    column with foreground in both pairs).
     """
-    b, h, w = mask.shape
+    if mask.shape[2] % 2:
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1)))
+    left, right = mask[:, :, 0::2], mask[:, :, 1::2]
+    east = right[:, :, :-1] & left[:, :, 1:]
+    south = (left[:, :-1] & left[:, 1:]) | (right[:, :-1] & right[:, 1:])
+    return left, right, east, south
+
+
+def _component_labels(left, right, east, south):
+    """Label the 4-connected components of the pair graph of `_pair_graph` (B, H, W/2).
+
+    Every pair with foreground gets the flat index (over the whole batch) of the first pair in raster order of
+    its component, which holds the component's first pixel in raster order; pairs without foreground get
+    B*H*W/2. Label-equivalence scheme: each round hooks the root of every label onto the smallest label
+    next to it (scatter-min), then shortens label chains by pointer jumping. Labels always point to a pair of
+    the same component with a smaller or equal index, so once no pair sees a smaller label next to it, every
+    component carries one label, its minimum: that check is an elementwise pass, not a full round.
+    """
+    b, h, w = left.shape
     n = b * h * w
     background = jnp.int32(n)
-    labels0 = jnp.where(mask, jnp.arange(n, dtype=jnp.int32).reshape(b, h, w), background)
 
     def neighbour_min(labels):
-        pad = functools.partial(jnp.pad, constant_values=n)
-        up = pad(labels[:, :-1, :], ((0, 0), (1, 0), (0, 0)))
-        down = pad(labels[:, 1:, :], ((0, 0), (0, 1), (0, 0)))
-        left = pad(labels[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
-        right = pad(labels[:, :, 1:], ((0, 0), (0, 0), (0, 1)))
-        smallest = jnp.minimum(jnp.minimum(jnp.minimum(up, down), jnp.minimum(left, right)), labels)
-        return jnp.where(mask, smallest, background)
+        def take(edge, shifted, pad):
+            return jnp.pad(jnp.where(edge, shifted, background), pad, constant_values=n)
+
+        from_east = take(east, labels[:, :, 1:], ((0, 0), (0, 0), (0, 1)))
+        from_west = take(east, labels[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
+        from_south = take(south, labels[:, 1:], ((0, 0), (0, 1), (0, 0)))
+        from_north = take(south, labels[:, :-1], ((0, 0), (1, 0), (0, 0)))
+        smallest = jnp.minimum(jnp.minimum(from_east, from_west), jnp.minimum(from_south, from_north))
+        return jnp.minimum(smallest, labels)  # background stays: pairs without foreground have no edges
 
     def round_(state):
-        labels, _ = state
-        flat = labels.reshape(-1)
-        smallest = neighbour_min(labels).reshape(-1)
-        parent = jnp.concatenate([jnp.minimum(flat, smallest), background[None]])
+        labels, smallest = state
+        flat, smallest = labels.reshape(-1), smallest.reshape(-1)
+        parent = jnp.concatenate([smallest, background[None]])
         parent = parent.at[flat].min(smallest)  # hook each root onto its smallest neighbouring label
         # A few pointer jumps per round (not a full compression): measured fastest on CPU at 1080x1440; the
         # loop still only stops at the fully compressed fixed point.
         for _ in range(_JUMPS_PER_ROUND):
             parent = parent[parent]
         new_labels = parent[:n].reshape(b, h, w)
-        return new_labels, jnp.any(new_labels != labels)
+        return new_labels, neighbour_min(new_labels)
 
-    labels, _ = jax.lax.while_loop(lambda s: s[1], round_, (labels0, jnp.bool_(True)))
+    labels0 = jnp.where(left | right, jnp.arange(n, dtype=jnp.int32).reshape(b, h, w), background)
+    labels, _ = jax.lax.while_loop(lambda s: jnp.any(s[0] != s[1]), round_, (labels0, neighbour_min(labels0)))
     return labels
 
 
@@ -146,12 +210,16 @@ def largest_component(mask):
     Returns `(component (B, H, W) bool, non_empty (B,) bool)`.
     """
     b, h, w = mask.shape
-    labels = _component_labels(mask)
-    counts = jnp.zeros((b * h * w + 1,), jnp.int32).at[labels.reshape(-1)].add(1)
-    per_slice = counts[:-1].reshape(b, h * w)
+    left, right, east, south = _pair_graph(mask)
+    labels = _component_labels(left, right, east, south)
+    pixels = left.astype(jnp.int32) + right.astype(jnp.int32)  # foreground pixels of each pair
+    n = labels.size
+    counts = jnp.zeros((n + 1,), jnp.int32).at[labels.reshape(-1)].add(pixels.reshape(-1))
+    per_slice = counts[:-1].reshape(b, n // b)
     first_largest = jnp.argmax(per_slice, axis=1)  # argmax takes the first maximum: smallest label = raster first
-    root = first_largest + jnp.arange(b) * (h * w)
-    component = (labels == root[:, None, None].astype(labels.dtype)) & mask
+    root = first_largest + jnp.arange(b) * (n // b)
+    in_root = labels == root[:, None, None].astype(labels.dtype)
+    component = jnp.repeat(in_root, 2, axis=2)[:, :, :w] & mask
     return component, per_slice.max(axis=1) > 0
 
 

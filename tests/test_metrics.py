@@ -193,3 +193,85 @@ def test_bad_shapes_are_rejected():
         matting_metrics(np.zeros((8, 8)), np.zeros((8, 9)), np.zeros((8, 8)))
     with pytest.raises(ValueError, match="pred"):
         matting_metrics(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8, 3)))
+
+
+def _snake(height, width):
+    """One 4-connected snake: every other row filled, joined alternately at the right and the left end."""
+    mask = np.zeros((height, width), bool)
+    mask[::2] = True
+    for row in range(1, height, 2):
+        mask[row, width - 1 if row % 4 == 1 else 0] = True
+    return mask
+
+
+def _spiral(size):
+    """A one-pixel-wide square spiral (walls two pixels apart): long, with a turn every few pixels."""
+    mask = np.zeros((size, size), bool)
+    top, left, bottom, right = 0, 0, size - 1, size - 1
+    while top <= bottom and left <= right:
+        mask[top, left : right + 1] = True
+        mask[top : bottom + 1, right] = True
+        if top + 2 <= bottom:
+            mask[bottom, left : right + 1] = True
+        if left + 2 <= right:
+            mask[top + 2 : bottom + 1, left] = True
+        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
+        if top <= bottom:
+            mask[top, left - 1] = True  # joins the next, inner ring to this one
+    return mask
+
+
+def test_largest_component_of_long_snakes_and_full_images():
+    """Components whose labels must travel far and turn often, one covering every pixel, and odd widths."""
+    from skimage.measure import label
+
+    snake = _snake(63, 63)
+    spiral = _spiral(63)
+    full = np.ones((63, 63), bool)
+    # a snake with a block of noise cut into it: the snake breaks into pieces of different sizes
+    broken = _snake(63, 63)
+    broken[20:23, 10:40] = np.random.default_rng(6).random((3, 30)) < 0.5
+    masks = np.stack([snake, spiral, full, broken, ~spiral])
+    component, non_empty = largest_component(masks)
+    assert np.asarray(non_empty).all()
+    for i, mask in enumerate(masks):
+        labels = label(mask, connectivity=1)
+        expected = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+        np.testing.assert_array_equal(np.asarray(component[i]), expected, err_msg=f"mask {i}")
+    assert label(spiral, connectivity=1).max() == 1  # the spiral is one component
+    np.testing.assert_array_equal(np.asarray(component[0]), snake)
+    np.testing.assert_array_equal(np.asarray(component[2]), full)
+
+
+def test_largest_component_tie_between_components_starting_at_odd_columns():
+    # pixels are labelled in horizontal pairs: components starting in the right pixel of a pair keep raster order
+    tie = np.zeros((1, 4, 9), bool)
+    tie[0, 1, 1:3] = True  # starts at column 1 (right pixel of pair 0), 3 pixels
+    tie[0, 2, 2] = True
+    tie[0, 0, 4:7] = True  # first in raster order, 3 pixels: wins the tie
+    tie[0, 3, 7:9] = True  # 2 pixels
+    component, _ = largest_component(tie)
+    expected = np.zeros_like(tie)
+    expected[0, 0, 4:7] = True
+    np.testing.assert_array_equal(np.asarray(component), expected)
+
+
+def test_padded_batch_with_an_image_smaller_than_the_filter_radius():
+    """Bucketed Grad: sizes below the Gaussian radius (6) take the gather path, the others shifted slices."""
+    rng = np.random.default_rng(7)
+    images = [(rng.random((37, 45)).astype(np.float32), _blobs(rng, (37, 45), 1.0)),
+              (rng.random((4, 11)).astype(np.float32), _blobs(rng, (4, 11), 1.0))]
+    pred = np.ones((2, 40, 48), np.float32)
+    gt = np.zeros((2, 40, 48), np.float32)
+    for i, (p, g) in enumerate(images):
+        pred[i, : p.shape[0], : p.shape[1]] = p
+        gt[i, : g.shape[0], : g.shape[1]] = g
+    trimap = np.full(pred.shape, 128, np.uint8)
+    got = matting_metrics(pred, gt, trimap, sizes=[[37, 45], [4, 11]])
+    for i, (p, g) in enumerate(images):
+        np.testing.assert_allclose(float(got["GRAD"][i]), _scipy_grad(p, g), rtol=1e-5, err_msg=f"image {i}")
+        np.testing.assert_allclose(float(got["CONN"][i]), _numpy_connectivity(p, g), rtol=1e-5,
+                                   err_msg=f"image {i}")
+    # without the tiny image, the whole batch takes the shifted-slice path: same value for the first image
+    alone = matting_metrics(pred[:1], gt[:1], trimap[:1], sizes=[[37, 45]])
+    np.testing.assert_allclose(float(alone["GRAD"][0]), float(got["GRAD"][0]), rtol=1e-6)
