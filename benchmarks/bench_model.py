@@ -62,8 +62,10 @@ def bench(arch: str, size: int, repeats: int, dtype) -> dict:
 
     def train_step(params, rest, opt_state, x):
         def loss_fn(p):
+            # The dropout key drives Swin-T's stochastic depth; the others ignore it.
             out, updates = model.apply({"params": p, **rest}, x, train=True,
-                                       mutable=["batch_stats"])
+                                       mutable=["batch_stats"],
+                                       rngs={"dropout": jax.random.key(1)})
             return sum(jnp.mean(v) for v in out.values()), updates
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         upd, opt_state = tx.update(grads, opt_state, params)

@@ -14,6 +14,7 @@ Conventions shared by the whole `models` package:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -39,13 +40,76 @@ def torch_conv_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _lax_grouped_conv(x, kernel, groups):
+    ph, pw = kernel.shape[0] // 2, kernel.shape[1] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((ph, ph), (pw, pw)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
+
+
+def _tap_grouped_conv(x, kernel, groups):
+    """The same grouped 'same' convolution as one batched matmul per kernel tap."""
+    n, h, w, _ = x.shape
+    kh, kw, cin_group, cout = kernel.shape
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    k = kernel.reshape(kh, kw, cin_group, groups, cout // groups)
+    out = None
+    for dy in range(kh):
+        for dx in range(kw):
+            tap = xp[:, dy:dy + h, dx:dx + w, :].reshape(n, h, w, groups, cin_group)
+            term = jnp.einsum("nhwgc,cgo->nhwgo", tap, k[dy, dx])
+            out = term if out is None else out + term
+    return out.reshape(n, h, w, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+    """Stride-1 'same' grouped convolution (NHWC input, HWIO kernel).
+
+    The forward pass is XLA's grouped convolution. Its gradient is ~100x slower than the
+    forward pass on XLA:CPU (measured: 1.4 s vs 11 ms for 128 -> 512 channels, 32 groups,
+    64x64), which made ViTAE-S training steps take minutes on CPU; there the backward pass
+    differentiates an equivalent per-tap batched-matmul formulation instead. Other backends
+    keep XLA's own convolution gradients.
+    """
+    return _lax_grouped_conv(x, kernel, groups)
+
+
+def _grouped_conv_fwd(x, kernel, groups):
+    return _lax_grouped_conv(x, kernel, groups), (x, kernel)
+
+
+def _grouped_conv_bwd(groups, residuals, g):
+    x, kernel = residuals
+
+    def vjp_with(conv):
+        def run(x, kernel, g):
+            return jax.vjp(lambda a, b: conv(a, b, groups), x, kernel)[1](g)
+        return run
+
+    return jax.lax.platform_dependent(x, kernel, g, cpu=vjp_with(_tap_grouped_conv),
+                                      default=vjp_with(_lax_grouped_conv))
+
+
+grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+
+
+def _flax_grouped_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                       rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                       precision=None):
+    """`lax.conv_general_dilated` as flax's Conv calls it, routed to `grouped_conv`."""
+    del window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, precision
+    return grouped_conv(lhs, rhs, feature_group_count)
+
+
 def conv2d(features: int, kernel_size: int, *, use_bias: bool, name: str,
            groups: int = 1, dtype: Dtype = jnp.float32) -> nn.Conv:
     """A stride-1 'same' convolution, as PyTorch's ``Conv2d(k, padding=k // 2)``."""
     pad = kernel_size // 2
     return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
                    use_bias=use_bias, feature_group_count=groups, dtype=dtype,
-                   param_dtype=jnp.float32, kernel_init=torch_conv_init, name=name)
+                   param_dtype=jnp.float32, kernel_init=torch_conv_init, name=name,
+                   conv_general_dilated=_flax_grouped_conv if groups > 1 else None)
 
 
 class BatchNorm(nn.Module):
