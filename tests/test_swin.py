@@ -15,8 +15,8 @@ from p3m_jax.models import build_model, init_variables  # noqa: E402
 from p3m_jax.models.swin import (PoolingPatchMerging, StemPoolingPatchEmbed,  # noqa: E402
                                  SwinBlock, window_attention_mask)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
-from torch_refs import (filled_variables, randomize, t, torch_layer_norm,  # noqa: E402
-                        torch_linear)
+from torch_refs import (assert_p3m_outputs, filled_variables, randomize, t,  # noqa: E402
+                        torch_layer_norm, torch_linear)
 from p3m_jax.weights.torch_import import CheckpointImportError, convert_state_dict  # noqa: E402
 
 SWIN_T_PARAMS = 45_128_206  # the authors' model, PyTorch parameters()
@@ -182,11 +182,7 @@ def test_forward_any_multiple_of_32(hw):
     variables = filled_variables(model)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, *hw, 3)), jnp.float32)
     out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    for name, ch in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3), ("side1", 3),
-                     ("side0", 3)]:
-        assert out[name].shape == (1, *hw, ch), name
-        assert bool(jnp.isfinite(out[name]).all()), name
-    assert 0.0 <= float(out["fusion"].min()) and float(out["fusion"].max()) <= 1.0
+    assert_p3m_outputs(out, 1, hw)
 
 
 def swin_t_backbone_state_dict(seed=0):

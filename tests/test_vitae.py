@@ -19,8 +19,8 @@ from p3m_jax.models.attention import global_attention  # noqa: E402
 from p3m_jax.models.vitae import (PCM, Attention, NormalCell,  # noqa: E402
                                   PerformerAttention, performer_features_init)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
-from torch_refs import (filled_variables, randomize, t, torch_layer_norm,  # noqa: E402
-                        torch_linear)
+from torch_refs import (assert_p3m_outputs, filled_variables, randomize, t,  # noqa: E402
+                        torch_layer_norm, torch_linear)
 from p3m_jax.weights.torch_import import convert_state_dict  # noqa: E402
 
 
@@ -196,10 +196,7 @@ def test_forward_any_multiple_of_32(hw):
     variables = filled_variables(model)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, *hw, 3)), jnp.float32)
     out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    for name, ch in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3), ("side1", 3),
-                     ("side0", 3)]:
-        assert out[name].shape == (1, *hw, ch), name
-        assert bool(jnp.isfinite(out[name]).all()), name
+    assert_p3m_outputs(out, 1, hw)
 
 
 def vitae_s_backbone_state_dict(seed=0):

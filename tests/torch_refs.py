@@ -1,4 +1,4 @@
-"""Helpers shared by the transformer tests: cheap filled variables and PyTorch functional refs."""
+"""Helpers shared by the transformer tests: cheap filled variables, output checks, PyTorch refs."""
 
 from __future__ import annotations
 
@@ -48,3 +48,12 @@ def torch_layer_norm(x, p, eps=1e-5):
 
 def torch_linear(x, p):
     return F.linear(x, t(p["kernel"]).T, t(p["bias"]) if "bias" in p else None)
+
+
+def assert_p3m_outputs(out, batch, hw):
+    """The six P3M outputs have their shapes, are finite, and the fused alpha is in [0, 1]."""
+    for name, channels in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3),
+                           ("side1", 3), ("side0", 3)]:
+        assert out[name].shape == (batch, *hw, channels), name
+        assert bool(jnp.isfinite(out[name]).all()), name
+    assert 0.0 <= float(out["fusion"].min()) and float(out["fusion"].max()) <= 1.0
