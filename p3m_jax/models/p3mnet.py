@@ -68,13 +68,8 @@ def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     module_name, class_name, spec = ARCHITECTURES[arch]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise NotImplementedError(f"the {arch} encoder is not available yet") from e
-        raise
-    encoder_cls: Callable[..., nn.Module] = getattr(module, class_name)
+    encoder_cls: Callable[..., nn.Module] = getattr(importlib.import_module(module_name),
+                                                    class_name)
     encoder = encoder_cls(dtype=dtype, name="encoder", **encoder_options)
     return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype)
 
