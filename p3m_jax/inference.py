@@ -27,12 +27,14 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from p3m_jax.models.p3mnet import IMAGENET_MEAN, IMAGENET_STD
+
 MAX_SIDE = 1600  # the authors' MAX_SIZE_H / MAX_SIZE_W
 MIN_SIDE = 32
 GLOBAL_RATIO = 0.5  # HYBRID's global pass and RESIZE's single pass
 LOCAL_RATIO = 1.0  # HYBRID's local pass
-_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_MEAN = np.array(IMAGENET_MEAN, np.float32)
+_STD = np.array(IMAGENET_STD, np.float32)
 STRATEGIES = ("resize", "hybrid")
 
 
