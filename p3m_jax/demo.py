@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         os.path.join(args.output, "alpha_pred.png"))
     classes = np.bincount(out["global"][0].argmax(-1).ravel(), minlength=3) / alpha.size
     sad = np.abs(alpha - sample.alpha / 255.0).sum() / 1000
-    print(f"outputs: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
+    print("outputs: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
     print(f"global decision: background {classes[0]:.1%}, transition {classes[1]:.1%}, "
           f"foreground {classes[2]:.1%}; SAD vs true alpha {sad:.2f}")
     print(f"model setup {t1 - t0:.1f} s, first call (compiles) {t2 - t1:.1f} s, "

@@ -190,7 +190,6 @@ def _pad_to(x: np.ndarray, shape) -> np.ndarray:
 
 def score(pred_u8, alpha_u8, trimap, facemask=None, metric_bucket: int | None = None) -> dict[str, float]:
     """Metrics of one 8-bit prediction; with `metric_bucket` the arrays are padded (exactly) to multiples of it."""
-    from p3m_jax.metrics import matting_metrics
 
     height, width = alpha_u8.shape
     pred = np.asarray(pred_u8, np.float32) / 255.0
@@ -202,7 +201,7 @@ def score(pred_u8, alpha_u8, trimap, facemask=None, metric_bucket: int | None = 
         maps = [_pad_to(m, shape) for m in maps]
         sizes = [[height, width]]
     maps = [m[None] for m in maps]
-    result = matting_metrics(maps[0], maps[1], maps[2], facemask=maps[3] if facemask is not None else None,
+    result = metrics.matting_metrics(maps[0], maps[1], maps[2], facemask=maps[3] if facemask is not None else None,
                              sizes=sizes)
     return {k: float(v[0]) for k, v in result.items()}
 

@@ -15,7 +15,6 @@ multiples of `--bucket` (0: exact shapes), and compiled programs are kept in JAX
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 

@@ -270,7 +270,7 @@ def to_authors_state_dict(variables):
     sd = {}
     for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]:
         names = [p.key for p in path]
-        collection, module, leaf = names[0], ".".join(names[1:-1]), names[-1]
+        module, leaf = ".".join(names[1:-1]), names[-1]
         v = np.asarray(v)
         if leaf == "kernel":
             sd[module + ".weight"] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T

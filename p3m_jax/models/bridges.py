@@ -12,7 +12,6 @@ Convolutions in the bridges have no bias (the authors' ``conv1x1``/``conv3x3`` h
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 

@@ -15,7 +15,6 @@ initialization so checkpoints round-trip, but never computed when matting.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 

@@ -270,7 +270,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, referenc
             continue
         ref_shape = tuple(ref_flat[flax_key].shape)
         if tuple(new_value.shape) != ref_shape:
-            bad_shape.append(f"{key} {tuple(value.shape)} (expected {_torch_shape(ref_shape, value.ndim, leaf)})")
+            bad_shape.append(f"{key} {tuple(value.shape)} (expected {_torch_shape(ref_shape, leaf)})")
             continue
         if flax_key in converted:
             if not np.array_equal(converted[flax_key], new_value):
@@ -304,7 +304,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, referenc
     return variables, ImportReport(sorted(origin.values()), sorted(left_at_init), sorted(ignored))
 
 
-def _torch_shape(flax_shape: tuple, ndim: int, leaf: str) -> tuple:
+def _torch_shape(flax_shape: tuple, leaf: str) -> tuple:
     """The PyTorch shape that corresponds to a Flax variable shape (for error messages)."""
     if leaf == "weight" and len(flax_shape) == 4:
         h, w, i, o = flax_shape
