@@ -40,9 +40,15 @@ class P3MNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 fcp: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+        """``fcp``: optional P3M-CP feature-level copy and paste inputs (keys ``source_image``,
+        ``mask``, ``apply``, ``layers``; see `p3m_jax.models.copy_paste.apply_fcp`)."""
         check_input_shape(x.shape)
         features = self.encoder(x, train)
+        if fcp is not None:
+            from p3m_jax.models.copy_paste import apply_fcp  # imported here: no import cycle
+            features = apply_fcp(self, self.encoder, features, fcp, train)
         return P3MDecoder(self.decoder_spec, dtype=self.dtype, name="decoder")(features, train)
 
 
