@@ -73,9 +73,13 @@ class ResNet34MP(nn.Module):
 
     dtype: Dtype = jnp.float32
     num_classes: int = 1000
+    remat: bool = False  # rematerialise each layerN in the backward pass (same parameter tree)
 
     @nn.compact
     def __call__(self, x, train: bool) -> EncoderOutput:
+        # nn.remat recomputes a stage's activations in the backward pass instead of storing
+        # them; ``train`` (argument 2, counting self) must stay a Python bool.
+        layer_cls = nn.remat(ResLayer, static_argnums=(2,)) if self.remat else ResLayer
         x = x.astype(self.dtype)
         e0 = conv2d(64, 7, use_bias=False, name="conv1", dtype=self.dtype)(x)
         e0 = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(e0, train))
@@ -85,7 +89,7 @@ class ResNet34MP(nn.Module):
         indices = [id0, id1]
         h = e1p
         for i, (planes, blocks) in enumerate(zip(RESNET34_WIDTHS, RESNET34_LAYERS)):
-            h = ResLayer(planes, blocks, dtype=self.dtype, name=f"layer{i + 1}")(h, train)
+            h = layer_cls(planes, blocks, dtype=self.dtype, name=f"layer{i + 1}")(h, train)
             if i < 3:
                 feats.append(h)
                 h, ind = max_pool_with_indices(h, 3, 2, 1)

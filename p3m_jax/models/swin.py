@@ -257,9 +257,13 @@ class _SwinLayers(nn.Module):
     mlp_ratio: float
     drop_path_rate: float
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
+        # See ResNet34MP: rematerialised stages keep their names, so the parameter tree is
+        # unchanged; ``train`` (argument 2, counting self) is static.
+        stage_cls = nn.remat(_SwinStage, static_argnums=(2,)) if self.remat else _SwinStage
         total = sum(self.depths)
         # Stochastic depth grows linearly over all blocks (the authors' ``dpr``).
         rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -267,7 +271,7 @@ class _SwinLayers(nn.Module):
         start = 0
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             last = i == len(self.depths) - 1
-            x, idx, feat = _SwinStage(depth, heads, self.window, self.mlp_ratio,
+            x, idx, feat = stage_cls(depth, heads, self.window, self.mlp_ratio,
                                       tuple(rates[start:start + depth]), not last,
                                       dtype=self.dtype, name=str(i))(x, train)
             start += depth
@@ -311,6 +315,8 @@ class SwinTStemPooling(nn.Module):
       drop_path_rate: stochastic depth at the last block (linearly from 0 at the first); the
         authors train with 0.2. Only active with ``train=True``, where it needs a
         ``'dropout'`` PRNG stream.
+      remat: rematerialise each Swin stage in the backward pass (saves activation memory;
+        same parameter tree).
     """
 
     dtype: Dtype = jnp.float32
@@ -320,6 +326,7 @@ class SwinTStemPooling(nn.Module):
     window_size: int = 7
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.2
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> EncoderOutput:
@@ -328,7 +335,7 @@ class SwinTStemPooling(nn.Module):
                                                   dtype=self.dtype, name="patch_embed")(x)
         x, stage_feats, stage_indices = _SwinLayers(
             tuple(self.depths), tuple(self.num_heads), self.window_size, self.mlp_ratio,
-            self.drop_path_rate, dtype=self.dtype, name="layers")(x, train)
+            self.drop_path_rate, dtype=self.dtype, remat=self.remat, name="layers")(x, train)
         x = layer_norm(SWIN_LAYER_NORM_EPS, name="norm", dtype=self.dtype)(x)
         return EncoderOutput(deep=x, features=tuple(feats + stage_feats),
                              indices=tuple(indices + stage_indices))

@@ -204,12 +204,16 @@ class _ViTAELayers(nn.Module):
     groups: Sequence[int]
     mlp_ratio: float
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
+        # See ResNet34MP: rematerialised stages keep their names (same parameter tree);
+        # ``train`` (argument 2, counting self) is static.
+        stage_cls = nn.remat(_ViTAEStage, static_argnums=(2,)) if self.remat else _ViTAEStage
         feats, indices = [], []
         for i in range(len(self.depths)):
-            x, f, idx = _ViTAEStage(self.token_dims[i], self.depths[i], self.num_heads[i],
+            x, f, idx = stage_cls(self.token_dims[i], self.depths[i], self.num_heads[i],
                                     self.groups[i], performer=(i == 0), first=(i == 0),
                                     mlp_ratio=self.mlp_ratio, dtype=self.dtype,
                                     name=str(i))(x, train)
@@ -228,13 +232,14 @@ class ViTAESmall(nn.Module):
     groups: Sequence[int] = (1, 32, 64, 128)
     mlp_ratio: float = 4.0
     num_classes: int = 1000
+    remat: bool = False  # rematerialise each stage in the backward pass (same parameter tree)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> EncoderOutput:
         x = x.astype(self.dtype)
         x, feats, indices = _ViTAELayers(tuple(self.token_dims), tuple(self.depths),
                                          tuple(self.num_heads), tuple(self.groups),
-                                         self.mlp_ratio, dtype=self.dtype,
+                                         self.mlp_ratio, dtype=self.dtype, remat=self.remat,
                                          name="layers")(x, train)
         if self.is_initializing() and self.num_classes:
             # Create the ImageNet head's parameters only (see module docstring).

@@ -1,0 +1,371 @@
+"""Training-step benchmark: compile time, step time, throughput, FLOPs, MFU and memory.
+
+    python -m p3m_jax.benchmark --arch resnet34 swin_t vitae_s --size 512 --batch 8 \
+        --dtype float32 bfloat16 [--remat] [--param_sharding fsdp] \
+        [--torch --authors_repo /tmp/p3m_authors] [--memory_only] [--profile DIR]
+
+One row per (arch, dtype): the real `p3m_jax.train.step` train step (P3M loss, Adam, sharded
+over all devices with `make_mesh`), median wall time of ``--repeats`` steps after a warm-up,
+images/s (global and per device), FLOPs per step from XLA's cost analysis of the compiled
+program (per device, as XLA reports it for the partitioned program), the achieved TFLOP/s,
+MFU against the device's nominal peak (table below; "unknown" elsewhere) and the compiled
+program's memory (``memory_analysis()``: arguments + outputs + temporaries - aliased).
+
+``--memory_only`` compiles without running (abstract state and batch, nothing allocated): the
+memory a per-device batch needs, e.g. ``--batch 32 --memory_only`` on a CPU.
+
+``--torch`` times the authors' public PyTorch train step (their model from ``--authors_repo``,
+a checkout of github.com/ViTAE-Transformer/P3M-Net imported at run time, never vendored; the
+same losses written in PyTorch, Adam) on the same size and batch, float32 on the CPU,
+alternating with our steps so both see the same machine load, and prints ours/theirs (the
+PyTorch model's per-device batch; one device). The authors' code imports three helpers from ``timm`` (and torchvision in
+a utility module); when those are not installed minimal stand-in modules are registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Nominal dense peak FLOP/s per device: (bfloat16, float32). GPUs: tensor-core bf16 and
+# non-tensor-core fp32. TPUs: the MXU bf16 peak for both (XLA's default f32 matmul precision on
+# TPU runs on the bf16 MXU). Matched on lowercase substrings of ``device_kind``, in order.
+PEAK_FLOPS = (
+    ("h100 pcie", "H100 PCIe", 756e12, 51.2e12),
+    ("h100", "H100 SXM", 989.4e12, 66.9e12),
+    ("h200", "H200", 989.4e12, 66.9e12),
+    ("a100", "A100", 312e12, 19.5e12),
+    ("v6 lite", "TPU v6e", 918e12, 918e12),
+    ("v6e", "TPU v6e", 918e12, 918e12),
+    ("v5 lite", "TPU v5e", 197e12, 197e12),
+    ("v5e", "TPU v5e", 197e12, 197e12),
+    ("v5p", "TPU v5p", 459e12, 459e12),
+    ("v5", "TPU v5p", 459e12, 459e12),
+    ("v4", "TPU v4", 275e12, 275e12),
+)
+
+
+def peak_flops(device_kind: str, dtype) -> float | None:
+    """Nominal per-device peak FLOP/s for ``dtype`` on ``device_kind``; None when unknown."""
+    kind = device_kind.lower()
+    for key, _, bf16, f32 in PEAK_FLOPS:
+        if key in kind:
+            return bf16 if jnp.dtype(dtype) == jnp.bfloat16 else f32
+    return None
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    get = lambda name: int(getattr(m, name, 0) or 0)
+    out = {"argument": get("argument_size_in_bytes"), "output": get("output_size_in_bytes"),
+           "temp": get("temp_size_in_bytes"), "alias": get("alias_size_in_bytes")}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def host_batch(batch: int, size: int, seed: int = 0) -> dict:
+    """A random uint8 batch of the pipeline's host contract."""
+    rng = np.random.default_rng(seed)
+    u8 = lambda c: rng.integers(0, 256, (batch, size, size, c), dtype=np.uint8)
+    return {"image": u8(3), "fg": u8(3), "bg": u8(3), "alpha": u8(1),
+            "trimap": rng.choice(np.array([0, 128, 255], np.uint8), (batch, size, size, 1)),
+            "has_fg_bg": np.ones(batch, bool)}
+
+
+def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool,
+              param_sharding: str, memory_only: bool, profile_dir: str | None,
+              other_step=None) -> dict:
+    """Compiles and times our train step. With ``other_step`` (a callable running one step
+    of another implementation), it is timed interleaved with ours, so both see the same
+    machine load; its median lands in ``other_step_s``."""
+    from p3m_jax.models import build_model
+    from p3m_jax.train import (batch_sharding, create_train_state, make_mesh, make_optimizer,
+                               make_train_step, state_shardings)
+
+    mesh = make_mesh()
+    n_dev = mesh.size
+    model = build_model(arch, dtype=dtype, remat=remat)
+    tx, lr = make_optimizer(None, 1000)
+    make_state = lambda r: create_train_state(model, tx, r, 64)
+    abstract = jax.eval_shape(make_state, jax.random.key(0))
+    shardings = state_shardings(abstract, mesh, param_sharding)
+    step = make_train_step(model, tx, mesh, shardings, lr)
+    hb = host_batch(batch * n_dev, size)
+    bsh = batch_sharding(mesh)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh)
+                      for k, v in hb.items()}
+    t0 = time.perf_counter()
+    compiled = step.lower(abstract_state, abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    row = {"arch": arch, "dtype": jnp.dtype(dtype).name, "remat": remat, "devices": n_dev,
+           "device_kind": jax.devices()[0].device_kind, "global_batch": batch * n_dev,
+           "compile_s": compile_s, "flops": _flops(compiled), "memory": _memory(compiled)}
+    if memory_only:
+        return row
+    state = jax.jit(make_state, out_shardings=shardings)(jax.random.key(0))
+    device_batch = jax.device_put(hb, bsh)
+    state, metrics = compiled(state, device_batch)  # warm-up
+    jax.block_until_ready(metrics)
+    if other_step is not None:
+        other_step()  # warm-up
+    times, other_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, device_batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+        if other_step is not None:
+            t0 = time.perf_counter()
+            other_step()
+            other_times.append(time.perf_counter() - t0)
+    if other_times:
+        row["other_step_s"] = statistics.median(other_times)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            state, metrics = compiled(state, device_batch)
+            jax.block_until_ready(metrics)
+        row["profile"] = top_ops_from_trace(profile_dir)
+    step_s = statistics.median(times)
+    row.update(step_s=step_s, loss=float(metrics["loss"]),
+               images_per_s=batch * n_dev / step_s, images_per_s_per_device=batch / step_s,
+               tflops=row["flops"] / step_s / 1e12)
+    peak = peak_flops(row["device_kind"], dtype)
+    row["mfu"] = row["flops"] / step_s / peak if peak else None
+    return row
+
+
+def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float]]:
+    """Seconds per op category (the HLO op name without its numeric suffix) from the
+    perfetto trace ``jax.profiler.trace`` wrote; the largest ``top``."""
+    paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"),
+                   key=lambda p: p.stat().st_mtime)
+    if not paths:
+        return []
+    events = json.load(gzip.open(paths[-1])).get("traceEvents", [])
+    totals: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        name = str(e.get("name", ""))
+        # HLO instructions are named like "convolution.12" or "loop_add_fusion.3".
+        base = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
+        totals[base] += e["dur"] / 1e6
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+# ------------------------------------------------------------------ the authors' PyTorch step
+
+def _install_timm_stand_in():
+    """The three timm helpers the authors' model imports (DropPath, to_2tuple, trunc_normal_)
+    and register_model, when timm is not installed; and an empty ``torchvision.transforms``
+    (their util.py imports it for data code the model does not use) when torchvision is not."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms})
+    try:
+        import timm  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import torch
+
+    class DropPath(torch.nn.Module):
+        def __init__(self, drop_prob=0.0):
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x):
+            if self.drop_prob == 0.0 or not self.training:
+                return x
+            keep = 1.0 - self.drop_prob
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+            return x * mask / keep
+
+    def to_2tuple(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0):
+        return torch.nn.init.trunc_normal_(tensor, mean, std, a, b)
+
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath, layers.to_2tuple, layers.trunc_normal_ = DropPath, to_2tuple, trunc_normal_
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    models = types.ModuleType("timm.models")
+    models.layers, models.registry = layers, registry
+    timm = types.ModuleType("timm")
+    timm.models = models
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
+                        "timm.models.registry": registry})
+
+
+def _torch_loss(outputs, image, fg, bg, alpha, trimap):
+    """DESIGN.md section 4's loss in PyTorch (NCHW), for a like-for-like step."""
+    import torch
+    import torch.nn.functional as F
+    glob, local, fusion, s2, s1, s0 = outputs
+    labels = torch.where(trimap == 0, 0, torch.where(trimap == 255, 2, 1)).long()[:, 0]
+    ce = lambda logits: F.cross_entropy(logits, labels)
+    l_global = ce(s2) + ce(s1) + ce(s0) + 3 * ce(glob)
+    g = torch.exp(-(torch.arange(5.0) - 2) ** 2)
+    k = (g[:, None] + g[None, :])
+    k = (k / k.sum())[None, None]
+
+    def pyramid(x):
+        out = []
+        for _ in range(5):
+            f = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k)
+            out.append(x - f)
+            x = F.avg_pool2d(f, 2)
+        return out + [x]
+
+    def lap(p, a):
+        return sum(F.l1_loss(u, v) for u, v in zip(pyramid(p), pyramid(a)))
+
+    w = (trimap == 128).float()
+    l_local = (torch.sqrt(((local - alpha) * w) ** 2 + 1e-12).sum() / (w.sum() + 1)
+               + lap(local * w, alpha * w))
+    l_fusion = torch.sqrt((fusion - alpha) ** 2 + 1e-12).mean() + lap(fusion, alpha)
+    comp = fusion * fg + (1 - fusion) * bg
+    l_comp = torch.sqrt((comp - image) ** 2 + 1e-12).sum() / fusion[:, 0].numel()
+    return l_global / 6 + 2 * l_local + 3 * l_fusion + l_comp
+
+
+def make_torch_step(arch: str, size: int, batch: int, authors_repo: str):
+    """One float32 training step (forward, the section-4 loss, backward, Adam) of the
+    authors' public PyTorch P3M-Net, as a callable returning the loss."""
+    import torch
+    core = str(pathlib.Path(authors_repo) / "core")
+    if core not in sys.path:
+        sys.path.insert(0, core)
+    _install_timm_stand_in()
+    from network import build_model as authors_build_model  # the authors' code, at run time
+    name = {"resnet34": "r34", "swin_t": "swin", "vitae_s": "vitae"}[arch]
+    kwargs = {"img_size": size} if arch == "swin_t" else {}
+    # XLA:CPU flushes denormals to zero; PyTorch does not by default, and a randomly
+    # initialised P3M-Net produces enough of them to slow its CPU kernels several times.
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    model = authors_build_model(name, pretrained=False, **kwargs).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    hb = host_batch(batch, size)
+    mean = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None]
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    norm = lambda a: (nchw(a).float() / 255 - mean) / std
+    image, fg, bg = norm(hb["image"]), norm(hb["fg"]), norm(hb["bg"])
+    alpha, trimap = nchw(hb["alpha"]).float() / 255, nchw(hb["trimap"]).float()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = _torch_loss(model(image), image, fg, bg, alpha, trimap)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+# ------------------------------------------------------------------ CLI
+
+def _fmt_bytes(n):
+    return f"{n / 2**30:.2f}G" if n else "-"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="per-device batch")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--remat", action="store_true", help="rematerialise encoder stages")
+    parser.add_argument("--param_sharding", default="replicated",
+                        choices=["replicated", "fsdp"])
+    parser.add_argument("--memory_only", action="store_true",
+                        help="compile only; report compile time, FLOPs and memory")
+    parser.add_argument("--torch", action="store_true",
+                        help="time the authors' PyTorch train step side by side (float32, CPU)")
+    parser.add_argument("--authors_repo", default="/tmp/p3m_authors",
+                        help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch)")
+    parser.add_argument("--profile", default="",
+                        help="write a jax.profiler trace of one step here and print top ops")
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    from p3m_jax.train.mesh import initialize_distributed_if_needed
+    initialize_distributed_if_needed()
+    dev = jax.devices()[0]
+    print(f"# {dev.platform} {dev.device_kind} x{jax.device_count()} "
+          f"({jax.process_count()} process(es)), {args.size}x{args.size}, per-device batch "
+          f"{args.batch}, remat={args.remat}, params {args.param_sharding}, "
+          f"median of {args.repeats}", flush=True)
+    cols = ("arch", "dtype", "compile", "step", "img/s", "img/s/dev", "TFLOP/step", "TFLOP/s",
+            "MFU", "mem total", "mem temp", "torch step", "ours/torch")
+    print(" | ".join(cols), flush=True)
+    rows = []
+    torch_cache = {}
+    for arch in args.arch:
+        for dtype_name in args.dtype:
+            dtype = jnp.dtype(dtype_name)
+            other = None
+            if args.torch and not args.memory_only:
+                if arch not in torch_cache:
+                    torch_cache[arch] = make_torch_step(arch, args.size, args.batch,
+                                                        args.authors_repo)
+                other = torch_cache[arch]
+            r = bench_jax(arch, dtype, args.size, args.batch, args.repeats, args.remat,
+                          args.param_sharding, args.memory_only,
+                          os.path.join(args.profile, f"{arch}_{dtype_name}")
+                          if args.profile else None, other_step=other)
+            if "other_step_s" in r:
+                r["torch_step_s"] = r.pop("other_step_s")
+                r["ratio_vs_torch"] = r["step_s"] / r["torch_step_s"]
+            rows.append(r)
+            mem = r["memory"]
+            fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) and v == v else "-"
+            print(" | ".join([
+                arch, dtype_name, f"{r['compile_s']:.1f}s", fmt(r.get("step_s"), "%.3fs"),
+                fmt(r.get("images_per_s"), "%.2f"), fmt(r.get("images_per_s_per_device"), "%.2f"),
+                fmt(r["flops"] / 1e12, "%.3f"), fmt(r.get("tflops"), "%.3f"),
+                ("unknown" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%")
+                if not args.memory_only else "-",
+                _fmt_bytes(mem.get("total")), _fmt_bytes(mem.get("temp")),
+                fmt(r.get("torch_step_s"), "%.3fs"), fmt(r.get("ratio_vs_torch"), "%.2f")]),
+                flush=True)
+            for op, sec in r.get("profile", []):
+                print(f"#   {op:40s} {sec:8.3f}s")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

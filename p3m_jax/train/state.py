@@ -1,0 +1,191 @@
+"""Training state (one pytree) and the optimizer.
+
+`TrainState` holds everything a step reads and writes: the step counter, float32 parameters,
+BatchNorm running statistics, the ``constants`` collection (ViTAE-S's fixed Performer
+features; an empty dict for the other variants), the optax state and a PRNG key. Parameters
+and optimizer state stay float32 whatever the compute dtype of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from p3m_jax.train.mesh import DATA_AXIS
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step (int32 scalar), params, batch_stats, constants, opt_state, rng (typed PRNG key)."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    constants: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+    def variables(self) -> dict[str, PyTree]:
+        """The model variables for ``model.apply`` (empty collections left out)."""
+        out = {"params": self.params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        if self.constants:
+            out["constants"] = self.constants
+        return out
+
+
+def _get(config, name, default):
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default) if hasattr(config, name) else default
+
+
+def make_learning_rate_schedule(optimizer_config, num_train_steps: int) -> optax.Schedule:
+    """``constant`` (the paper: 1e-5) or ``warmup_cosine`` (linear warmup from 0 over
+    ``warmup_steps``, then cosine decay to ``end_learning_rate_factor * learning_rate`` at
+    ``num_train_steps``)."""
+    lr = float(_get(optimizer_config, "learning_rate", 1e-5))
+    kind = _get(optimizer_config, "schedule", "constant")
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "warmup_cosine":
+        warmup = int(_get(optimizer_config, "warmup_steps", 0))
+        end = lr * float(_get(optimizer_config, "end_learning_rate_factor", 0.0))
+        decay_steps = max(int(num_train_steps), warmup + 1)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end)
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; expected constant|warmup_cosine")
+
+
+def make_optimizer(optimizer_config=None, num_train_steps: int = 1
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Builds the optimizer from ``config.optimizer`` (a ConfigDict, dict or None = defaults).
+
+    Fields: ``name`` adam|adamw, ``learning_rate`` (default 1e-5, the paper's), ``schedule``
+    constant|warmup_cosine, ``warmup_steps``, ``end_learning_rate_factor``, ``weight_decay``
+    (adamw: decoupled; adam: added to the gradient like PyTorch's Adam(weight_decay=...)),
+    ``grad_clip_norm`` (global-norm clipping, 0 disables), ``b1``, ``b2``.
+
+    Returns ``(optimizer, lr_schedule)``; ``lr_schedule(step)`` is the learning rate the
+    update at ``step`` uses (for logging).
+    """
+    schedule = make_learning_rate_schedule(optimizer_config, num_train_steps)
+    name = _get(optimizer_config, "name", "adam")
+    b1 = float(_get(optimizer_config, "b1", 0.9))
+    b2 = float(_get(optimizer_config, "b2", 0.999))
+    wd = float(_get(optimizer_config, "weight_decay", 0.0))
+    clip = float(_get(optimizer_config, "grad_clip_norm", 0.0))
+    parts = []
+    if clip > 0:
+        parts.append(optax.clip_by_global_norm(clip))
+    if name == "adam":
+        if wd > 0:
+            parts.append(optax.add_decayed_weights(wd))
+        parts.append(optax.adam(schedule, b1=b1, b2=b2))
+    elif name == "adamw":
+        parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected adam|adamw")
+    return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule
+
+
+def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.Array,
+                       image_size: int | tuple[int, int] = 64,
+                       variables: PyTree | None = None) -> TrainState:
+    """A fresh `TrainState`.
+
+    Args:
+      model: a P3M-Net from ``build_model``.
+      optimizer: from `make_optimizer`.
+      rng: a PRNG key; split into the init key and the state's key (dropout etc.).
+      image_size: size of the dummy input used for initialization.
+      variables: start from these model variables (e.g. imported weights) instead of a random
+        init; must hold ``params`` and may hold ``batch_stats`` and ``constants``.
+    """
+    if not jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng) if jnp.asarray(rng).shape else jax.random.key(rng)
+    init_rng, state_rng = jax.random.split(rng)
+    if variables is None:
+        from p3m_jax.models import init_variables
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        variables = jax.jit(lambda r: init_variables(model, r, size))(init_rng)
+    variables = flax.core.unfreeze(variables)
+    to_f32 = lambda x: jnp.asarray(x, jnp.float32)
+    params = jax.tree_util.tree_map(to_f32, variables["params"])
+    batch_stats = jax.tree_util.tree_map(to_f32, variables.get("batch_stats", {}))
+    constants = jax.tree_util.tree_map(jnp.asarray, variables.get("constants", {}))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      constants=constants, opt_state=optimizer.init(params), rng=state_rng)
+
+
+def fsdp_spec(shape, num_shards: int) -> P:
+    """Shards the largest axis of ``shape`` divisible by ``num_shards`` on ``data``;
+    replicated when none is (scalars, small vectors)."""
+    best = None
+    for axis, size in enumerate(shape):
+        if size % num_shards == 0 and size >= num_shards and (best is None or size > shape[best]):
+            best = axis
+    if best is None or num_shards == 1:
+        return P()
+    spec = [None] * len(shape)
+    spec[best] = DATA_AXIS
+    return P(*spec)
+
+
+def state_shardings(state: PyTree, mesh: Mesh, param_sharding: str = "replicated") -> PyTree:
+    """NamedShardings matching ``state`` (a `TrainState` of arrays or of ShapeDtypeStructs).
+
+    ``replicated``: every leaf replicated. ``fsdp``: parameters and optimizer-state leaves are
+    sharded on ``data`` along their largest divisible axis (the same rule for a parameter and
+    its Adam moments); step, rng, BatchNorm statistics and constants stay replicated.
+    """
+    if param_sharding not in ("replicated", "fsdp"):
+        raise ValueError(f"param_sharding must be 'replicated' or 'fsdp', got {param_sharding!r}")
+    rep = NamedSharding(mesh, P())
+    n = mesh.shape[DATA_AXIS]
+
+    def sharded(leaf):
+        if param_sharding == "replicated":
+            return rep
+        return NamedSharding(mesh, fsdp_spec(np.shape(leaf) if not hasattr(leaf, "shape")
+                                             else leaf.shape, n))
+
+    all_rep = lambda tree: jax.tree_util.tree_map(lambda _: rep, tree)
+    return TrainState(step=rep,
+                      params=jax.tree_util.tree_map(sharded, state.params),
+                      batch_stats=all_rep(state.batch_stats),
+                      constants=all_rep(state.constants),
+                      opt_state=jax.tree_util.tree_map(sharded, state.opt_state),
+                      rng=rep)
+
+
+__all__ = ["TrainState", "make_optimizer", "make_learning_rate_schedule",
+           "create_train_state", "state_shardings", "fsdp_spec"]
+
+
+def create_sharded_train_state(model, optimizer: optax.GradientTransformation, rng: jax.Array,
+                               image_size: int | tuple[int, int], mesh: Mesh,
+                               param_sharding: str = "replicated",
+                               variables: PyTree | None = None
+                               ) -> tuple[TrainState, TrainState]:
+    """`create_train_state` run under ``jit`` straight into its shardings (every process
+    must pass the same ``rng``). Returns ``(state, shardings)``."""
+    make = lambda r, v: create_train_state(model, optimizer, r, image_size, v)
+    abstract = jax.eval_shape(make, rng, variables)
+    shardings = state_shardings(abstract, mesh, param_sharding)
+    state = jax.jit(make, out_shardings=shardings)(rng, variables)
+    return state, shardings
+
+
+__all__ += ["create_sharded_train_state"]

@@ -1,0 +1,149 @@
+"""Pure, jittable training and evaluation steps, and their sharded ``jit`` wrappers.
+
+The host hands over the uint8 batch of the data pipeline (image, alpha, trimap, fg, bg,
+has_fg_bg, ...); `prepare_batch` turns it into the float batch of `p3m_jax.losses.p3m_loss`
+inside the compiled step. Under `make_train_step` the batch is sharded on the mesh's ``data``
+axis and the state is replicated or FSDP-sharded (see `state.state_shardings`); BatchNorm's
+batch mean/variance are then reductions over a sharded axis, i.e. global-batch statistics
+(XLA inserts the all-reduce). Nothing in a step synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from p3m_jax.losses import p3m_loss
+from p3m_jax.models import IMAGENET_MEAN, IMAGENET_STD
+from p3m_jax.train.mesh import batch_sharding, replicated
+from p3m_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+# model_kwargs_fn(batch, state) -> extra keyword arguments for model.apply (e.g. P3M-CP's
+# feature-level copy-paste inputs from the batch's fcp_* keys). Default: none.
+ModelKwargsFn = Callable[[Batch, TrainState], dict]
+
+METRIC_NAMES = ("loss", "global", "local", "fusion", "composition", "learning_rate", "grad_norm")
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (x.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
+    """uint8 host batch -> the float batch of the loss (jittable).
+
+    ``image``/``fg``/``bg`` (N, H, W, 3) uint8 -> ImageNet-normalised float32; ``alpha``
+    (N, H, W, 1) uint8 -> float32 in [0, 1]; ``trimap`` -> float32 0/128/255; ``has_fg_bg``
+    (N,) -> float32 (all ones when absent, zeros-filled fg/bg when those are absent). Float
+    inputs are taken as already converted. Other keys are not returned.
+    """
+    image = batch["image"]
+    n = image.shape[0]
+    conv = lambda x: _normalize(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+    out = {"image": conv(image)}
+    alpha = batch["alpha"]
+    out["alpha"] = (alpha.astype(jnp.float32) / 255.0 if alpha.dtype == jnp.uint8
+                    else alpha.astype(jnp.float32))
+    out["trimap"] = batch["trimap"].astype(jnp.float32)
+    if "fg" in batch and "bg" in batch:
+        out["fg"], out["bg"] = conv(batch["fg"]), conv(batch["bg"])
+        has = batch.get("has_fg_bg")
+        out["has_fg_bg"] = (jnp.ones((n,), jnp.float32) if has is None
+                            else has.astype(jnp.float32).reshape(n))
+    else:
+        out["fg"] = out["bg"] = jnp.zeros_like(out["image"])
+        out["has_fg_bg"] = jnp.zeros((n,), jnp.float32)
+    return out
+
+
+def _no_kwargs(batch, state):
+    return {}
+
+
+def _as_float32(outputs):
+    return {k: v.astype(jnp.float32) for k, v in outputs.items()}
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+    """The step's dropout key (Swin-T stochastic depth): the state's key folded with the step,
+    so every step (and every process) draws the same, reproducible key."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
+def train_step(state: TrainState, batch: Batch, *, model, optimizer: optax.GradientTransformation,
+               lr_schedule: optax.Schedule | None = None,
+               model_kwargs_fn: ModelKwargsFn | None = None) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch`` (the uint8 host-contract dict; unknown keys ignored).
+
+    Returns the new state and float32 scalar metrics: ``loss``, ``global``, ``local``,
+    ``fusion``, ``composition`` (see `p3m_jax.losses.p3m_loss`), ``learning_rate`` (of this
+    update; NaN without ``lr_schedule``) and ``grad_norm`` (global norm before clipping).
+    """
+    fb = prepare_batch(batch)
+    extra = (model_kwargs_fn or _no_kwargs)(batch, state)
+    rngs = {"dropout": dropout_key(state)}
+
+    def loss_fn(params):
+        variables = {**state.variables(), "params": params}
+        outputs, updates = model.apply(variables, fb["image"], train=True,
+                                       mutable=["batch_stats"], rngs=rngs, **extra)
+        total, parts = p3m_loss(_as_float32(outputs), fb)
+        return total, (parts, updates)
+
+    (loss, (parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    lr = (jnp.asarray(lr_schedule(state.step), jnp.float32) if lr_schedule is not None
+          else jnp.float32(jnp.nan))
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=updates.get("batch_stats", state.batch_stats),
+                              opt_state=opt_state)
+    metrics = {"loss": loss, **parts, "learning_rate": lr, "grad_norm": grad_norm}
+    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def eval_step(state: TrainState, batch: Batch, *, model,
+              model_kwargs_fn: ModelKwargsFn | None = None) -> tuple[dict, dict]:
+    """Eval-mode forward (running BatchNorm statistics, no stochastic depth) and the loss on a
+    training-style batch. Returns ``(metrics, outputs)``: metrics ``loss``, ``global``,
+    ``local``, ``fusion``, ``composition`` (float32 scalars) and the model's float32 outputs."""
+    fb = prepare_batch(batch)
+    extra = (model_kwargs_fn or _no_kwargs)(batch, state)
+    outputs = _as_float32(model.apply(state.variables(), fb["image"], train=False, **extra))
+    loss, parts = p3m_loss(outputs, fb)
+    return {"loss": loss, **parts}, outputs
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    state_sharding, lr_schedule: optax.Schedule | None = None,
+                    model_kwargs_fn: ModelKwargsFn | None = None,
+                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """`train_step` jitted over ``mesh``: state in/out with ``state_sharding`` (from
+    `state_shardings`), batch sharded on ``data``, metrics replicated, the state donated."""
+    fn = functools.partial(train_step, model=model, optimizer=optimizer,
+                           lr_schedule=lr_schedule, model_kwargs_fn=model_kwargs_fn)
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model, mesh: Mesh, state_sharding,
+                   model_kwargs_fn: ModelKwargsFn | None = None
+                   ) -> Callable[[TrainState, Batch], tuple[dict, dict]]:
+    """`eval_step` jitted over ``mesh``: metrics replicated, outputs sharded like the batch."""
+    fn = functools.partial(eval_step, model=model, model_kwargs_fn=model_kwargs_fn)
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh)),
+                   out_shardings=(replicated(mesh), batch_sharding(mesh)))
+
+
+__all__ = ["prepare_batch", "train_step", "eval_step", "make_train_step", "make_eval_step",
+           "dropout_key", "METRIC_NAMES"]

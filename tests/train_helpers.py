@@ -1,0 +1,116 @@
+"""Shared pieces of the training-step tests (imported by the tests and by their subprocesses).
+
+`TinyP3M` is a cheap stand-in for P3M-Net with the same output contract, built from the real
+layers (conv2d, the PyTorch-semantics BatchNorm, max-pool indices and unpooling, DropPath), so
+the sharding/multi-process tests of the step machinery compile in seconds instead of minutes.
+The real variants are exercised by the overfitting and remat tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from p3m_jax.models.attention import DropPath
+from p3m_jax.models.layers import BatchNorm, conv2d, max_pool_with_indices, max_unpool_2x2, \
+    upsample_bilinear
+
+
+class TinyP3M(nn.Module):
+    """Six P3M-Net outputs from a two-level conv/BN network (NHWC, sides multiples of 2)."""
+
+    dtype: jnp.dtype = jnp.float32
+    drop_path: float = 0.3
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        h = nn.relu(BatchNorm(dtype=self.dtype, name="bn0")(
+            conv2d(8, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train))
+        p, idx = max_pool_with_indices(h, 2, 2, 0)
+        g = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(
+            conv2d(8, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train))
+        g = p + DropPath(self.drop_path, name="drop")(g, train)
+        up = upsample_bilinear(g, 2)
+        glob = conv2d(3, 3, use_bias=True, name="global", dtype=self.dtype)(up)
+        sides = [conv2d(3, 1, use_bias=True, name=f"side{i}", dtype=self.dtype)(up)
+                 for i in range(3)]
+        loc = conv2d(8, 3, use_bias=True, name="local0", dtype=self.dtype)(
+            max_unpool_2x2(g, idx) + h)
+        local = nn.sigmoid(conv2d(1, 3, use_bias=True, name="local1", dtype=self.dtype)(
+            nn.relu(loc)).astype(jnp.float32))
+        glob = glob.astype(jnp.float32)
+        cls = jnp.argmax(glob, axis=-1)[..., None]
+        fusion = local * (cls == 1) + (cls == 2).astype(jnp.float32)
+        return {"global": glob, "local": local, "fusion": fusion,
+                "side2": sides[0].astype(jnp.float32), "side1": sides[1].astype(jnp.float32),
+                "side0": sides[2].astype(jnp.float32)}
+
+
+def make_batch(batch_size: int, size: int, seed: int = 0, has_fg_bg=None) -> dict:
+    """A uint8 host-contract batch with a plausible alpha/trimap (a soft disc per sample)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    alphas, trimaps = [], []
+    for _ in range(batch_size):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        r = rng.uniform(0.2, 0.35) * size
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        a = np.clip((r - d) / (0.1 * size) + 0.5, 0, 1)
+        alphas.append(np.round(a * 255).astype(np.uint8))
+        t = np.full((size, size), 128, np.uint8)
+        t[a == 0] = 0
+        t[a == 1] = 255
+        trimaps.append(t)
+    alpha = np.stack(alphas)[..., None]
+    fg = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    bg = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    a3 = alpha.astype(np.float32) / 255
+    image = np.round(a3 * fg + (1 - a3) * bg).astype(np.uint8)
+    if has_fg_bg is None:
+        has_fg_bg = np.ones(batch_size, bool)
+    return {"image": image, "alpha": alpha, "trimap": np.stack(trimaps)[..., None],
+            "fg": fg, "bg": bg, "has_fg_bg": np.asarray(has_fg_bg, bool),
+            "facemask": np.zeros((batch_size, size, size, 1), np.uint8),
+            "has_facemask": np.zeros(batch_size, bool)}
+
+
+def to_numpy(tree):
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def flat(tree) -> dict:
+    """{'/'-joined path: numpy array} of a pytree (for saving and comparing)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in leaves}
+
+
+def run_tiny_training(mesh, batch: dict, steps: int, param_sharding: str = "replicated",
+                      dtype=jnp.float32, lr: float = 0.05, seed: int = 0):
+    """Trains TinyP3M with SGD (differences in gradients show up linearly in the parameters)
+    for ``steps`` steps on the same global ``batch``. Returns (state, list of metrics)."""
+    import optax
+    from p3m_jax.train import create_sharded_train_state, make_train_step
+    from p3m_jax.train.mesh import batch_sharding
+
+    model = TinyP3M(dtype=dtype)
+    tx = optax.sgd(lr)
+    state, shardings = create_sharded_train_state(model, tx, jax.random.key(seed), 32, mesh,
+                                                  param_sharding)
+    step = make_train_step(model, tx, mesh, shardings, lr_schedule=optax.constant_schedule(lr))
+    sharding = batch_sharding(mesh)
+    if jax.process_count() > 1:
+        # Every process holds the full batch here; it feeds its own contiguous slice.
+        n = batch["image"].shape[0] // jax.process_count()
+        lo = jax.process_index() * n
+        device_batch = {k: jax.make_array_from_process_local_data(sharding, v[lo:lo + n])
+                        for k, v in batch.items()}
+    else:
+        device_batch = jax.device_put(batch, sharding)
+    metrics = []
+    for _ in range(steps):
+        state, m = step(state, device_batch)
+        metrics.append(m)
+    return state, [to_numpy(m) for m in metrics]
