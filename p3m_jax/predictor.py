@@ -92,13 +92,34 @@ def variables_from_torch(path: str | os.PathLike, arch: str, *, backbone_only: b
     return variables, report
 
 
+def _load_training_workdir(workdir: str, arch: str | None, dtype) -> Predictor:
+    """The best checkpoint of a training workdir (see `p3m_jax.train.checkpointing`)."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    from p3m_jax.train.checkpointing import (  # pylint: disable=import-outside-toplevel
+        CHECKPOINT_SUBDIR, RUN_CONFIG_FILE, restore_variables)
+
+    config_path = os.path.join(workdir, RUN_CONFIG_FILE)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            run = json.load(f)
+        saved_arch, options = run["arch"], dict(run.get("model_options", {}))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"corrupt training config {config_path}: {e}") from e
+    if arch is not None and arch != saved_arch:
+        raise ValueError(f"{workdir} trained a {saved_arch} model, not {arch}")
+    _, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    return Predictor(saved_arch, variables, dtype=dtype, options=options)
+
+
 def load_pretrained(path: str | os.PathLike, arch: str | None = None, *, dtype=jnp.float32,
                     verbose: bool = False) -> Predictor:
     """Loads trained P3M-Net weights for inference.
 
     Args:
       path: a p3m-jax model checkpoint directory (written by ``python -m p3m_jax.convert`` or
-        `Predictor.save`), or an authors' PyTorch ``.pth`` (``{'state_dict': ...}`` or a bare
+        `Predictor.save`), a training workdir of ``python -m p3m_jax.main`` (its best checkpoint
+        by validation SAD, or the latest when none was evaluated), or an authors' PyTorch ``.pth`` (``{'state_dict': ...}`` or a bare
         state dict; reading it needs PyTorch).
       arch: "resnet34", "swin_t" or "vitae_s". Required for a ``.pth``; for a p3m-jax
         checkpoint it is read from the checkpoint (and checked if given).
@@ -111,6 +132,9 @@ def load_pretrained(path: str | os.PathLike, arch: str | None = None, *, dtype=j
     if arch is not None and arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     path = os.fspath(path)
+    if os.path.isdir(path) and not checkpoints.is_model_checkpoint(path) and os.path.isdir(
+            os.path.join(path, "checkpoints")):
+        return _load_training_workdir(path, arch, dtype)
     if os.path.isdir(path):
         saved_arch, options, variables = checkpoints.load_model_checkpoint(path)
         if arch is not None and arch != saved_arch:

@@ -1,0 +1,49 @@
+"""Train or evaluate P3M-Net from an ml_collections config.
+
+    python -m p3m_jax.main --config=configs/default.py --workdir=/tmp/p3m_quickstart
+    python -m p3m_jax.main --config=configs/p3m10k_resnet34.py --workdir=gs://bucket/run \\
+        --config.data.data_dir=gs://bucket/tensorflow_datasets --config.batch_size=64
+    python -m p3m_jax.main --config=configs/default.py --workdir=/tmp/p3m_quickstart --mode=eval
+
+Running the same command again resumes from the latest checkpoint in --workdir. Any config field
+can be overridden with --config.<field>=<value>.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train (then score the test splits), or eval: score the test splits from a checkpoint.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                  "eval mode: which checkpoint of --workdir to score.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
+    from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel  (after flag parsing)
+
+    try:
+        if FLAGS.mode == "eval":
+            loop.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+        else:
+            loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (loop.ConfigError, loop.NonFiniteLossError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

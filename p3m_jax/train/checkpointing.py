@@ -1,0 +1,189 @@
+"""Training checkpoints with orbax's `CheckpointManager`: state + input-iterator state, best by SAD.
+
+Layout of ``<workdir>/checkpoints``::
+
+    <step>/state/   the `TrainState` (params, batch_stats, constants, opt_state, step, rng as raw key data)
+    <step>/data/    the grain iterator's state (one file per process)
+    <step>/metrics/ the validation metrics of that step, when it was evaluated
+
+Saves are asynchronous: `save` returns as soon as the arrays are copied off the devices and the
+files are written in the background. orbax writes every checkpoint into a temporary directory
+and renames it only once complete, so a save that was killed half-way is never restored from
+(and leftovers are cleaned up on the next start). Retention keeps the last ``keep`` checkpoints
+plus the best one by validation SAD.
+
+Restoring goes through an abstract target whose leaves carry the *current* mesh's shardings, so
+a run saved on 8 devices resumes on 1 (or 2, or 8) without conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+CHECKPOINT_SUBDIR = "checkpoints"  # <workdir>/checkpoints/<step>/...
+RUN_CONFIG_FILE = "config.json"  # <workdir>/config.json: arch, model options and the full config
+BEST_METRIC = "SAD"  # lower is better; written by the validation in the loop as metrics["SAD"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read (message names the directory and the cause)."""
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _fields(state: Any) -> dict:
+    """A dataclass state as a plain dict of its fields (orbax names the saved tree by them)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def to_savable(state: Any) -> dict:
+    """The state as a dict, typed PRNG keys replaced by their raw uint32 key data."""
+    return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, _fields(state))
+
+
+def _abstract_key_data(x):
+    shape = jax.eval_shape(jax.random.key_data, x)
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
+def abstract_savable(abstract_state: Any) -> dict:
+    """The restore target matching `to_savable` for an abstract state (ShapeDtypeStructs with shardings)."""
+    return jax.tree_util.tree_map(lambda x: _abstract_key_data(x) if _is_key(x) else x,
+                                  _fields(abstract_state))
+
+
+def _key_impl_name(key) -> str:
+    """The PRNG implementation of a key array or of an abstract key (dtype ``key<rbg>`` -> "rbg")."""
+    if isinstance(key, jax.Array):
+        return str(jax.random.key_impl(key))
+    return str(key.dtype)[len("key<"):-1]  # abstract keys expose their impl only in the dtype name
+
+
+def from_savable(restored: dict, like: Any) -> Any:
+    """Undoes `to_savable`, using ``like`` (the live or abstract state) to know which leaves are keys."""
+
+    def back(data, ref):
+        if _is_key(ref):
+            return jax.random.wrap_key_data(data, impl=_key_impl_name(ref))
+        return data
+
+    return like.replace(**jax.tree_util.tree_map(back, restored, _fields(like)))
+
+
+class TrainCheckpointer:
+    """Owns ``<workdir>/checkpoints``: asynchronous saves, retention, best-by-SAD, resume.
+
+    Args:
+      directory: where the step folders live (created; must be writable).
+      keep: how many of the most recent checkpoints to keep (the best by SAD is kept in addition).
+      asynchronous: write in a background thread (default) or block in `save`.
+      read_only: only read (another run may be writing: its unfinished saves are left alone).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True,
+                 read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        policy = cm.AnyPreservationPolicy([
+            cm.LatestN(n=keep),
+            # BestN keeps the *largest* metric values: rank by -SAD.
+            cm.BestN(get_metric_fn=lambda m: -float(m[BEST_METRIC]), n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        # best_fn only makes orbax record each save's metrics and answer `best_step`; what is
+        # deleted is decided by the preservation policy.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda m: float(m[BEST_METRIC]), best_mode="min",
+            enable_async_checkpointing=asynchronous and not read_only, create=not read_only,
+            # Leftovers of a killed save are removed on a writer's start; a reader leaves them.
+            cleanup_tmp_directories=not read_only, read_only=read_only)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "data"))
+        except OSError as e:
+            raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, step: int, state: Any, data_iterator: Any | None, *,
+             metrics: dict[str, float] | None = None, force: bool = True) -> None:
+        """Starts an (asynchronous) save of ``state`` and the iterator's state at ``step``."""
+        import grain  # pylint: disable=import-outside-toplevel
+
+        items = {"state": ocp.args.StandardSave(to_savable(state))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                              metrics=dict(metrics) if metrics else None)
+        except Exception as e:  # disk full, permissions, a failed previous async save
+            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; the previous "
+                                  f"checkpoints are untouched") from e
+
+    def wait(self) -> None:
+        """Blocks until every pending save is on disk (raises CheckpointError if one failed)."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise CheckpointError(f"a background save to {self.directory} failed: {e}") from e
+
+    def close(self) -> None:
+        self.manager.close()
+
+    # --------------------------------------------------------------------------------------- restore
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest validation SAD (the latest when none was evaluated)."""
+        best = self.manager.best_step()
+        return best if best is not None else self.latest_step()
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
+        """Restores the state onto ``abstract_state``'s shardings; sets the iterator's state in place."""
+        import grain  # pylint: disable=import-outside-toplevel
+
+        items = {"state": ocp.args.StandardRestore(abstract_savable(abstract_state))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return from_savable(restored["state"], abstract_state)
+
+
+def restore_variables(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """Reads the model variables (params, batch_stats, constants) of a training checkpoint as numpy.
+
+    Used by `p3m_jax.load_pretrained(workdir)`: no mesh, no optimizer, no input pipeline needed.
+    ``step`` None picks the best step by validation SAD (the latest when none was evaluated).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no training checkpoints at {directory}")
+    checkpointer = TrainCheckpointer(directory, read_only=True)
+    try:
+        step = checkpointer.best_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished training checkpoint in {checkpointer.directory}")
+        state_dir = os.path.join(checkpointer.directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as reader:
+            metadata = reader.metadata(state_dir).item_metadata
+            wanted = {k: v for k, v in metadata.items() if k in ("params", "batch_stats", "constants")}
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+            restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=wanted, restore_args=restore_args, partial_restore=True))
+    finally:
+        checkpointer.close()
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    if restored.get("constants"):
+        variables["constants"] = restored["constants"]
+    return step, variables

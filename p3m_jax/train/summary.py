@@ -1,0 +1,78 @@
+"""Training logs: TensorBoard event files (tensorboardX, no TensorFlow) plus a JSON-lines copy.
+
+Only process 0 writes; on every other process the writer is a no-op, so the loop can call it
+unconditionally. `metrics.jsonl` in the workdir holds the same scalars one JSON object per line,
+for scripts and tests that should not depend on TensorBoard's reader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+class MetricWriter:
+    """Scalars and images for TensorBoard, with the method names of clu's `MetricWriter`.
+
+    Args:
+      logdir: folder for the event files and ``metrics.jsonl`` (created).
+      enabled: False on processes other than 0: every call does nothing.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+        os.makedirs(logdir, exist_ok=True)
+        self._tb = SummaryWriter(os.fspath(logdir), flush_secs=30)
+        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One value per name at ``step`` (names like ``train/loss``, ``val/SAD``)."""
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for name, value in scalars.items():
+            value = float(value)
+            self._tb.add_scalar(name, value, int(step))
+            row[name] = value if math.isfinite(value) else str(value)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """(H, W) or (H, W, C) images, uint8 or float in [0, 1]."""
+        if not self.enabled:
+            return
+        for name, image in images.items():
+            image = np.asarray(image)
+            if image.ndim == 2:
+                image = image[..., None]
+            if image.dtype != np.uint8:
+                image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            self._tb.add_image(name, image, int(step), dataformats="HWC")
+
+    def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+        """Text entries, e.g. the run's config."""
+        if not self.enabled:
+            return
+        for name, text in texts.items():
+            self._tb.add_text(name, text, int(step))
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._tb.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+            self.enabled = False

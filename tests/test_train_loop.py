@@ -1,0 +1,282 @@
+"""`python -m p3m_jax.main` / `train_and_evaluate`: the quickstart end to end, exact resume,
+preemption, checkpoints across device counts, the NaN guard, config overrides and bad values.
+
+Runs at 64x64 on a tiny synthetic build. Every run here compiles the same programs; JAX's
+persistent compilation cache (in a per-session temporary folder) lets later runs reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from p3m_jax import evaluate as evaluate_lib
+from p3m_jax.train import loop
+from p3m_jax.train.checkpointing import TrainCheckpointer, restore_variables
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs, subprocesses included."""
+    cache_dir = str(tmp_path_factory.mktemp("xla_cache"))
+    evaluate_lib.enable_compilation_cache(cache_dir)
+    previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir  # read by jax at import in subprocesses
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    if previous is None:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
+
+
+def tiny_config(data_dir, **overrides):
+    """The quickstart config shrunk to seconds: 64x64 crops of 64x64 images, batch 2."""
+    config = default_config.get_config()
+    config.data.tfds_name = TFDS_NAME
+    config.data.data_dir = data_dir
+    config.data.image_size = 64
+    config.data.crop_sizes = (64,)
+    config.data.trimap_kernel_range = (3, 5)
+    config.data.validation_count = 2
+    config.batch_size = 2
+    config.num_train_steps = 4
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.num_summary_images = 1
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def final_params(workdir, step=None):
+    _, variables = restore_variables(os.path.join(workdir, "checkpoints"), step)
+    return variables
+
+
+def assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(data_dir, tmp_path_factory):
+    """A 4-step quickstart run: train, validate at steps 2 and 4, checkpoint, score the test splits."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    result = loop.train_and_evaluate(tiny_config(data_dir), workdir)
+    return workdir, result
+
+
+def test_quickstart_trains_validates_checkpoints_and_scores(quickstart_run):
+    workdir, result = quickstart_run
+    assert result["stopped"] == "finished" and result["step"] == 4
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["train/loss"]) for r in train_rows)
+    assert all(r["train/images_per_second"] > 0 for r in train_rows[1:])  # step 1 also compiles
+    assert {"train/global", "train/local", "train/fusion", "train/composition", "train/learning_rate"} <= set(
+        train_rows[0])
+    assert [r["step"] for r in rows if "val/SAD" in r] == [2, 4]
+    assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    tests = json.loads((workdir / "test_results.json").read_text())
+    assert set(tests["splits"]) == {"p3m_500_p", "p3m_500_np"}
+    for split in tests["splits"].values():
+        assert split["count"] == 2 and np.isfinite(split["mean"]["SAD"])
+    assert tests["splits"]["p3m_500_p"]["mean"].get("SAD_PRIVACY") is not None  # facemasks in P
+
+
+def test_quickstart_second_run_resumes_instead_of_starting_over(quickstart_run, data_dir, capsys):
+    workdir, _ = quickstart_run
+    resumed = tmp_copy(workdir)
+    result = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=5, eval_every_steps=0,
+                                                 **{"eval.test_splits": ()}), resumed)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "/4 (step 4)" in out
+    assert result["step"] == 5
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [1, 2, 3, 4, 5]  # steps 1-4 from the first run, only step 5 is new
+
+
+def tmp_copy(workdir):
+    target = pathlib.Path(str(workdir) + f"_copy{time.monotonic_ns()}")
+    shutil.copytree(workdir, target)
+    return target
+
+
+def test_load_pretrained_and_eval_mode_use_the_best_checkpoint(quickstart_run, data_dir):
+    import p3m_jax
+
+    workdir, _ = quickstart_run
+    reader = TrainCheckpointer(workdir / "checkpoints", read_only=True)
+    sads = {step: reader.manager.metrics(step)["SAD"] for step in reader.manager.all_steps()}
+    best = reader.best_step()
+    reader.close()
+    assert sads[best] == min(sads.values())
+    predictor = p3m_jax.load_pretrained(workdir)
+    assert predictor.arch == "resnet34"
+    assert_trees_equal(predictor.variables["params"], final_params(workdir, best)["params"])
+    assert predictor.forward(np.zeros((1, 64, 64, 3), np.float32))["fusion"].shape == (1, 64, 64, 1)
+
+    results = loop.evaluate_workdir(tiny_config(data_dir), workdir, which="latest")
+    assert set(results) == {"p3m_500_p", "p3m_500_np"}
+    assert json.loads((workdir / "test_results.json").read_text())["step"] == 4
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(quickstart_run, data_dir):
+    workdir = tmp_copy(quickstart_run[0])
+    config = tiny_config(data_dir, num_train_steps=8, eval_every_steps=0, checkpoint_every_steps=1,
+                         **{"optimizer.learning_rate": float("nan"), "optimizer.schedule": "constant",
+                            "eval.test_splits": ()})
+    before = final_params(workdir, 4)
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is step 4"):
+        loop.train_and_evaluate(config, workdir)
+    checkpoints = TrainCheckpointer(workdir / "checkpoints", read_only=True)
+    assert checkpoints.latest_step() == 4
+    checkpoints.close()
+    assert_trees_equal(final_params(workdir, 4), before)
+
+
+def test_interrupted_run_resumes_bitwise(data_dir, tmp_path, monkeypatch):
+    """Stopped at step 2 (the preemption path) and resumed == uninterrupted, bit for bit."""
+    config = tiny_config(data_dir, eval_every_steps=0, checkpoint_every_steps=0, **{"eval.test_splits": ()})
+    straight = loop.train_and_evaluate(config, tmp_path / "straight")
+    assert straight["stopped"] == "finished"
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.PreemptionWatcher, "should_stop", lambda self, step: step >= 2)
+        first = loop.train_and_evaluate(config, tmp_path / "interrupted")
+    assert first == {**first, "stopped": "preempted", "step": 2}
+    second = loop.train_and_evaluate(config, tmp_path / "interrupted")
+    assert second["stopped"] == "finished" and second["step"] == 4
+    assert_trees_equal(final_params(tmp_path / "interrupted", 4), final_params(tmp_path / "straight", 4))
+
+
+def run_main(args, env_extra=None, **kwargs):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "p3m_jax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("override, env, expected", [
+    ("--config.arch=resnet50", {}, "config.arch"),
+    ("--config.batch_size=3", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, "config.batch_size"),
+    ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
+    ("--config.data.image_size=100", {}, "config.data.image_size"),
+    ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
+])
+def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, env, expected):
+    result = run_main(["--config=configs/default.py", f"--workdir={tmp_path / 'w'}",
+                       f"--config.data.data_dir={tmp_path / 'empty_tfds'}", override], env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert expected in result.stderr
+
+
+def test_unwritable_workdir_fails_clearly(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_main(["--config=configs/default.py", f"--workdir={blocker / 'run'}",
+                       f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    assert result.returncode == 1
+    assert f"workdir {blocker / 'run'} is not writable" in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config=configs/default.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            f"--config.data.tfds_name={TFDS_NAME}", "--config.data.image_size=64", "--config.data.crop_sizes=(64,)",
+            "--config.data.validation_count=2", "--config.batch_size=2", "--config.num_train_steps=1000",
+            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
+            "--config.eval.test_splits=()"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen([sys.executable, "-m", "p3m_jax.main", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("step 2/"):
+                process.send_signal(signal.SIGTERM)
+                break
+        output = "".join(lines) + process.communicate(timeout=240)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved step" in output
+    saved = int(output.split("SIGTERM: saved step ")[1].split(";")[0])
+    assert saved >= 2
+    config = json.loads((workdir / "config.json").read_text())["config"]
+    assert config["batch_size"] == 2 and config["data"]["image_size"] == 64  # overrides took effect
+
+    # What a save killed half-way leaves: a temporary folder of a later step. It must be ignored.
+    leftover = workdir / "checkpoints" / f"{saved + 5}.orbax-checkpoint-tmp-1234567890"
+    (leftover / "state").mkdir(parents=True)
+    (leftover / "state" / "partial").write_bytes(b"\0" * 16)
+    resumed = run_main(args[:8] + ["--config.num_train_steps=%d" % (saved + 1)] + args[9:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'}/{saved} (step {saved})" in resumed.stdout
+    assert f"step {saved + 1}/{saved + 1}" in resumed.stdout
+    assert not leftover.exists()
+
+
+def test_checkpoint_moves_between_device_counts_bitwise(tmp_path):
+    """Saved FSDP-sharded on 8 devices, restored on 1 and saved again, restored on 8: bit for bit."""
+    worker = str(REPO / "tests" / "checkpoint_worker.py")
+    for devices, restore_step, save_step in [(8, 0, 1), (1, 1, 2), (8, 2, 0)]:
+        result = subprocess.run([sys.executable, worker, str(tmp_path), str(devices), str(restore_step),
+                                 str(save_step)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
+            f"{devices} devices, restore {restore_step}, save {save_step}:\n{result.stderr[-3000:]}")
+
+
+def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
+    """ICP and FCP on, global batch 8 over 8 virtual devices, FSDP parameters: steps run and paste."""
+    workdir = tmp_path / "cp"
+    result = run_main(
+        ["--config=configs/default.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+         f"--config.data.tfds_name={TFDS_NAME}", "--config.data.image_size=64", "--config.data.crop_sizes=(64,)",
+         "--config.data.validation_count=2", "--config.batch_size=8", "--config.num_train_steps=3",
+         "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
+         "--config.eval.test_splits=()", "--config.param_sharding=fsdp",
+         "--config.copy_paste.icp.enabled=True", "--config.copy_paste.icp.prob=1.0",
+         "--config.copy_paste.fcp.enabled=True", "--config.copy_paste.fcp.prob=1.0",
+         "--config.copy_paste.fcp.layers=('e2','e3')"],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 8 device(s)" in result.stdout
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+    # Every synthetic train portrait has a facemask; a random crop can still cut most of it away.
+    assert sum(r["train/icp_pasted_per_batch"] for r in rows) >= 12
+    assert sum(r["train/fcp_samples_per_batch"] for r in rows) >= 12
