@@ -173,8 +173,12 @@ def enable_compilation_cache(cache_dir=DEFAULT_CACHE_DIR) -> str:
     """Turns on JAX's persistent compilation cache in `cache_dir` (every compiled program is kept)."""
     import jax
 
+    from jax.experimental.compilation_cache import compilation_cache
+
     cache_dir = os.fspath(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir not in (None, cache_dir):
+        compilation_cache.reset_cache()  # JAX keeps using the first folder it opened otherwise
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

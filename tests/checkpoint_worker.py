@@ -2,7 +2,8 @@
 
     python tests/checkpoint_worker.py DIRECTORY NUM_DEVICES RESTORE_STEP SAVE_STEP
 
-On NUM_DEVICES virtual CPU devices, with FSDP-sharded parameters and Adam state: restores
+On NUM_DEVICES virtual CPU devices, with FSDP-sharded parameters and Adam state (of the small
+stand-in model of tests/train_helpers.py): restores
 RESTORE_STEP (unless it is 0) onto this mesh, checks it bit for bit against the numpy copy the
 saving process wrote (and that every leaf carries this mesh's sharding), then changes every
 leaf, saves SAVE_STEP (unless 0) and writes its numpy copy. Prints "OK" at the end.
@@ -20,11 +21,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from p3m_jax.models import build_model  # noqa: E402
 from p3m_jax.predictor import init_key  # noqa: E402
 from p3m_jax.train import mesh as mesh_lib  # noqa: E402
 from p3m_jax.train import state as state_lib  # noqa: E402
 from p3m_jax.train.checkpointing import TrainCheckpointer, to_savable  # noqa: E402
+from tests.train_helpers import TinyP3M  # noqa: E402
 
 
 def numpy_leaves(state):
@@ -38,7 +39,7 @@ def expected_path(step):
 def main():
     assert jax.device_count() == num_devices
     mesh = mesh_lib.make_mesh()
-    model = build_model("resnet34")
+    model = TinyP3M()  # the checkpoint code is model-agnostic; a small model compiles in seconds
     optimizer, _ = state_lib.make_optimizer(None, 10)
     make = lambda: state_lib.create_train_state(model, optimizer, init_key(0), 64)  # noqa: E731
     abstract = jax.eval_shape(make)

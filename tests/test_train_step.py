@@ -164,7 +164,7 @@ def test_remat_keeps_the_parameter_tree():
             lambda a, b: a.shape == b.shape and a.dtype == b.dtype, *shapes))
 
 
-OVERFIT_STEPS = 30
+OVERFIT_STEPS = 15
 SIZE = 64
 
 

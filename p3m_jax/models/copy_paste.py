@@ -150,11 +150,9 @@ def fcp_inputs(batch: dict[str, jax.Array], step: jax.Array | int, start_step: i
     ``fcp_apply`` (B,) bool added by `p3m_jax.data.copy_paste.FeatureCopyPasteInputs`;
     ``apply`` is additionally false before ``start_step``.
     """
-    from p3m_jax.models.p3mnet import IMAGENET_MEAN, IMAGENET_STD
+    from p3m_jax.models.p3mnet import normalize_uint8  # here: p3mnet imports this module lazily
 
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
-    source = (jnp.asarray(batch["fcp_source"]).astype(jnp.float32) - mean) / std
+    source = normalize_uint8(jnp.asarray(batch["fcp_source"]))
     mask = jnp.asarray(batch["fcp_mask"]).astype(jnp.float32) / 255.0
     apply = jnp.asarray(batch["fcp_apply"]).astype(bool) & (jnp.asarray(step) >= start_step)
     return {"source_image": source, "mask": mask, "apply": apply, "layers": check_layers(layers)}

@@ -17,6 +17,17 @@ from p3m_jax.models.layers import Dtype
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+def normalize_uint8(image: jax.Array) -> jax.Array:
+    """uint8 RGB (..., 3) in 0..255 -> the network's float32 input (ImageNet mean/std), jittable.
+
+    The input pipelines ship uint8 to the devices (4x less traffic than float32) and call this
+    inside the compiled step.
+    """
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (image.astype(jnp.float32) / 255.0 - mean) / std
+
 # arch name -> (module path, encoder class name, decoder spec). Encoders are imported lazily
 # so that building one variant does not import the others.
 ARCHITECTURES: dict[str, tuple[str, str, DecoderSpec]] = {
@@ -89,5 +100,5 @@ def init_variables(model: P3MNet, rng: jax.Array, image_size: tuple[int, int] = 
     return model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
 
 
-__all__ = ["P3MNet", "build_model", "init_variables", "check_input_shape", "ARCHITECTURES",
+__all__ = ["P3MNet", "build_model", "normalize_uint8", "init_variables", "check_input_shape", "ARCHITECTURES",
            "OUTPUT_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from p3m_jax.losses import p3m_loss
-from p3m_jax.models import IMAGENET_MEAN, IMAGENET_STD
+from p3m_jax.models import normalize_uint8
 from p3m_jax.train.mesh import batch_sharding, replicated
 from p3m_jax.train.state import TrainState
 
@@ -29,12 +29,6 @@ Batch = Mapping[str, jax.Array]
 ModelKwargsFn = Callable[[Batch, TrainState], dict]
 
 METRIC_NAMES = ("loss", "global", "local", "fusion", "composition", "learning_rate", "grad_norm")
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (x.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
@@ -47,7 +41,7 @@ def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
     """
     image = batch["image"]
     n = image.shape[0]
-    conv = lambda x: _normalize(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+    conv = lambda x: normalize_uint8(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
     out = {"image": conv(image)}
     alpha = batch["alpha"]
     out["alpha"] = (alpha.astype(jnp.float32) / 255.0 if alpha.dtype == jnp.uint8
