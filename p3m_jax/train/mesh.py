@@ -59,6 +59,11 @@ def initialize_distributed_if_needed(**kwargs) -> bool:
         return False
     if not kwargs and not _multi_process_environment():
         return False
+    # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id: pass them on
+    # (cluster launchers such as SLURM or a TPU pod are auto-detected by jax instead).
+    for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if key not in kwargs and os.environ.get(name):
+            kwargs[key] = int(os.environ[name])
     jax.distributed.initialize(**kwargs)
     return True
 
