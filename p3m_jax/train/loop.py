@@ -405,12 +405,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 flush_metrics(step)  # the first step includes compilation: time the rest apart
             is_last = step == config.num_train_steps
             preempted = preemption.should_stop(step)
-            evaluate_now = config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last)
+            evaluate_now = bool(config.eval_every_steps) and not preempted and (
+                step % config.eval_every_steps == 0 or is_last)
             save_now = (is_last or preempted or evaluate_now
                         or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
             if step % config.log_every_steps == 0 or save_now:
                 flush_metrics(step)  # also the NaN guard: nothing non-finite is ever saved
-            if evaluate_now and not preempted:
+            if evaluate_now:
                 last_validation = run_validation(step)
             if save_now:
                 if not bool(_all_finite(state.params)):
@@ -419,21 +420,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         f"non-finite parameters after step {step}; stopped without saving them. The last "
                         f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
                         f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.")
+                # Only a checkpoint validated at its own step carries metrics (and can be "best").
                 checkpointer.save(step, state, train_iter, metrics=last_validation if evaluate_now else None)
             if preempted:
                 stopped = "preempted"
                 _log(f"SIGTERM: saved step {step}; run the same command again to resume")
                 break
         checkpointer.wait()
+        train_iter.close()
+
+        test_results = {}
+        if stopped == "finished" and config.eval.test_splits:
+            test_results = evaluate_test_splits(config, checkpointer, workdir, predictor)
     finally:
         preemption.restore()
-        writer.flush()
-
-    test_results = {}
-    if stopped == "finished" and config.eval.test_splits:
-        test_results = evaluate_test_splits(config, checkpointer, workdir, predictor)
-    checkpointer.close()
-    writer.close()
+        train_iter.close()
+        checkpointer.close()  # waits for a save still in flight
+        writer.close()
     return {"step": step, "stopped": stopped, "validation": last_validation, "test": test_results}
 
 
