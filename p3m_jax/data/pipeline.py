@@ -25,7 +25,7 @@ import json
 import logging
 import queue
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np

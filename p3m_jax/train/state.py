@@ -8,7 +8,7 @@ and optimizer state stay float32 whatever the compute dtype of the model.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.struct

@@ -11,7 +11,7 @@ batch mean/variance are then reductions over a sharded axis, i.e. global-batch s
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
