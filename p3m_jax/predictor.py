@@ -132,9 +132,11 @@ def load_pretrained(path: str | os.PathLike, arch: str | None = None, *, dtype=j
     if arch is not None and arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     path = os.fspath(path)
-    if os.path.isdir(path) and not checkpoints.is_model_checkpoint(path) and os.path.isdir(
-            os.path.join(path, "checkpoints")):
-        return _load_training_workdir(path, arch, dtype)
+    if os.path.isdir(path) and not checkpoints.is_model_checkpoint(path):
+        from p3m_jax.train.checkpointing import CHECKPOINT_SUBDIR  # pylint: disable=import-outside-toplevel
+
+        if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
+            return _load_training_workdir(path, arch, dtype)
     if os.path.isdir(path):
         saved_arch, options, variables = checkpoints.load_model_checkpoint(path)
         if arch is not None and arch != saved_arch:

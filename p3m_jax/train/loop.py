@@ -201,12 +201,12 @@ class PreemptionWatcher:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _local_variables(state, mesh) -> dict:
-    """The state's model variables gathered whole onto this process's first device (for Predictor)."""
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if state.constants:
-        variables["constants"] = state.constants
-    gathered = jax.jit(lambda t: t, out_shardings=mesh_lib.replicated(mesh))(variables)
+def _local_variables(state, gather) -> dict:
+    """The state's model variables gathered whole onto this process's first device (for Predictor).
+
+    ``gather`` is a jitted identity with replicated output shardings, built once per run.
+    """
+    gathered = gather(state.variables())
     return jax.tree_util.tree_map(lambda a: a.addressable_data(0), gathered)
 
 
@@ -328,6 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if latest is None:
         writer.write_text(0, {"config": f"```\n{config}\n```"})
     validation = data_lib.validation_dataset(config.data)
+    gather_replicated = jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
     predictor = None
     preemption = PreemptionWatcher()
     meter = _Meter()
@@ -370,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     def run_validation(step: int) -> dict:
         nonlocal predictor
-        variables = _local_variables(state, mesh)
+        variables = _local_variables(state, gather_replicated)
         if predictor is None:
             predictor = Predictor(config.arch, variables, options=model_options(config))
         else:
