@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from p3m_jax.data import source, transforms
+from p3m_jax.data import morphology, source, transforms
 from p3m_jax.data.source import BadExampleError
 from tfds_p3m10k import maps, synthetic
 
@@ -200,3 +200,50 @@ def test_bad_records_name_the_example():
 
     error = pickle.loads(pickle.dumps(BadExampleError("n", 1, "why")))
     assert (error.name, error.index, error.reason) == ("n", 1, "why") and "why" in str(error)
+
+
+def test_packed_ellipse_morphology_is_opencv_bit_for_bit():
+    rng = np.random.default_rng(4)
+    for kernel in range(1, 41):
+        element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
+        # widths on both sides of the 64-pixel word, sparse and dense masks, borders included
+        for shape, density in (((37, 63), 0.01), ((50, 64), 0.3), ((29, 65), 0.05), ((41, 130), 0.7)):
+            reach = (rng.random(shape) < density).astype(np.uint8)
+            solid = (rng.random(shape) < 1 - density).astype(np.uint8)
+            dilated, eroded = morphology.dilate_and_erode(reach, solid, kernel)
+            assert np.array_equal(dilated, cv2.dilate(reach, element)), (kernel, shape)
+            assert np.array_equal(eroded, cv2.erode(solid, element)), (kernel, shape)
+    alpha = _portrait(seed=3, height=200, width=150).alpha
+    for kernel in (15, 22, 30):
+        element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
+        trimap = transforms.elliptical_trimap(alpha, kernel)
+        expected = np.where(cv2.erode((alpha == 255).astype(np.uint8), element) > 0, 255,
+                            np.where(cv2.dilate((alpha > 0).astype(np.uint8), element) > 0, 128, 0))
+        assert np.array_equal(trimap, expected)
+
+
+def test_aligned_crops_sample_like_cv2_resize():
+    rng = np.random.default_rng(6)
+    array = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    crop = transforms.Crop(10, 21, 64, 80, 5, False, (0, 0))
+    expected = cv2.resize(array[10:74, 21:101], (32, 32), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(transforms.warp_crop(array, crop, 32, False), expected)
+    assert np.array_equal(transforms.warp_crop(array, crop, 32, True), expected[:, ::-1])
+    # A window starting at `origin` (the trimap's crop-plus-margin window).
+    assert np.array_equal(transforms.warp_crop(array[5:, 20:], crop, 32, False, origin=(5, 20)), expected)
+    # align_crop moves the origin onto the reduced-DCT grid (factor 2 here: 64 >= 2 * 32), and only then.
+    assert transforms.align_crop(crop, 64) == crop
+    snapped = transforms.align_crop(crop, 32)
+    assert (snapped.y0, snapped.x0, snapped.height, snapped.width) == (10, 20, 64, 80)
+    reduced = cv2.resize(array, (60, 45), interpolation=cv2.INTER_AREA)
+    on_grid = transforms.warp_crop(reduced, snapped, 32, False, reduce=2)
+    assert np.array_equal(on_grid, cv2.resize(reduced[5:37, 10:50], (32, 32), interpolation=cv2.INTER_LINEAR))
+    # Off the grid (odd crop sides) the general warpAffine path samples the same places: on a linear ramp,
+    # whose 2x area reduction is exact, it matches the full-resolution resize within rounding.
+    ramp = np.tile((np.arange(120) * 2).astype(np.uint8)[None, :], (90, 1))
+    odd = transforms.Crop(10, 21, 65, 81, 5, False, (0, 0))
+    general = transforms.warp_crop(cv2.resize(ramp, (60, 45), interpolation=cv2.INTER_AREA), odd, 32, False,
+                                   reduce=2)
+    full = cv2.resize(ramp[10:75, 21:102], (32, 32), interpolation=cv2.INTER_LINEAR)
+    error = np.abs(general.astype(int) - full.astype(int))
+    assert error.max() <= 1 and error.mean() < 0.3  # half a pixel off would be about 1 on average

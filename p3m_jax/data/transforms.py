@@ -8,15 +8,15 @@ From a raw record (encoded bytes, see `source.RawSource`) to maps at the trainin
 3. with probability `transition_crop_prob` centre the crop on a transition pixel (the trimap's unknown
    band for kernel k, located on a stride-s subsample of the alpha, s = short side // 256, then
    jittered inside the s x s cell), else on any pixel; clamp the crop inside the image;
-4. trimap = elliptical dilate(alpha > 0) / erode(alpha == 255) with kernel k, computed on the crop plus
-   a margin of k pixels: identical to the full-resolution trimap inside the crop (OpenCV treats the
-   image border the same way in both cases) at a fraction of the cost;
+4. trimap = elliptical dilate(alpha > 0) / erode(alpha == 255) with kernel k (OpenCV's, computed bit
+   for bit on packed rows by `morphology`) on the crop plus a margin of k pixels: identical to the
+   full-resolution trimap inside the crop (OpenCV treats the image border the same way in both cases)
+   at a fraction of the cost;
 5. horizontal flip with probability `flip_prob`;
-6. every map is sampled once, bilinearly (OpenCV INTER_LINEAR, half-pixel centres = `cv2.resize`),
-   from the crop to S x S with the flip folded into the same affine map; the JPEG image (and JPEG
-   fg/bg) is decoded at 1/2, 1/4 or 1/8 DCT scale when the crop shrinks at least that much
-   (`reduced_dct_decode`), with the affine map adjusted to the reduced pixel grid so that all maps
-   stay aligned;
+6. every map is sampled once, bilinearly (OpenCV INTER_LINEAR, half-pixel centres), from the crop to
+   S x S: `cv2.resize` of the crop then a flip; the JPEG image (and JPEG fg/bg) is decoded at 1/2, 1/4
+   or 1/8 DCT scale when the crop shrinks at least that much (`reduced_dct_decode`), the crop origin
+   being rounded down to a multiple of that factor (`align_crop`) so that all maps stay aligned;
 7. trimap re-quantised after resizing: > 180 -> 255, < 50 -> 0, else 128.
 
 fg/bg are decoded only when the example has them and `use_fg_bg`; the facemask only when the example
@@ -34,6 +34,7 @@ import cv2
 import grain
 import numpy as np
 
+from p3m_jax.data import morphology
 from p3m_jax.data import source as source_lib
 from p3m_jax.data.source import BadExampleError
 
@@ -59,12 +60,14 @@ class Crop:
 
 
 def elliptical_trimap(alpha: np.ndarray, kernel: int) -> np.ndarray:
-    """uint8 0/128/255: 255 where erode(alpha == 255), 0 outside dilate(alpha > 0), else 128."""
-    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
-    solid = cv2.erode((alpha == 255).view(np.uint8), element)
-    reach = cv2.dilate((alpha > 0).view(np.uint8), element)
+    """uint8 0/128/255: 255 where erode(alpha == 255), 0 outside dilate(alpha > 0), else 128.
+
+    Erode/dilate are OpenCV's with a k x k `MORPH_ELLIPSE` element, computed bit for bit by
+    `morphology.dilate_and_erode` (4-5x faster than `cv2.dilate` at k = 30)."""
+    reach, solid = morphology.dilate_and_erode((alpha > 0).view(np.uint8), (alpha == 255).view(np.uint8),
+                                               kernel)
     trimap = reach * np.uint8(128)
-    trimap[solid > 0] = 255
+    trimap[solid.view(bool)] = 255
     return trimap
 
 
@@ -116,22 +119,39 @@ def reduce_factor(crop: Crop, size: int) -> int:
     return 1
 
 
+def align_crop(crop: Crop, size: int) -> Crop:
+    """Moves the crop origin down to a multiple of `reduce_factor(crop, size)` (by < 8 pixels), so that a
+    reduced-DCT decode samples the crop on whole reduced pixels and `cv2.resize` can do it (see
+    `warp_crop`). Done whatever `reduced_dct_decode` says, so the switch changes only the image decode."""
+    factor = reduce_factor(crop, size)
+    if factor == 1:
+        return crop
+    return dataclasses.replace(crop, y0=crop.y0 - crop.y0 % factor, x0=crop.x0 - crop.x0 % factor)
+
+
 def warp_crop(array: np.ndarray, crop: Crop, size: int, flip: bool, *, origin=(0, 0),
               reduce: int = 1) -> np.ndarray:
     """Samples `crop` (full-resolution coordinates) of `array` to size x size, flipped if `flip`.
 
     `array` covers the full-resolution region starting at `origin` (y, x), at 1/`reduce` scale (JPEG DCT
     scaling: reduced pixel i covers full pixels [i r, (i + 1) r)). Output pixel u samples full-resolution
-    x = x0 + (u + 0.5) * crop_w / size - 0.5, the same as `cv2.resize` of the crop.
+    x = x0 + (u + 0.5) * crop_w / size - 0.5, the same as `cv2.resize` of the crop. When the crop falls on
+    whole pixels of `array` (always at full scale; at reduced scale once `align_crop` has run) it is
+    exactly `cv2.resize` of the slice, then a flip, 3-30x faster than the general `cv2.warpAffine`.
     """
+    oy, ox = crop.y0 - origin[0], crop.x0 - origin[1]
+    if not (oy % reduce or ox % reduce or crop.height % reduce or crop.width % reduce):
+        window = array[oy // reduce:(oy + crop.height) // reduce, ox // reduce:(ox + crop.width) // reduce]
+        out = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
+        return cv2.flip(out, 1) if flip else out
     sx, sy = crop.width / size, crop.height / size
     r = float(reduce)
     shift = (r - 1.0) / 2.0
     if flip:
-        ax, bx = -sx / r, (crop.x0 - origin[1] - shift - 0.5 + (size - 0.5) * sx) / r
+        ax, bx = -sx / r, (ox - shift - 0.5 + (size - 0.5) * sx) / r
     else:
-        ax, bx = sx / r, (crop.x0 - origin[1] - shift - 0.5 + 0.5 * sx) / r
-    ay, by = sy / r, (crop.y0 - origin[0] - shift - 0.5 + 0.5 * sy) / r
+        ax, bx = sx / r, (ox - shift - 0.5 + 0.5 * sx) / r
+    ay, by = sy / r, (oy - shift - 0.5 + 0.5 * sy) / r
     matrix = np.array([[ax, 0.0, bx], [0.0, ay, by]], np.float64)
     return cv2.warpAffine(array, matrix, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
@@ -213,6 +233,7 @@ class TrainTransform(grain.transforms.RandomMap):
 
         crop = sample_crop(alpha, rng, crop_sizes=self.crop_sizes, kernel_range=self.trimap_kernel_range,
                            transition_crop_prob=self.transition_crop_prob)
+        crop = align_crop(crop, size)
         flip = bool(rng.random() < self.flip_prob)
         timer.lap("sample_crop")
 
