@@ -8,12 +8,20 @@ import tempfile
 from typing import IO, Iterator
 
 
+def _current_umask() -> int:
+    # The only way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Opens a temporary file next to ``path`` and renames it onto ``path`` on success.
 
     A reader never sees a half-written file, and a failure (exception, interrupt) leaves
-    neither the target nor the temporary file behind.
+    neither the target nor the temporary file behind. The file gets the permissions a plain
+    ``open(path, "w")`` would give it (0666 less the umask), not `mkstemp`'s owner-only 0600.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -23,6 +31,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

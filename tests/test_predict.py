@@ -93,3 +93,20 @@ def test_missing_input_is_reported(tmp_path, capsys):
     code = predict.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path / "nope"), "--output",
                          str(tmp_path / "o")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_usual_permissions(tmp_path, umask, expected):
+    import os
+
+    from p3m_jax import fileio
+
+    previous = os.umask(umask)
+    try:
+        image_io.save_png(tmp_path / "alpha.png", np.zeros((4, 5), np.uint8))
+        with fileio.atomic_write(tmp_path / "metrics.json") as handle:
+            handle.write("{}")
+    finally:
+        os.umask(previous)
+    for name in ("alpha.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
