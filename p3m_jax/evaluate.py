@@ -305,6 +305,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="evaluation.json", help="JSON file for means and per-image scores")
     parser.add_argument("--save_png", default=None, help="folder for the 8-bit predictions (<split>/<name>.png)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images per split")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="JAX persistent compilation cache")
     return parser.parse_args(argv)
 
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
     enable_compilation_cache(args.cache_dir)
     from p3m_jax.predictor import load_pretrained
 
-    predictor = load_pretrained(args.checkpoint, args.arch)
+    predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
     results = {}
     for split in [s.strip() for s in args.split.split(",") if s.strip()]:
         dataset = open_dataset(split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir,
@@ -322,10 +324,10 @@ def main(argv=None) -> int:
         save_dir = os.path.join(args.save_png, split) if args.save_png else None
         results[split] = evaluate(predictor, dataset, args.strategy, mode=args.mode, bucket=args.bucket,
                                   metric_bucket=args.metric_bucket, save_png_dir=save_dir, limit=args.limit)
-    print(f"{predictor.arch}, {args.strategy.upper()}, {args.mode}")
+    print(f"{predictor.arch}, {args.strategy.upper()}, {args.mode}, {args.dtype}")
     print(format_table(results))
     write_json(args.output, {"checkpoint": os.fspath(args.checkpoint), "arch": predictor.arch,
-                             "strategy": args.strategy, "mode": args.mode, "splits": results})
+                             "strategy": args.strategy, "mode": args.mode, "dtype": args.dtype, "splits": results})
     print(f"wrote {args.output}")
     return 0
 

@@ -68,7 +68,11 @@ def resize_like_skimage(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     filtered = image
     if any(o < i for o, i in zip(out_shape, image.shape)):
         sigma = np.maximum(0, (factors - 1) / 2)
-        filtered = ndimage.gaussian_filter(image, sigma, cval=0, mode="mirror")
+        # A sigma under 1/8 gives a one-tap kernel (radius int(4 sigma + 0.5) = 0), weight exactly 1: skip
+        # that axis (HYBRID's full-size pass shrinks 1080 -> 1056, sigma 0.011: no filtering at all).
+        sigma = np.where((4.0 * sigma + 0.5).astype(int) == 0, 0.0, sigma)
+        if sigma.any():
+            filtered = ndimage.gaussian_filter(image, sigma, cval=0, mode="mirror")
     out = ndimage.zoom(filtered, [1 / f for f in factors], order=1, mode="mirror", cval=0, grid_mode=True)
     np.clip(out, image.min(), image.max(), out=out)
     return out
@@ -100,14 +104,31 @@ class NetworkRunner:
         self.bucket = bucket
         self.input_shapes = collections.Counter()  # network input shapes used (= compilations of forward)
 
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def network_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the network runs at for an input of (height, width)."""
+        return bucket_shape(height, width, self.bucket) if self.bucket is not None else (height, width)
+
+    def prepare(self, requests) -> None:
+        """Compiles the network ahead of use for these ((height, width), outputs) requests, all at once (in
+        parallel), when the predictor can (`Predictor.compile_programs`); otherwise does nothing."""
+        compile_programs = getattr(self.predictor, "compile_programs", None)
+        if compile_programs is not None:
+            compile_programs([((1,) + self.network_shape(h, w) + (3,), outputs) for (h, w), outputs in requests])
+
+    def __call__(self, x: np.ndarray, outputs=None) -> dict[str, np.ndarray]:
+        """The network's outputs for one normalized (H, W, 3) image, cropped back to (H, W); `outputs` names
+        the ones wanted (default all; a predictor without that option computes all and the rest are dropped)."""
         height, width = x.shape[:2]
-        if self.bucket is not None:
-            padded_h, padded_w = bucket_shape(height, width, self.bucket)
-            if (padded_h, padded_w) != (height, width):
-                x = np.pad(x, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="symmetric")
+        padded_h, padded_w = self.network_shape(height, width)
+        if (padded_h, padded_w) != (height, width):
+            x = np.pad(x, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="symmetric")
         self.input_shapes[x.shape[:2]] += 1
-        out = self.predictor.forward(x[None])
+        if outputs is not None and hasattr(self.predictor, "compile_programs"):
+            out = self.predictor.forward(x[None], outputs=outputs)
+        else:
+            out = self.predictor.forward(x[None])
+        if outputs is not None:
+            out = {k: out[k] for k in outputs}
         return {k: np.asarray(v[0, :height, :width]) for k, v in out.items()}
 
 
@@ -137,7 +158,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 def predict_resize(predictor, image: np.ndarray) -> np.ndarray:
     """RESIZE strategy: alpha (H, W) float32 in [0, 1] for an RGB uint8 image (H, W, 3)."""
     image01 = _check_image(image)
-    out = _as_runner(predictor)(_network_input(image01, GLOBAL_RATIO))
+    out = _as_runner(predictor)(_network_input(image01, GLOBAL_RATIO), outputs=("fusion",))
     return resize_like_skimage(out["fusion"][..., 0].astype(np.float32), image.shape[:2])
 
 
@@ -146,10 +167,14 @@ def predict_hybrid(predictor, image: np.ndarray) -> np.ndarray:
     image01 = _check_image(image)
     runner = _as_runner(predictor)
     size = image.shape[:2]
-    global_out = runner(_network_input(image01, GLOBAL_RATIO))
+    # HYBRID uses `global` of the half-size pass and `local` of the full-size one: each pass computes only
+    # that (the other branch's last blocks are skipped), and both programs compile together.
+    runner.prepare([(protocol_size(*size, GLOBAL_RATIO), ("global",)),
+                    (protocol_size(*size, LOCAL_RATIO), ("local",))])
+    global_out = runner(_network_input(image01, GLOBAL_RATIO), outputs=("global",))
     trimap = trimap_from_logits(global_out["global"]).astype(np.float64) / 255.0  # img_as_float of uint8
     trimap = resize_like_skimage(trimap, size) * 255.0
-    local_out = runner(_network_input(image01, LOCAL_RATIO))
+    local_out = runner(_network_input(image01, LOCAL_RATIO), outputs=("local",))
     local = resize_like_skimage(local_out["local"][..., 0].astype(np.float32), size)
     # float64 like the authors' combination, so that `quantize` truncates exactly as they do
     return np.where(trimap == 255, 1.0, np.where(trimap == 0, 0.0, local.astype(np.float64)))

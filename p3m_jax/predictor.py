@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
-from typing import Any
+import threading
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from p3m_jax import checkpoints
-from p3m_jax.models import ARCHITECTURES, build_model, check_input_shape, init_variables
+from p3m_jax.models import ARCHITECTURES, OUTPUT_NAMES, build_model, check_input_shape, init_variables
 from p3m_jax.weights import torch_import
 
 
@@ -27,20 +30,99 @@ def _is_abstract(x) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct)
 
 
+# Compiled forward passes shared by every Predictor of the same model (arch, options, dtype), variables
+# structure and input shape: `predict`, `evaluate` and the training loop's validation, which builds a new
+# Predictor for every evaluation, compile a shape once per process (and once per machine with JAX's
+# persistent cache on).
+_EXECUTABLES: dict[tuple, Any] = {}
+_EXECUTABLES_LOCK = threading.Lock()
+
+
+def clear_compiled_programs() -> None:
+    """Drops the forward programs this process has compiled (memory); they are compiled again, or read
+    from JAX's persistent compilation cache when it is on, at their next use."""
+    with _EXECUTABLES_LOCK:
+        _EXECUTABLES.clear()
+
+
+def _output_names(outputs: Sequence[str] | None) -> tuple[str, ...]:
+    if outputs is None:
+        return tuple(OUTPUT_NAMES)
+    names = tuple(dict.fromkeys(outputs))
+    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown outputs {unknown or names}; expected some of {OUTPUT_NAMES}")
+    return names
+
+
+def _variables_signature(variables) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    return treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+
+
 class Predictor:
     """A P3M-Net with its variables, run in eval mode (BatchNorm running statistics).
 
-    ``forward`` is jitted; XLA compiles once per input shape and reuses it afterwards.
+    ``forward`` runs an ahead-of-time compiled program per input shape (and set of outputs), compiled on
+    first use (or by `compile`, several at once) and shared with every other Predictor of the same model.
     """
 
     def __init__(self, arch: str, variables: Any, *, dtype=jnp.float32,
                  options: dict | None = None):
         self.arch = arch
         self.options = dict(options or {})
-        self.dtype = dtype
+        self.dtype = dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         self.model = build_model(arch, dtype=dtype, **self.options)
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
-        self.apply_fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+        self._model_key = (arch, json.dumps(self.options, sort_keys=True, default=str), dtype.name,
+                           _variables_signature(self.variables))
+
+    def _program(self, names: tuple[str, ...]):
+        model = self.model
+
+        def apply(variables, x):
+            out = model.apply(variables, x, train=False)
+            # Only the requested outputs: XLA drops whatever else would have been computed for them
+            # alone (HYBRID needs `global` from one pass and `local` from the other).
+            return {k: out[k] for k in names}
+
+        return jax.jit(apply)
+
+    def compile_programs(self, programs: Iterable[tuple[tuple[int, ...], Sequence[str] | None]]) -> None:
+        """Compiles the forward pass for each ((N, H, W, 3) input shape, outputs) pair not compiled yet,
+        all at once. ``outputs`` names the outputs wanted (None: all six).
+
+        XLA compiles in C++ threads without Python's lock, so several programs (HYBRID's two passes)
+        compile in parallel on a multi-core host: a shorter first image.
+        """
+        todo = []
+        for shape, outputs in programs:
+            request = (tuple(int(d) for d in shape), _output_names(outputs))
+            check_input_shape(request[0])
+            if self._model_key + request not in _EXECUTABLES and request not in todo:
+                todo.append(request)
+        if not todo:
+            return
+
+        def build(request):
+            shape, names = request
+            abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
+            return request, self._program(names).lower(self.variables, abstract).compile()
+
+        if len(todo) == 1:
+            built = [build(todo[0])]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+                built = list(pool.map(build, todo))
+        with _EXECUTABLES_LOCK:
+            for request, executable in built:
+                _EXECUTABLES.setdefault(self._model_key + request, executable)
+
+    def compile(self, shapes: Iterable[tuple[int, ...]], outputs: Sequence[str] | None = None) -> None:
+        """`compile_programs` for several input shapes with the same ``outputs``."""
+        self.compile_programs([(shape, outputs) for shape in shapes])
 
     @classmethod
     def random(cls, arch: str, seed: int = 0, *, dtype=jnp.float32, **options) -> "Predictor":
@@ -49,20 +131,25 @@ class Predictor:
         variables = jax.jit(lambda r: init_variables(model, r))(init_key(seed))
         return cls(arch, variables, dtype=dtype, options=options)
 
-    def forward(self, x) -> dict[str, np.ndarray]:
+    def forward(self, x, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs the network on a batch.
 
         Args:
           x: float32 (N, H, W, 3), RGB already ImageNet-normalized, H and W multiples of 32.
+          outputs: the names of the outputs wanted (default: all six); the others are not computed
+            where the network allows it (each set is its own compiled program).
 
         Returns:
-          The six raw outputs as numpy float32 arrays: ``global`` (N, H, W, 3) logits,
-          ``local`` and ``fusion`` (N, H, W, 1) alpha, ``side2``/``side1``/``side0`` logits.
+          The outputs as numpy float32 arrays: ``global`` (N, H, W, 3) logits, ``local`` and
+          ``fusion`` (N, H, W, 1) alpha, ``side2``/``side1``/``side0`` logits.
         """
         x = np.asarray(x, dtype=np.float32)
         check_input_shape(x.shape)
-        out = self.apply_fn(self.variables, x)
-        return {k: np.asarray(v) for k, v in out.items()}
+        key = self._model_key + (x.shape, _output_names(outputs))
+        if key not in _EXECUTABLES:
+            self.compile_programs([(x.shape, outputs)])
+        out = _EXECUTABLES[key](self.variables, x)
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
         """Writes the variables as a p3m-jax model checkpoint (see `p3m_jax.checkpoints`)."""

@@ -128,7 +128,10 @@ def test_bucketed_model_stays_within_the_documented_bound():
 def test_cli_writes_json(release, tmp_path):
     from p3m_jax.predictor import Predictor
 
+    from p3m_jax.predictor import clear_compiled_programs
+
     checkpoint = Predictor.random("resnet34", seed=0).save(tmp_path / "ckpt")
+    clear_compiled_programs()  # earlier tests of this process compiled the same programs
     output = tmp_path / "out" / "eval.json"
     code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(release), "--strategy", "resize",
                           "--limit", "2", "--output", str(output), "--cache_dir", str(tmp_path / "cache"),

@@ -28,7 +28,8 @@ def _image(rng, height, width):
     return np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("shape,out", [((101, 75, 3), (32, 64)), ((40, 52), (97, 131)), ((64, 64), (64, 64))])
+@pytest.mark.parametrize("shape,out", [((101, 75, 3), (32, 64)), ((40, 52), (97, 131)), ((64, 64), (64, 64)),
+                                       ((110, 162, 3), (104, 160)), ((110, 300), (104, 150))])
 def test_resize_matches_scikit_image(shape, out):
     rng = np.random.default_rng(0)
     image = rng.random(shape)
@@ -112,3 +113,32 @@ def test_strategies_run_a_real_random_model():
         inference.predict_alpha(predictor, image, "crop")
     with pytest.raises(ValueError, match="RGB uint8"):
         inference.predict_alpha(predictor, image[..., 0], "resize")
+
+
+def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
+    from p3m_jax import predictor as predictor_lib
+
+    predictor = predictor_lib.Predictor.random("resnet34")
+    x = np.random.default_rng(5).normal(size=(1, 64, 96, 3)).astype(np.float32)
+    full = predictor.forward(x)
+    assert set(full) == {"global", "local", "fusion", "side2", "side1", "side0"}
+    # HYBRID's two programs, compiled together; the same values as the full network's outputs.
+    predictor.compile_programs([((1, 64, 96, 3), ("global",)), ((1, 64, 96, 3), ("local",))])
+    compiled = len(predictor_lib._EXECUTABLES)
+    only_global, only_local = predictor.forward(x, outputs=("global",)), predictor.forward(x, outputs=["local"])
+    assert set(only_global) == {"global"} and set(only_local) == {"local"}
+    np.testing.assert_allclose(only_global["global"], full["global"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(only_local["local"], full["local"], rtol=1e-5, atol=1e-6)
+    # A new Predictor of the same model (the training loop makes one per validation) compiles nothing.
+    again = predictor_lib.Predictor(predictor.arch, predictor.variables)
+    np.testing.assert_array_equal(again.forward(x, outputs=("local",))["local"], only_local["local"])
+    assert len(predictor_lib._EXECUTABLES) == compiled
+    with pytest.raises(ValueError, match="unknown outputs"):
+        predictor.forward(x, outputs=("alpha",))
+    # The strategies go through these programs and agree with a predictor computing everything.
+    image = _image(np.random.default_rng(6), 70, 90)
+    runner = inference.NetworkRunner(predictor)
+    everything = inference.NetworkRunner(type("Plain", (), {"forward": staticmethod(predictor.forward)})())
+    for strategy in inference.STRATEGIES:
+        np.testing.assert_allclose(inference.predict_alpha(runner, image, strategy),
+                                   inference.predict_alpha(everything, image, strategy), atol=1e-5)

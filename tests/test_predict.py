@@ -110,3 +110,21 @@ def test_written_files_get_the_usual_permissions(tmp_path, umask, expected):
         os.umask(previous)
     for name in ("alpha.png", "metrics.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_bfloat16_option(checkpoint, tmp_path):
+    from p3m_jax.predictor import load_pretrained
+
+    full = load_pretrained(checkpoint)
+    half = load_pretrained(checkpoint, dtype="bfloat16")
+    x = np.random.default_rng(1).standard_normal((1, 64, 96, 3)).astype(np.float32)
+    a, b = full.forward(x), half.forward(x)
+    assert all(v.dtype == np.float32 for v in b.values())
+    assert np.abs(a["local"] - b["local"]).mean() < 0.02  # close, but really computed in bfloat16
+    assert not np.array_equal(a["local"], b["local"])
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        load_pretrained(checkpoint, dtype="float16")
+    Image.fromarray(_gradient_image(64, 80)).save(tmp_path / "a.png")
+    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "a.png"), "--output",
+                         str(tmp_path / "out"), "--dtype", "bfloat16", "--cache_dir", str(tmp_path / "cache")])
+    assert code == 0 and np.asarray(Image.open(tmp_path / "out" / "a_alpha.png")).shape == (64, 80)
