@@ -49,7 +49,6 @@ class P3MNet(nn.Module):
     encoder: nn.Module
     decoder_spec: DecoderSpec
     dtype: Dtype = jnp.float32
-    remat_decoder: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False,
@@ -61,8 +60,7 @@ class P3MNet(nn.Module):
         if fcp is not None:
             from p3m_jax.models.copy_paste import apply_fcp  # imported here: no import cycle
             features = apply_fcp(self, self.encoder, features, fcp, train)
-        return P3MDecoder(self.decoder_spec, dtype=self.dtype, remat=self.remat_decoder,
-                          name="decoder")(features, train)
+        return P3MDecoder(self.decoder_spec, dtype=self.dtype, name="decoder")(features, train)
 
 
 def check_input_shape(shape) -> None:
@@ -82,8 +80,7 @@ def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any
     Args:
       arch: "resnet34", "swin_t" or "vitae_s".
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay float32.
-      **encoder_options: passed to the encoder's constructor; ``remat=True`` rematerialises the
-        decoder's blocks and bridges too.
+      **encoder_options: passed to the encoder's constructor.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -91,8 +88,7 @@ def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any
     encoder_cls: Callable[..., nn.Module] = getattr(importlib.import_module(module_name),
                                                     class_name)
     encoder = encoder_cls(dtype=dtype, name="encoder", **encoder_options)
-    return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype,
-                  remat_decoder=bool(encoder_options.get("remat", False)))
+    return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype)
 
 
 def init_variables(model: P3MNet, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
