@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = 300  # optimizer steps in total
     config.remat = False  # rematerialise encoder stages (jax.checkpoint) to fit larger batches
     config.param_sharding = "replicated"  # "replicated" | "fsdp" (params + optimizer state sharded on "data")
+    # JAX's persistent compilation cache: a resumed or repeated run skips compiling the train step and the
+    # validation programs. "" turns it off; a folder set by JAX_COMPILATION_CACHE_DIR takes precedence.
+    config.compilation_cache_dir = "~/.cache/p3m_jax/xla"
 
     # Optimizer: the paper uses Adam with a constant 1e-5; the quickstart trains from scratch, faster.
     config.optimizer = ml_collections.ConfigDict()

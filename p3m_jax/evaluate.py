@@ -176,7 +176,8 @@ def enable_compilation_cache(cache_dir=DEFAULT_CACHE_DIR) -> str:
     from jax.experimental.compilation_cache import compilation_cache
 
     cache_dir = os.fspath(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
+    if "://" not in cache_dir:  # JAX writes gs:// caches itself
+        os.makedirs(cache_dir, exist_ok=True)
     if jax.config.jax_compilation_cache_dir not in (None, cache_dir):
         compilation_cache.reset_cache()  # JAX keeps using the first folder it opened otherwise
     jax.config.update("jax_compilation_cache_dir", cache_dir)

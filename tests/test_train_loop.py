@@ -278,3 +278,25 @@ def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
     # Every synthetic train portrait has a facemask; a random crop can still cut most of it away.
     assert sum(r["train/icp_pasted_per_batch"] for r in rows) >= 12
     assert sum(r["train/fcp_samples_per_batch"] for r in rows) >= 12
+
+
+def test_training_turns_the_persistent_compilation_cache_on(tmp_path, compilation_cache):
+    from p3m_jax import evaluate, main
+
+    config = default_config.get_config()
+    try:
+        # A folder JAX already has (JAX_COMPILATION_CACHE_DIR, or this test session's) is kept.
+        config.compilation_cache_dir = str(tmp_path / "ignored")
+        assert main.enable_compilation_cache(config) == compilation_cache
+        jax.config.update("jax_compilation_cache_dir", None)
+        config.compilation_cache_dir = ""
+        assert main.enable_compilation_cache(config) is None and not jax.config.jax_compilation_cache_dir
+        config.compilation_cache_dir = str(tmp_path / "xla")
+        assert main.enable_compilation_cache(config) == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
+        jax.config.update("jax_compilation_cache_dir", None)
+        (tmp_path / "file").write_text("")
+        config.compilation_cache_dir = str(tmp_path / "file" / "xla")  # cannot be created: training goes on
+        assert main.enable_compilation_cache(config) is None
+    finally:
+        evaluate.enable_compilation_cache(compilation_cache)
