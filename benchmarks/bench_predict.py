@@ -70,11 +70,8 @@ class OurBreakdown:
 
     def _encoder_time(self, x):
         import jax
-        import numpy as np
 
-        if self.runner.bucket:
-            h, w = self.inference.bucket_shape(x.shape[0], x.shape[1], self.runner.bucket)
-            x = np.pad(x, ((0, h - x.shape[0]), (0, w - x.shape[1]), (0, 0)), mode="symmetric")
+        x = self.runner.pad(x)
         jax.block_until_ready(self.encoder(self.predictor.variables, x[None]))  # compile
         start = time.perf_counter()
         jax.block_until_ready(self.encoder(self.predictor.variables, x[None]))
@@ -92,16 +89,14 @@ class OurBreakdown:
         if strategy == "resize":
             _, parts["resize outputs"] = _timed(inf.resize_like_skimage, out["fusion"][..., 0], size)
             return parts
-        start = time.perf_counter()
-        trimap = inf.resize_like_skimage(inf.trimap_from_logits(out["global"]).astype("float64") / 255.0, size)
-        parts["resize outputs"] = time.perf_counter() - start
+        trimap01 = inf.trimap_from_logits(out["global"]).astype("float64") / 255.0
+        _, parts["resize outputs"] = _timed(inf.resize_like_skimage, trimap01, size)
         x, t = _timed(inf._network_input, image01, inf.LOCAL_RATIO)  # noqa
         parts["resize inputs"] += t
         out, parts["net (full size)"] = _timed(self.runner, x, ("local",))
         parts["  encoder (full)"] = self._encoder_time(x)
         _, t = _timed(inf.resize_like_skimage, out["local"][..., 0], size)
         parts["resize outputs"] += t
-        del trimap
         return parts
 
 

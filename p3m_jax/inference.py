@@ -115,13 +115,19 @@ class NetworkRunner:
         if compile_programs is not None:
             compile_programs([((1,) + self.network_shape(h, w) + (3,), outputs) for (h, w), outputs in requests])
 
+    def pad(self, x: np.ndarray) -> np.ndarray:
+        """`x` (H, W, C) padded (symmetric reflection) to `network_shape`; `x` itself when exact."""
+        height, width = x.shape[:2]
+        padded_h, padded_w = self.network_shape(height, width)
+        if (padded_h, padded_w) == (height, width):
+            return x
+        return np.pad(x, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="symmetric")
+
     def __call__(self, x: np.ndarray, outputs=None) -> dict[str, np.ndarray]:
         """The network's outputs for one normalized (H, W, 3) image, cropped back to (H, W); `outputs` names
         the ones wanted (default all; a predictor without that option computes all and the rest are dropped)."""
         height, width = x.shape[:2]
-        padded_h, padded_w = self.network_shape(height, width)
-        if (padded_h, padded_w) != (height, width):
-            x = np.pad(x, ((0, padded_h - height), (0, padded_w - width), (0, 0)), mode="symmetric")
+        x = self.pad(x)
         self.input_shapes[x.shape[:2]] += 1
         if outputs is not None and hasattr(self.predictor, "compile_programs"):
             out = self.predictor.forward(x[None], outputs=outputs)

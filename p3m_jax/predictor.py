@@ -64,7 +64,7 @@ class Predictor:
     """A P3M-Net with its variables, run in eval mode (BatchNorm running statistics).
 
     ``forward`` runs an ahead-of-time compiled program per input shape (and set of outputs), compiled on
-    first use (or by `compile`, several at once) and shared with every other Predictor of the same model.
+    first use (or by `compile_programs`, several at once) and shared with every other Predictor of the same model.
     """
 
     def __init__(self, arch: str, variables: Any, *, dtype=jnp.float32,
@@ -119,10 +119,6 @@ class Predictor:
         with _EXECUTABLES_LOCK:
             for request, executable in built:
                 _EXECUTABLES.setdefault(self._model_key + request, executable)
-
-    def compile(self, shapes: Iterable[tuple[int, ...]], outputs: Sequence[str] | None = None) -> None:
-        """`compile_programs` for several input shapes with the same ``outputs``."""
-        self.compile_programs([(shape, outputs) for shape in shapes])
 
     @classmethod
     def random(cls, arch: str, seed: int = 0, *, dtype=jnp.float32, **options) -> "Predictor":
