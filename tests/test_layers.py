@@ -46,6 +46,20 @@ def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
     assert np.asarray(idx)[0, 0, 0, 0] == 0  # first element of the window, not padding
 
 
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_max_pool_and_its_gradient_match_torch_with_ties(stride):
+    # SBFI's MaxPool2d(2, stride). Few distinct values (ReLU zeros are common): PyTorch sends a
+    # window's gradient to its first maximum only.
+    x = np.random.default_rng(2).integers(0, 3, size=(2, 16, 24, 3)).astype(np.float32)
+    tx = nchw(x).requires_grad_(True)
+    ty = F.max_pool2d(tx, 2, stride)
+    cot = np.random.default_rng(3).standard_normal(nhwc(ty).shape).astype(np.float32)
+    (ty * nchw(cot)).sum().backward()
+    y, vjp = jax.vjp(lambda a: layers.max_pool(a, 2, stride), jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(cot))[0]), nhwc(tx.grad))
+
+
 @pytest.mark.parametrize("window,padding", [(3, 1), (2, 0)])
 def test_max_unpool_matches_torch_including_overlaps(window, padding):
     rng = np.random.default_rng(1)
@@ -233,23 +247,45 @@ def test_dbfi_matches_torch(stride):
     np.testing.assert_allclose(np.asarray(side), nhwc(exp_side), rtol=RTOL, atol=ATOL)
 
 
-def test_grouped_conv_and_its_gradients_match_torch():
-    # Forward: XLA's grouped convolution; backward on CPU: the per-tap matmul formulation.
+@pytest.mark.parametrize("cin,cout,kernel,groups", [
+    (8, 12, 3, 4),    # grouped: per-tap batched-matmul backward on CPU
+    (16, 20, 3, 1),   # enough channels: matmul-per-tap kernel gradient on CPU
+    (3, 16, 7, 1),    # few channels (the stem): XLA's own kernel gradient
+    (16, 24, 1, 1),   # 1x1: a plain matmul
+])
+def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups):
+    # The backward passes written for XLA:CPU give PyTorch's gradients, with odd shapes (5
+    # columns) so that the padded-grid row offsets of the kernel gradient are exercised.
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 6, 5, 8)).astype(np.float32)
-    w = (rng.standard_normal((12, 2, 3, 3)) * 0.3).astype(np.float32)  # 4 groups, OIHW
-    cot = rng.standard_normal((2, 6, 5, 12)).astype(np.float32)
+    x = rng.standard_normal((2, 6, 5, cin)).astype(np.float32)
+    w = (rng.standard_normal((cout, cin // groups, kernel, kernel)) * 0.3).astype(np.float32)
+    cot = rng.standard_normal((2, 6, 5, cout)).astype(np.float32)
     tx = nchw(x).requires_grad_(True)
     tw = torch.from_numpy(w).requires_grad_(True)
-    ty = F.conv2d(tx, tw, padding=1, groups=4)
+    ty = F.conv2d(tx, tw, padding=kernel // 2, groups=groups)
     (ty * nchw(cot)).sum().backward()
-    y, vjp = jax.vjp(lambda a, b: layers.grouped_conv(a, b, 4), jnp.asarray(x),
+    conv = layers.conv2d(cout, kernel, use_bias=False, groups=groups, name="c")
+    y, vjp = jax.vjp(lambda a, b: conv.apply({"params": {"kernel": b}}, a), jnp.asarray(x),
                      jnp.asarray(conv_kernel(tw)))
     gx, gw = vjp(jnp.asarray(cot))
     np.testing.assert_allclose(np.asarray(y), nhwc(ty), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(np.asarray(gx), nhwc(tx.grad), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(np.asarray(gw), conv_kernel(tw.grad), rtol=RTOL, atol=ATOL)
-    # The flax conv2d helper routes grouped convolutions through it.
-    conv = layers.conv2d(12, 3, use_bias=False, groups=4, name="c")
-    out = conv.apply({"params": {"kernel": jnp.asarray(conv_kernel(tw))}}, jnp.asarray(x))
-    np.testing.assert_allclose(np.asarray(out), nhwc(ty), rtol=RTOL, atol=ATOL)
+    if kernel > 1:  # the bare function too
+        _, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), jnp.asarray(x),
+                         jnp.asarray(conv_kernel(tw)))
+        np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cot))[1]), conv_kernel(tw.grad),
+                                   rtol=RTOL, atol=ATOL)
+
+
+def test_matmul_kernel_grad_in_bfloat16_accumulates_in_float32():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((1, 32, 32, 16)), jnp.bfloat16)
+    kernel = jnp.zeros((3, 3, 16, 16), jnp.bfloat16)
+    _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x.astype(jnp.float32), b, 1),
+                     kernel.astype(jnp.float32))
+    (want,) = vjp(g.astype(jnp.float32))
+    got = layers._matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=0.3)
