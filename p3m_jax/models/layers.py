@@ -250,17 +250,23 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     the full-resolution index arrays that reduce-window's gradient builds (about 8 % of a
     ResNet-34 training step at 512x512).
     """
+    best = None
+    for _, _, cand in _window_offsets(x, window, stride):
+        best = cand if best is None else jnp.where(cand > best, cand, best)
+    return best
+
+
+def _window_offsets(x: jax.Array, window: int, stride: int):
+    """Yields ``(dy, dx, values)`` for every offset of a pooling window in row-major order:
+    ``values`` (N, Ho, Wo, C) is the strided slice of ``x`` (already padded) at that offset."""
     n, h, w, c = x.shape
     ho = (h - window) // stride + 1
     wo = (w - window) // stride + 1
-    best = None
     for dy in range(window):
         for dx in range(window):
-            cand = jax.lax.slice(x, (0, dy, dx, 0),
-                                 (n, dy + (ho - 1) * stride + 1, dx + (wo - 1) * stride + 1, c),
-                                 (1, stride, stride, 1))
-            best = cand if best is None else jnp.where(cand > best, cand, best)
-    return best
+            yield dy, dx, jax.lax.slice(
+                x, (0, dy, dx, 0), (n, dy + (ho - 1) * stride + 1, dx + (wo - 1) * stride + 1, c),
+                (1, stride, stride, 1))
 
 
 def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
@@ -277,7 +283,7 @@ def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
       in the (unpadded) input plane. Padding never wins; on ties the first maximum in
       row-major order of the window wins, like PyTorch's CPU and CUDA kernels.
     """
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     ho = (h + 2 * padding - window) // stride + 1
     wo = (w + 2 * padding - window) // stride + 1
     neg = jnp.array(-jnp.inf, x.dtype)
@@ -288,19 +294,15 @@ def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
     best_idx = None
     # One static strided slice per window offset, visited in row-major order: a strict
     # ">" keeps the first maximum, as PyTorch does.
-    for dy in range(window):
-        for dx in range(window):
-            cand = jax.lax.slice(xp, (0, dy, dx, 0),
-                                 (n, dy + (ho - 1) * stride + 1, dx + (wo - 1) * stride + 1, c),
-                                 (1, stride, stride, 1))
-            cand_idx = ((rows + dy) * w + (cols + dx))[None, :, :, None]
-            if best is None:
-                best = cand
-                best_idx = jnp.broadcast_to(cand_idx, cand.shape)
-            else:
-                better = cand > best
-                best = jnp.where(better, cand, best)
-                best_idx = jnp.where(better, cand_idx, best_idx)
+    for dy, dx, cand in _window_offsets(xp, window, stride):
+        cand_idx = ((rows + dy) * w + (cols + dx))[None, :, :, None]
+        if best is None:
+            best = cand
+            best_idx = jnp.broadcast_to(cand_idx, cand.shape)
+        else:
+            better = cand > best
+            best = jnp.where(better, cand, best)
+            best_idx = jnp.where(better, cand_idx, best_idx)
     return best, best_idx.astype(jnp.int32)
 
 
