@@ -97,19 +97,17 @@ def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype):
     return taps.reshape(kernel_shape).astype(kernel_dtype)
 
 
+def _default_same_conv_vjp(groups, x, kernel, g):
+    return jax.vjp(lambda a, b: _lax_same_conv(a, b, groups), x, kernel)[1](g)
+
+
 def _cpu_same_conv_vjp(groups, x, kernel, g):
     if groups > 1:
         return jax.vjp(lambda a, b: _tap_grouped_conv(a, b, groups), x, kernel)[1](g)
-    (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
     if min(kernel.shape[2], kernel.shape[3]) < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
-        (gk,) = jax.vjp(lambda b: _lax_same_conv(x, b, 1), kernel)[1](g)
-    else:
-        gk = _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
-    return gx, gk
-
-
-def _default_same_conv_vjp(groups, x, kernel, g):
-    return jax.vjp(lambda a, b: _lax_same_conv(a, b, groups), x, kernel)[1](g)
+        return _default_same_conv_vjp(1, x, kernel, g)
+    (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
+    return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
