@@ -248,7 +248,10 @@ def test_dbfi_matches_torch(stride):
 
 
 @pytest.mark.parametrize("cin,cout,kernel,groups", [
-    (8, 12, 3, 4),    # grouped: per-tap batched-matmul backward on CPU
+    (12, 8, 3, 4),    # small groups (3 -> 2) on CPU: fused multiply-adds, all taps at once
+    (64, 16, 3, 4),   # small groups (16 -> 4): fused multiply-adds, a loop over the taps
+    (8, 32, 3, 4),    # expanding small groups (2 -> 8): XLA forward, fused input gradient
+    (64, 8, 3, 2),    # wide groups (32 -> 4): XLA forward, input gradient as a grouped conv
     (16, 20, 3, 1),   # enough channels: matmul-per-tap kernel gradient on CPU
     (3, 16, 7, 1),    # few channels (the stem): XLA's own kernel gradient
     (16, 24, 1, 1),   # 1x1: a plain matmul
