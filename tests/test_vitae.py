@@ -133,6 +133,14 @@ def test_global_attention_matches_pytorch_and_chunking_is_exact():
     grads = [jax.grad(lambda q: jnp.sum(global_attention(q, k, v, max_logits_per_chunk=m) ** 2))(q)
              for m in (2 ** 26, 2 * 3 * 37 * 10)]
     np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), atol=1e-5)
+    # Its gradients (a hand-written softmax backward) are PyTorch autograd's.
+    tq, tk, tv = (torch.from_numpy(np.asarray(a)).transpose(1, 2).requires_grad_(True)
+                  for a in (q, k, v))
+    tout = torch.softmax(tq @ tk.transpose(-1, -2) / math.sqrt(8), dim=-1) @ tv
+    (tout ** 2).sum().backward()
+    ours = jax.grad(lambda q, k, v: jnp.sum(global_attention(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(ours, (tq.grad, tk.grad, tv.grad)):
+        np.testing.assert_allclose(np.asarray(got), want.transpose(1, 2).numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_pcm_branch_matches_pytorch():
