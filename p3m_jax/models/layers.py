@@ -214,10 +214,10 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
     - grouped: the input gradient is computed as the grouped convolution it is (flipped taps,
       channels swapped within groups), not by XLA's convolution gradient; convolutions from at
       most 16 channels per group to as many or fewer (ViTAE-S's 16 -> 4 and 4 -> 4, and as
-      input gradients of its 4 -> 16) are `_small_group_conv`'s fused multiply-adds, 5-10x
-      faster than XLA's; the kernel gradient is that of an equivalent per-tap batched-matmul
-      formulation (XLA's was ~100x slower than the forward pass: 1.4 s vs 11 ms for 128 -> 512
-      channels, 32 groups, 64x64);
+      input gradients of its 4 -> 16) are `_small_group_conv`'s fused multiply-adds, 3-5x
+      faster than XLA's with BatchNorm after them; the kernel gradient is that of an
+      equivalent per-tap batched-matmul formulation (XLA's was ~100x slower than the forward
+      pass: 1.4 s vs 11 ms for 128 -> 512 channels, 32 groups, 64x64);
     - ungrouped: XLA's input gradient (as fast as the forward pass) and the kernel gradient as
       one matmul per tap (`_matmul_kernel_grad`; XLA's is 4-10x slower than the forward pass
       at the decoder's full- and half-resolution activations, e.g. 0.9 s vs 0.1 s for
