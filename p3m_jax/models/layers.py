@@ -47,12 +47,17 @@ def _lax_same_conv(x, kernel, groups):
                                         feature_group_count=groups)
 
 
+def _pad_same(x, kh, kw):
+    """Zero-pads the spatial axes of NHWC ``x`` for a stride-1 'same' kh x kw convolution."""
+    return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+
+
 def _tap_grouped_conv(x, kernel, groups):
     """The same grouped 'same' convolution as one batched matmul per kernel tap (used for the
     kernel gradient on CPU: the transpose of this form is XLA:CPU's fastest we measured)."""
     n, h, w, _ = x.shape
     kh, kw, cin_group, cout = kernel.shape
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    xp = _pad_same(x, kh, kw)
     k = kernel.reshape(kh, kw, cin_group, groups, cout // groups)
     out = None
     for dy in range(kh):
@@ -92,7 +97,7 @@ def _small_group_conv(x, kernel, groups):
     kh, kw, cin_group, cout = kernel.shape
     cout_group = cout // groups
     dtype = x.dtype
-    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    xp = _pad_same(x.astype(jnp.float32), kh, kw)
     xp = xp.reshape(n, h + kh - 1, w + kw - 1, groups, cin_group).transpose(0, 1, 2, 4, 3)
     # (tap, channel in, channel out, group)
     k = kernel.astype(jnp.float32).reshape(kh * kw, cin_group, groups, cout_group)
@@ -172,7 +177,7 @@ def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype):
     kh, kw = kernel_shape[0], kernel_shape[1]
     cout = g.shape[-1]
     grid_w = w + kw - 1
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0))).reshape(-1, cin)
+    xp = _pad_same(x, kh, kw).reshape(-1, cin)
     gp = jnp.pad(g, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0))).reshape(-1, cout)
     rows = gp.shape[0]
     xp = jnp.pad(xp, ((0, (kh - 1) * grid_w + kw - 1), (0, 0)))
