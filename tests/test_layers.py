@@ -36,6 +36,25 @@ def test_max_pool_indices_match_torch(window, padding, shape):
     np.testing.assert_array_equal(np.asarray(idx), nhwc(tidx))
 
 
+@pytest.mark.parametrize("window,padding,shape", [(3, 1, (2, 16, 12, 3)), (3, 1, (1, 15, 13, 4)),
+                                                   (2, 0, (1, 9, 14, 5)), (4, 1, (1, 12, 9, 2))])
+def test_max_pool_with_indices_gradient_matches_torch(window, padding, shape):
+    # The stride-2 gradient is assembled from the indices: with many ties (small integers) and
+    # overlapping windows (3x3, 4x4) several windows send their gradient to the same pixel, where
+    # it must add up; odd sizes leave the last row/column outside every window.
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 3, size=shape).astype(np.float32)
+    tx = nchw(x).requires_grad_(True)
+    ty, _ = F.max_pool2d(tx, window, 2, padding, return_indices=True)
+    cot = rng.standard_normal(nhwc(ty).shape).astype(np.float32)
+    (ty * nchw(cot)).sum().backward()
+    (y, idx), vjp = jax.vjp(lambda a: layers.max_pool_with_indices(a, window, 2, padding), jnp.asarray(x))
+    (gx,) = vjp((jnp.asarray(cot), np.zeros(idx.shape, jax.dtypes.float0)))
+    np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
+    np.testing.assert_allclose(np.asarray(gx), nhwc(tx.grad), rtol=1e-6, atol=1e-6)
+    assert np.count_nonzero(nhwc(tx.grad)) < x.size  # pixels that no window chose get nothing
+
+
 def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
     # All-equal negative input: every window ties, and the -inf padding must not be chosen.
     x = np.full((1, 6, 6, 1), -3.0, np.float32)
@@ -253,7 +272,9 @@ def test_dbfi_matches_torch(stride):
     (8, 32, 3, 4),    # expanding small groups (2 -> 8): XLA forward, fused input gradient
     (64, 8, 3, 2),    # wide groups (32 -> 4): XLA forward, input gradient as a grouped conv
     (16, 20, 3, 1),   # enough channels: matmul-per-tap kernel gradient on CPU
-    (3, 16, 7, 1),    # few channels (the stem): XLA's own kernel gradient
+    (3, 16, 7, 1),    # few input channels (the stem): XLA's own kernel gradient
+    (16, 3, 3, 1),    # few output channels (the heads): the stacked-cotangent kernel gradient
+    (24, 1, 5, 1),    # the same, one output channel and a 5x5 kernel
     (16, 24, 1, 1),   # 1x1: a plain matmul
 ])
 def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups):
@@ -281,14 +302,16 @@ def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups):
                                    rtol=RTOL, atol=ATOL)
 
 
-def test_matmul_kernel_grad_in_bfloat16_accumulates_in_float32():
+@pytest.mark.parametrize("kernel_grad,cout", [(layers._matmul_kernel_grad, 16),
+                                               (layers._stacked_cotangent_kernel_grad, 3)])
+def test_kernel_grads_in_bfloat16_accumulate_in_float32(kernel_grad, cout):
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((1, 32, 32, 16)), jnp.bfloat16)
-    g = jnp.asarray(rng.standard_normal((1, 32, 32, 16)), jnp.bfloat16)
-    kernel = jnp.zeros((3, 3, 16, 16), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((1, 32, 32, cout)), jnp.bfloat16)
+    kernel = jnp.zeros((3, 3, 16, cout), jnp.bfloat16)
     _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x.astype(jnp.float32), b, 1),
                      kernel.astype(jnp.float32))
     (want,) = vjp(g.astype(jnp.float32))
-    got = layers._matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
+    got = kernel_grad(x, g, kernel.shape, kernel.dtype)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=1e-2, atol=0.3)
