@@ -166,6 +166,18 @@ def _input_grad_kernel(kernel, groups):
 _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD = 16
 
 
+def _padded_grid_rows(x, g, kernel_shape):
+    """``x`` and the cotangent ``g`` (N, H, W, C) as rows of the zero-padded (H + kh - 1) x
+    (W + kw - 1) grid, ``x`` centred ('same' padding) and ``g`` at the grid's top-left, with the
+    row offset dy * (W + kw - 1) + dx of every kernel tap in row-major order."""
+    w = x.shape[2]
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    grid_w = w + kw - 1
+    xp = _pad_same(x, kh, kw).reshape(-1, x.shape[-1])
+    gp = jnp.pad(g, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0))).reshape(-1, g.shape[-1])
+    return xp, gp, [dy * grid_w + dx for dy in range(kh) for dx in range(kw)]
+
+
 def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype):
     """The kernel gradient of a stride-1 'same' convolution as one matmul per kernel tap.
 
@@ -175,15 +187,10 @@ def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype):
     Rows of ``g`` outside the image are zero, so the slices' wrap-around rows add nothing.
     Products accumulate in float32 whatever the input dtype.
     """
-    n, h, w, cin = x.shape
-    kh, kw = kernel_shape[0], kernel_shape[1]
-    cout = g.shape[-1]
-    grid_w = w + kw - 1
-    xp = _pad_same(x, kh, kw).reshape(-1, cin)
-    gp = jnp.pad(g, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0))).reshape(-1, cout)
+    xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
     rows = gp.shape[0]
-    xp = jnp.pad(xp, ((0, (kh - 1) * grid_w + kw - 1), (0, 0)))
-    starts = jnp.asarray([dy * grid_w + dx for dy in range(kh) for dx in range(kw)], jnp.int32)
+    xp = jnp.pad(xp, ((0, offsets[-1]), (0, 0)))
+    starts = jnp.asarray(offsets, jnp.int32)
 
     # A loop over the taps rather than kh * kw unrolled matmuls: one input slice exists at a
     # time (the unrolled form's slices made the step's temporaries 2x larger) and it is faster.
@@ -207,17 +214,11 @@ def _stacked_cotangent_kernel_grad(x, g, kernel_shape, kernel_dtype):
     Shifted rows that fall before the first row, or into the previous row's or image's padding,
     are zeros of the cotangent. Products accumulate in float32 whatever the input dtype.
     """
-    n, h, w, cin = x.shape
-    kh, kw = kernel_shape[0], kernel_shape[1]
-    cout = g.shape[-1]
-    grid_w = w + kw - 1
-    xp = _pad_same(x, kh, kw).reshape(-1, cin)
-    gp = jnp.pad(g, ((0, 0), (0, kh - 1), (0, kw - 1), (0, 0))).reshape(-1, cout)
-    rows = gp.shape[0]
-    most = (kh - 1) * grid_w + kw - 1
+    kh, kw, cin, cout = kernel_shape
+    xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
+    rows, most = gp.shape[0], offsets[-1]
     gp = jnp.pad(gp, ((most, 0), (0, 0)))
-    shifted = jnp.stack([gp[most - s:most - s + rows] for s in
-                         (dy * grid_w + dx for dy in range(kh) for dx in range(kw))], axis=1)
+    shifted = jnp.stack([gp[most - s:most - s + rows] for s in offsets], axis=1)
     out = jax.lax.dot_general(xp, shifted.reshape(rows, kh * kw * cout), (((0,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
     return out.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3).astype(kernel_dtype)
