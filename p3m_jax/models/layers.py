@@ -511,9 +511,14 @@ def _max_pool_grad_stride2(g, indices, input_size, window, padding):
                     ids = indices[:, 1 - ky:1 - ky + hc, 1 - kx:1 - kx + wc]
                     value = value + jnp.where(ids == target[None, :, :, None], gs, 0)
             classes.append(value)
-    plane = jnp.stack(classes, axis=3).reshape(n, hc, wc, 2, 2, c)
-    plane = plane.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * hc, 2 * wc, c)
-    return plane[:, padding:padding + h, padding:padding + w]
+    return _interleave_2x2(classes)[:, padding:padding + h, padding:padding + w]
+
+
+def _interleave_2x2(quads: list[jax.Array]) -> jax.Array:
+    """(N, 2h, 2w, C) from four (N, h, w, C) arrays, ``quads[2a + b]`` holding pixels (2i + a, 2j + b)."""
+    n, h, w, c = quads[0].shape
+    q = jnp.stack(quads, axis=3).reshape(n, h, w, 2, 2, c)
+    return q.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
 
 
 def _shift_up_left(a: jax.Array, dy: int, dx: int, fill) -> jax.Array:
@@ -543,7 +548,7 @@ def max_unpool_2x2(x: jax.Array, indices: jax.Array, pool_window: int = 2) -> ja
     """
     if pool_window not in (2, 3):
         raise ValueError(f"pool_window must be 2 or 3, got {pool_window}")
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     out_w = 2 * w
     # Window (i, j) of a stride-2 pooling covers rows 2i - p .. 2i - p + k - 1. Output row
     # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1).
@@ -563,9 +568,7 @@ def max_unpool_2x2(x: jax.Array, indices: jax.Array, pool_window: int = 2) -> ja
                     xv, iv = shifted[(dy, dx)]
                     value = jnp.where(iv == target, xv, value)
             quads.append(value)
-    # quads[2a + b] holds output pixels (2i + a, 2j + b): interleave them.
-    q = jnp.stack(quads, axis=3).reshape(n, h, w, 2, 2, c)
-    return q.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
+    return _interleave_2x2(quads)  # quads[2a + b] holds output pixels (2i + a, 2j + b)
 
 
 def _upsample_axis(x: jax.Array, factor: int, axis: int) -> jax.Array:
