@@ -5,7 +5,8 @@
 - `Mlp`: Linear -> exact (erf) GELU -> Linear, PyTorch's ``nn.GELU()`` (not the tanh
   approximation that is Flax's default).
 - `global_attention`: softmax attention over all tokens (what `jax.nn.dot_product_attention`
-  computes, written out so that the backward pass keeps only the probabilities), split into
+  computes, written out with its backward pass so that it keeps only the probabilities and
+  XLA:CPU copies no logits-sized array), split into
   chunks of queries when the full logits would be large, so that a 1088x1600 image (27,200
   tokens in ViTAE's second stage) needs a bounded amount of memory.
 - `DropPath`: stochastic depth (per-sample residual dropping) in training mode.
@@ -77,20 +78,10 @@ def global_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     s = k.shape[1]
     dtype = q.dtype
 
-    scale = 1.0 / math.sqrt(d)
-
     def attend(q_chunk):
-        # float32 logits/softmax whatever the compute dtype (as PyTorch in float32). Written out
-        # rather than through `jax.nn.dot_product_attention`, whose XLA:CPU program made ViTAE-S's
-        # 512x512 train step 1.4 s slower and 0.9 GB larger: it keeps several logits-sized
-        # arrays for the backward pass (`_softmax_last` keeps only the probabilities) and
-        # multiplies the logits by a materialised logits-sized broadcast of the scale. The
-        # 1/sqrt(d) scale goes on the queries instead; for head_dim 64 (every ViTAE-S stage) it
-        # is 1/8, a power of two, so this rounds exactly as scaling the logits does.
-        logits = jnp.einsum("bthd,bshd->bhts", q_chunk.astype(jnp.float32) * scale,
-                            k.astype(jnp.float32))
-        probs = _softmax_last(logits)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v.astype(jnp.float32))
+        # float32 logits/softmax whatever the compute dtype (as PyTorch in float32).
+        out = _softmax_attention(q_chunk.astype(jnp.float32), k.astype(jnp.float32),
+                                 v.astype(jnp.float32))
         return out.astype(dtype)
 
     per_query = b * h * s
@@ -108,24 +99,52 @@ def global_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 @jax.custom_vjp
-def _softmax_last(x):
-    """Softmax over the last axis whose gradient needs only its output (the probabilities)."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    e = jnp.exp(x - m)
-    return e / jnp.sum(e, axis=-1, keepdims=True)
+def _softmax_attention(q, k, v):
+    """``softmax(q k^T / sqrt(d)) v`` for float32 (B, T, heads, d) queries and (B, S, heads, d)
+    keys and values, with a hand-written backward pass.
+
+    Written out rather than through `jax.nn.dot_product_attention`, whose XLA:CPU program made
+    ViTAE-S's 512x512 train step 1.4 s slower and 0.9 GB larger: it keeps several logits-sized
+    arrays for the backward pass (this keeps only the probabilities) and multiplies the logits
+    by a materialised logits-sized broadcast of the scale. The 1/sqrt(d) scale goes on the
+    queries instead; for head_dim 64 (every ViTAE-S stage) it is 1/8, a power of two, so this
+    rounds exactly as scaling the logits does.
+
+    Every matmul is written head-major with the logits-sized operand in the layout XLA's
+    batched dot takes as it is, and the key/value gradients are computed transposed
+    (d x S): autodiff's form contracted the probabilities over their query axis, and XLA:CPU
+    then copied the transposed 4096 x 4096 probabilities and logit gradients (60-70 ms each in
+    ViTAE-S's stage 2 at 512x512). Only the small (tokens x d) arrays are transposed here; the
+    forward pass at 4096 tokens takes 110-130 ms against 230-300 ms before.
+    """
+    return _softmax_attention_fwd(q, k, v)[0]
 
 
-def _softmax_last_fwd(x):
-    p = _softmax_last(x)
-    return p, p
+def _softmax_attention_fwd(q, k, v):
+    scaled_q = q * (1.0 / math.sqrt(q.shape[-1]))
+    logits = jnp.einsum("bhtd,bhds->bhts", scaled_q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1))
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    probs = e / jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bhts,bhsd->bhtd", probs, v.transpose(0, 2, 1, 3))
+    return out.transpose(0, 2, 1, 3), (scaled_q, k, v, probs)
 
 
-def _softmax_last_bwd(p, g):
-    # d softmax: p * (g - <g, p>) along the softmax axis.
-    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+def _softmax_attention_bwd(residuals, g):
+    scaled_q, k, v, probs = residuals
+    g_heads = g.transpose(0, 2, 1, 3)  # (B, heads, T, d)
+    g_probs = jnp.einsum("bhtd,bhds->bhts", g_heads, v.transpose(0, 2, 3, 1))
+    # d softmax: p * (g - <g, p>) along the key axis.
+    g_logits = probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
+    g_q = jnp.einsum("bhts,bhsd->bhtd", g_logits, k.transpose(0, 2, 1, 3))
+    g_q = g_q.transpose(0, 2, 1, 3) * (1.0 / math.sqrt(scaled_q.shape[-1]))
+    # (d, S) = (d, T) @ (T, S): the big operand contracts over its rows, as it is stored.
+    g_k = jnp.einsum("bhdt,bhts->bhds", scaled_q.transpose(0, 2, 3, 1), g_logits)
+    g_v = jnp.einsum("bhdt,bhts->bhds", g.transpose(0, 2, 3, 1), probs)
+    return g_q, g_k.transpose(0, 3, 1, 2), g_v.transpose(0, 3, 1, 2)
 
 
-_softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class DropPath(nn.Module):
