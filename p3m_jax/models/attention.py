@@ -5,8 +5,8 @@
 - `Mlp`: Linear -> exact (erf) GELU -> Linear, PyTorch's ``nn.GELU()`` (not the tanh
   approximation that is Flax's default).
 - `global_attention`: softmax attention over all tokens (what `jax.nn.dot_product_attention`
-  computes, written out with its backward pass so that it keeps only the probabilities and
-  XLA:CPU copies no logits-sized array), split into
+  computes, written out with its backward pass so that it keeps only the probabilities of all
+  the logits-sized arrays and XLA:CPU copies none of them), split into
   chunks of queries when the full logits would be large, so that a 1088x1600 image (27,200
   tokens in ViTAE's second stage) needs a bounded amount of memory.
 - `DropPath`: stochastic depth (per-sample residual dropping) in training mode.
@@ -105,7 +105,7 @@ def _softmax_attention(q, k, v):
 
     Written out rather than through `jax.nn.dot_product_attention`, whose XLA:CPU program made
     ViTAE-S's 512x512 train step 1.4 s slower and 0.9 GB larger: it keeps several logits-sized
-    arrays for the backward pass (this keeps only the probabilities) and multiplies the logits
+    arrays for the backward pass (this keeps only the probabilities, and the output) and multiplies the logits
     by a materialised logits-sized broadcast of the scale. The 1/sqrt(d) scale goes on the
     queries instead; for head_dim 64 (every ViTAE-S stage) it is 1/8, a power of two, so this
     rounds exactly as scaling the logits does.
@@ -116,6 +116,12 @@ def _softmax_attention(q, k, v):
     then copied the transposed 4096 x 4096 probabilities and logit gradients (60-70 ms each in
     ViTAE-S's stage 2 at 512x512). Only the small (tokens x d) arrays are transposed here; the
     forward pass at 4096 tokens takes 110-130 ms against 230-300 ms before.
+
+    The softmax backward's row sums ``sum_s g_probs * probs`` are taken as ``<g, out>`` per
+    query instead (equal, since ``out = probs v`` and ``g_probs = g v^T``; FlashAttention's
+    "D"), from the output kept as a residual: XLA:CPU fused the logits-sized product and its
+    row reduction into the dot that makes ``g_probs``, and that YNNPACK fusion ran 3x slower
+    than its parts (forward + backward at 4096 tokens x 2 heads: 600 -> 360 ms).
     """
     return _softmax_attention_fwd(q, k, v)[0]
 
@@ -127,15 +133,17 @@ def _softmax_attention_fwd(q, k, v):
     e = jnp.exp(logits - m)
     probs = e / jnp.sum(e, axis=-1, keepdims=True)
     out = jnp.einsum("bhts,bhsd->bhtd", probs, v.transpose(0, 2, 1, 3))
-    return out.transpose(0, 2, 1, 3), (scaled_q, k, v, probs)
+    out = out.transpose(0, 2, 1, 3)
+    return out, (scaled_q, k, v, probs, out)
 
 
 def _softmax_attention_bwd(residuals, g):
-    scaled_q, k, v, probs = residuals
+    scaled_q, k, v, probs, out = residuals
     g_heads = g.transpose(0, 2, 1, 3)  # (B, heads, T, d)
     g_probs = jnp.einsum("bhtd,bhds->bhts", g_heads, v.transpose(0, 2, 3, 1))
-    # d softmax: p * (g - <g, p>) along the key axis.
-    g_logits = probs * (g_probs - jnp.sum(g_probs * probs, axis=-1, keepdims=True))
+    # d softmax: p * (g_probs - <g_probs, p>) along the key axis, where <g_probs, p> = <g, out>.
+    row_dot = jnp.sum(g * out, axis=-1).transpose(0, 2, 1)[..., None]  # (B, heads, T, 1)
+    g_logits = probs * (g_probs - row_dot)
     g_q = jnp.einsum("bhts,bhsd->bhtd", g_logits, k.transpose(0, 2, 1, 3))
     g_q = g_q.transpose(0, 2, 1, 3) * (1.0 / math.sqrt(scaled_q.shape[-1]))
     # (d, S) = (d, T) @ (T, S): the big operand contracts over its rows, as it is stored.
