@@ -293,7 +293,7 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
       take 0.14 s, one matmul per tap over the whole image 0.24 s), or, to fewer than 16
       output channels, one matmul against the stacked shifted cotangent
       (`_stacked_cotangent_kernel_grad`, 4-12x faster than XLA's); from fewer than 16 input
-      channels the blocked matmuls with longer blocks (the stems from RGB at 512x512: 7x7 to
+      channels, whatever the output channels, the blocked matmuls with longer blocks (the stems from RGB at 512x512: 7x7 to
       64 channels 275 -> 110 ms, 3x3 to 48 channels 90-140 -> 35-50 ms).
     """
     return _platform_same_conv(x, kernel, groups)
