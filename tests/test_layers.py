@@ -272,7 +272,7 @@ def test_dbfi_matches_torch(stride):
     (8, 32, 3, 4),    # expanding small groups (2 -> 8): XLA forward, fused input gradient
     (64, 8, 3, 2),    # wide groups (32 -> 4): XLA forward, input gradient as a grouped conv
     (16, 20, 3, 1),   # enough channels: blocked-matmul kernel gradient on CPU
-    (3, 16, 7, 1),    # few input channels (the stem): blocked matmuls with longer blocks
+    (3, 16, 7, 1),    # few input channels (the stem): XLA's own kernel gradient
     (16, 3, 3, 1),    # few output channels (the heads): the stacked-cotangent kernel gradient
     (24, 1, 5, 1),    # the same, one output channel and a 5x5 kernel
     (16, 24, 1, 1),   # 1x1: a plain matmul

@@ -159,10 +159,10 @@ def _input_grad_kernel(kernel, groups):
     return k.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout // groups, groups * cin_group)
 
 
-# Below this many output channels (the heads' 64 -> 3 and 64 -> 1) the blocked matmuls are too
-# narrow to pay off: the kernel gradient is one matmul against the stacked shifted cotangent
-# instead (`_stacked_cotangent_kernel_grad`). Below this many input channels (the stems from
-# 3 channels) the blocked matmuls take more rows per block (`_kernel_grad_block_rows`).
+# Below this many input or output channels the blocked matmuls are too narrow to pay off.
+# With few output channels (the heads' 64 -> 3 and 64 -> 1) the kernel gradient is one
+# matmul against the stacked shifted cotangent instead (`_stacked_cotangent_kernel_grad`);
+# with few input channels (the 7x7 stem from 3 channels) XLA:CPU's own is the fastest measured.
 _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD = 16
 
 
@@ -183,18 +183,6 @@ def _padded_grid_rows(x, g, kernel_shape):
 _KERNEL_GRAD_BLOCK_ROWS = 512
 
 
-def _kernel_grad_block_rows(kernel_shape) -> int:
-    """Rows per block of `_matmul_kernel_grad`: `_KERNEL_GRAD_BLOCK_ROWS`, doubled while a block's
-    stacked taps stay within the size of a 64-channel 3x3 block, for convolutions from few input
-    channels: 8192 rows for a 3x3 kernel from 3 channels, 1024 for a 7x7 one. Narrow blocks of 512
-    rows would make many small matmuls."""
-    kh, kw, cin, _ = kernel_shape
-    rows = _KERNEL_GRAD_BLOCK_ROWS
-    while 2 * rows * kh * kw * cin <= _KERNEL_GRAD_BLOCK_ROWS * 9 * 64:
-        rows *= 2
-    return rows
-
-
 def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype, block_rows=_KERNEL_GRAD_BLOCK_ROWS):
     """The kernel gradient of a stride-1 'same' convolution as matmuls over blocks of pixels.
 
@@ -212,7 +200,6 @@ def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype, block_rows=_KERNEL_GRA
     """
     xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
     rows, most = gp.shape[0], offsets[-1]
-    block_rows = min(block_rows, rows)  # one block, unpadded, for a small image
     blocks = -(-rows // block_rows)
     # Zero rows at the end complete the last block (and give its taps their reach).
     gp = jnp.pad(gp, ((0, blocks * block_rows - rows), (0, 0)))
@@ -264,10 +251,9 @@ def _cpu_same_conv_vjp(groups, x, kernel, g):
         (gk,) = jax.vjp(lambda b: _tap_grouped_conv(x, b, groups), kernel)[1](g)
         return gx, gk
     cin, cout = kernel.shape[2], kernel.shape[3]
-    (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
     if cin < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
-        return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype,
-                                       block_rows=_kernel_grad_block_rows(kernel.shape))
+        return _default_same_conv_vjp(1, x, kernel, g)
+    (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
     if cout < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
         return gx, _stacked_cotangent_kernel_grad(x, g, kernel.shape, kernel.dtype)
     return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
@@ -293,8 +279,7 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
       take 0.14 s, one matmul per tap over the whole image 0.24 s), or, to fewer than 16
       output channels, one matmul against the stacked shifted cotangent
       (`_stacked_cotangent_kernel_grad`, 4-12x faster than XLA's); from fewer than 16 input
-      channels, whatever the output channels, the blocked matmuls with longer blocks (the stems from RGB at 512x512: 7x7 to
-      64 channels 275 -> 110 ms, 3x3 to 48 channels 90-140 -> 35-50 ms).
+      channels XLA's own.
     """
     return _platform_same_conv(x, kernel, groups)
 
