@@ -105,10 +105,10 @@ def _softmax_attention(q, k, v):
 
     Written out rather than through `jax.nn.dot_product_attention`, whose XLA:CPU program made
     ViTAE-S's 512x512 train step 1.4 s slower and 0.9 GB larger: it keeps several logits-sized
-    arrays for the backward pass (this keeps only the probabilities, and the output) and multiplies the logits
-    by a materialised logits-sized broadcast of the scale. The 1/sqrt(d) scale goes on the
-    queries instead; for head_dim 64 (every ViTAE-S stage) it is 1/8, a power of two, so this
-    rounds exactly as scaling the logits does.
+    arrays for the backward pass (this keeps only the probabilities, and the output) and
+    multiplies the logits by a materialised logits-sized broadcast of the scale. The 1/sqrt(d)
+    scale goes on the queries instead; for head_dim 64 (every ViTAE-S stage) it is 1/8, a power
+    of two, so this rounds exactly as scaling the logits does.
 
     Every matmul is written head-major with the logits-sized operand in the layout XLA's
     batched dot takes as it is, and the key/value gradients are computed transposed
