@@ -16,8 +16,9 @@ host-side resizing of the outputs back to the image size.
 
 Theirs (`--torch`, needs PyTorch and scikit-image): `inference_img_p3m` from the authors' `core/infer.py`
 (github.com/ViTAE-Transformer/P3M-Net, a checkout given by --authors_repo, imported at run time and never
-vendored) on the same image under `torch.no_grad()`, float32 on the CPU, with their model's forward timed
-separately. Their module imports torchvision only for `transforms.Normalize`; when torchvision is absent a
+vendored) on the same image under `torch.no_grad()`, float32, with their model's forward timed
+separately; on a machine with a GPU their model runs there (their code moves the input to CUDA whenever one is
+present). Their module imports torchvision only for `transforms.Normalize`; when torchvision is absent a
 minimal stand-in is registered. Ours and theirs alternate call by call, so both see the same machine load.
 """
 
@@ -145,6 +146,8 @@ def make_authors(arch: str, authors_repo: str):
     torch.manual_seed(0)
     name = {"resnet34": "r34", "swin_t": "swin", "vitae_s": "vitae"}[arch]
     model = authors_build_model(name, pretrained=False).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)  # their `inference_once` moves its input to CUDA whenever a GPU is there
 
     def predict(image, strategy):
         args = types.SimpleNamespace(test_choice=strategy.upper(), dataset="P3M10K", arch=name)
@@ -153,7 +156,8 @@ def make_authors(arch: str, authors_repo: str):
 
     def forward(x):
         with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None])
+            outputs = model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].float().to(device))
+            return [o.cpu() for o in outputs]  # waits for the device, as their inference does
 
     return predict, forward
 

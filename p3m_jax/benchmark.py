@@ -6,8 +6,8 @@
 
 One row per (arch, dtype): the real `p3m_jax.train.step` train step (P3M loss, Adam, sharded
 over all devices with `make_mesh`), median wall time of ``--repeats`` steps after a warm-up,
-images/s (global and per device), FLOPs per step from XLA's cost analysis of the compiled
-program (per device, as XLA reports it for the partitioned program), the achieved TFLOP/s,
+images/s (global and per device), FLOPs per step from XLA's cost analysis of the step lowered
+for a GPU before optimisation (per device; see `step_flops`), the achieved TFLOP/s,
 MFU against the device's nominal peak (table below; "unknown" elsewhere) and the compiled
 program's memory (``memory_analysis()``: arguments + outputs + temporaries - aliased).
 
@@ -73,6 +73,19 @@ def _flops(compiled) -> float:
     return float((analysis or {}).get("flops", float("nan")))
 
 
+def step_flops(step, abstract_state, abstract_batch, n_devices: int) -> float:
+    """FLOPs per device of one train step: XLA's cost analysis of the step lowered for a GPU,
+    before optimisation and partitioning (global, so divided by the devices).
+
+    Not the compiled program's own analysis: XLA:GPU compiles convolutions to cuDNN custom
+    calls, which its cost analysis counts as nothing (a ResNet-34 step at 512x512, batch 32,
+    reported 0.28 of its 11 TFLOP on an H200), and on the CPU some convolution gradients run as
+    loops over kernel taps (see `layers.same_conv`) whose bodies are counted once. The
+    GPU lowering has every convolution and dot as one plain HLO op, on any backend."""
+    lowered = step.trace(abstract_state, abstract_batch).lower(lowering_platforms=("cuda",))
+    return _flops(lowered) / n_devices
+
+
 def _memory(compiled) -> dict:
     m = compiled.memory_analysis()
     if m is None:
@@ -120,14 +133,7 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
     t0 = time.perf_counter()
     compiled = step.lower(abstract_state, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)
-    if jax.default_backend() == "cpu":
-        # On the CPU some convolution gradients run as loops over kernel taps (see
-        # `layers.same_conv`), whose bodies XLA's cost analysis counts once. Count the FLOPs of
-        # the program other backends run instead: the same step lowered for a GPU, before
-        # partitioning (so global: divided by the devices).
-        lowered = step.trace(abstract_state, abstract_batch).lower(lowering_platforms=("cuda",))
-        flops = _flops(lowered) / n_dev
+    flops = step_flops(step, abstract_state, abstract_batch, n_dev)
     row = {"arch": arch, "dtype": jnp.dtype(dtype).name, "remat": remat, "devices": n_dev,
            "device_kind": jax.devices()[0].device_kind, "global_batch": batch * n_dev,
            "compile_s": compile_s, "flops": flops, "memory": _memory(compiled)}
@@ -156,6 +162,10 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
             state, metrics = compiled(state, device_batch)
             jax.block_until_ready(metrics)
         row["profile"] = top_ops_from_trace(profile_dir)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # GPU/TPU allocators; the CPU reports none
+        row["peak_memory"] = int(stats["peak_bytes_in_use"])
+        row["device_memory"] = int(stats.get("bytes_limit", 0))
     step_s = statistics.median(times)
     row.update(step_s=step_s, loss=float(metrics["loss"]),
                images_per_s=batch * n_dev / step_s, images_per_s_per_device=batch / step_s,
@@ -241,7 +251,7 @@ def _torch_loss(outputs, image, fg, bg, alpha, trimap):
     labels = torch.where(trimap == 0, 0, torch.where(trimap == 255, 2, 1)).long()[:, 0]
     ce = lambda logits: F.cross_entropy(logits, labels)
     l_global = ce(s2) + ce(s1) + ce(s0) + 3 * ce(glob)
-    g = torch.exp(-(torch.arange(5.0) - 2) ** 2)
+    g = torch.exp(-(torch.arange(5.0, device=alpha.device) - 2) ** 2)
     k = (g[:, None] + g[None, :])
     k = (k / k.sum())[None, None]
 
@@ -265,11 +275,22 @@ def _torch_loss(outputs, image, fg, bg, alpha, trimap):
     return l_global / 6 + 2 * l_local + 3 * l_fusion + l_comp
 
 
-def make_torch_step(arch: str, size: int, batch: int, authors_repo: str):
-    """One float32 training step (forward, the section-4 loss, backward, Adam) of the
-    authors' public PyTorch P3M-Net, as a callable returning the loss."""
+def make_torch_step(arch: str, size: int, batch: int, authors_repo: str, device: str = "cpu",
+                    precision: str = "float32"):
+    """One training step (forward, the section-4 loss, backward, Adam) of the authors' public
+    PyTorch P3M-Net, as a callable returning the loss.
+
+    ``device`` is "cpu" or "cuda". ``precision`` "float16" runs the network under
+    ``torch.autocast`` (float16, with a gradient scaler) and the loss in float32, as our
+    bfloat16 step does; "float32" is the authors' own setting. On CUDA, cuDNN picks its
+    algorithms by benchmark (``cudnn.benchmark``), as XLA:GPU autotunes ours."""
     import torch
+    if precision not in ("float32", "float16"):
+        raise ValueError(f"torch precision must be float32 or float16, got {precision!r}")
     core = str(pathlib.Path(authors_repo) / "core")
+    if not pathlib.Path(core, "network").is_dir():
+        raise FileNotFoundError(f"--authors_repo {authors_repo}: no core/network folder (a checkout of "
+                                "github.com/ViTAE-Transformer/P3M-Net is expected)")
     if core not in sys.path:
         sys.path.insert(0, core)
     _install_timm_stand_in()
@@ -279,25 +300,58 @@ def make_torch_step(arch: str, size: int, batch: int, authors_repo: str):
     # XLA:CPU flushes denormals to zero; PyTorch does not by default, and a randomly
     # initialised P3M-Net produces enough of them to slow its CPU kernels several times.
     torch.set_flush_denormal(True)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = authors_build_model(name, pretrained=False, **kwargs).train()
+    model = authors_build_model(name, pretrained=False, **kwargs).train().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    amp = precision == "float16"
+    scaler = torch.amp.GradScaler(device, enabled=amp)
     hb = host_batch(batch, size)
     mean = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None]
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    norm = lambda a: (nchw(a).float() / 255 - mean) / std
+    norm = lambda a: ((nchw(a).float() / 255 - mean) / std).to(device)
     image, fg, bg = norm(hb["image"]), norm(hb["fg"]), norm(hb["bg"])
-    alpha, trimap = nchw(hb["alpha"]).float() / 255, nchw(hb["trimap"]).float()
+    alpha, trimap = (nchw(hb["alpha"]).float() / 255).to(device), nchw(hb["trimap"]).float().to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = _torch_loss(model(image), image, fg, bg, alpha, trimap)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        with torch.autocast(device, dtype=torch.float16, enabled=amp):
+            outputs = model(image)
+        loss = _torch_loss([o.float() for o in outputs], image, fg, bg, alpha, trimap)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return float(loss.detach())  # waits for the device
 
     return step
+
+
+def bench_torch(arch: str, size: int, batch: int, repeats: int, authors_repo: str, device: str,
+                precision: str) -> dict:
+    """Times the authors' step alone (``--torch_only``): median of ``repeats`` after two warm-ups,
+    images/s and, on CUDA, the peak memory PyTorch allocated."""
+    import torch
+    step = make_torch_step(arch, size, batch, authors_repo, device, precision)
+    row = {"arch": arch, "impl": "authors_pytorch", "device": device, "precision": precision,
+           "batch": batch}
+    try:
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        return row
+    row.update(step_s=statistics.median(times), loss=loss,
+               images_per_s=batch / statistics.median(times))
+    if device == "cuda":
+        row["peak_memory"] = int(torch.cuda.max_memory_allocated())
+    return row
 
 
 # ------------------------------------------------------------------ CLI
@@ -321,6 +375,14 @@ def main(argv=None):
                         help="compile only; report compile time, FLOPs and memory")
     parser.add_argument("--torch", action="store_true",
                         help="time the authors' PyTorch train step side by side (float32, CPU)")
+    parser.add_argument("--torch_only", action="store_true",
+                        help="time only the authors' step (no JAX program), on --torch_device at each "
+                        "--torch_precision: on a GPU, run it in its own process so that the two "
+                        "frameworks' allocators do not share the card")
+    parser.add_argument("--torch_device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--torch_precision", nargs="+", default=["float32"],
+                        choices=["float32", "float16"],
+                        help="float16: the authors' network under torch.autocast (loss in float32)")
     parser.add_argument("--authors_repo", default="/tmp/p3m_authors",
                         help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch)")
     parser.add_argument("--profile", default="",
@@ -328,6 +390,8 @@ def main(argv=None):
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
+    if args.torch_only:
+        return _main_torch_only(args)
     from p3m_jax.train.mesh import initialize_distributed_if_needed
     initialize_distributed_if_needed()
     dev = jax.devices()[0]
@@ -347,7 +411,8 @@ def main(argv=None):
             if args.torch and not args.memory_only:
                 if arch not in torch_cache:
                     torch_cache[arch] = make_torch_step(arch, args.size, args.batch,
-                                                        args.authors_repo)
+                                                        args.authors_repo, args.torch_device,
+                                                        args.torch_precision[0])
                 other = torch_cache[arch]
             r = bench_jax(arch, dtype, args.size, args.batch, args.repeats, args.remat,
                           args.param_sharding, args.memory_only,
@@ -370,6 +435,31 @@ def main(argv=None):
                 flush=True)
             for op, sec in r.get("profile", []):
                 print(f"#   {op:40s} {sec:8.3f}s")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return rows
+
+
+def _main_torch_only(args):
+    import torch
+    name = torch.cuda.get_device_name() if args.torch_device == "cuda" else "cpu"
+    print(f"# authors' PyTorch {torch.__version__} on {name}, {args.size}x{args.size}, batch "
+          f"{args.batch}, median of {args.repeats}", flush=True)
+    print("arch | precision | step | img/s | peak memory", flush=True)
+    rows = []
+    for arch in args.arch:
+        for precision in args.torch_precision:
+            r = bench_torch(arch, args.size, args.batch, args.repeats, args.authors_repo,
+                            args.torch_device, precision)
+            rows.append(r)
+            if "error" in r:
+                print(f"{arch} | {precision} | {r['error']}", flush=True)
+            else:
+                print(f"{arch} | {precision} | {r['step_s']:.4f}s | {r['images_per_s']:.2f} | "
+                      f"{_fmt_bytes(r.get('peak_memory'))}", flush=True)
+            if args.torch_device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return rows
