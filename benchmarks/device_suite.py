@@ -11,7 +11,8 @@ short still leaves what finished. The last thing printed is one table of the tra
 Jobs, in this order (`--jobs` picks some; `--arch` the variants and their order):
   env       GPU name and memory; jax, flax, optax and torch versions
   train     `p3m_jax.benchmark` per variant: 512x512, per-device batch --batch, bfloat16 (then --batch / 2 if
-            that runs out of memory). When the first variant fails for another reason, the suite stops.
+            that runs out of memory), and the time per op of one more step under the profiler. When the
+            first variant fails for another reason, the suite stops.
   torch     the authors' step alone (`p3m_jax.benchmark --torch_only`), same size and batch, float32 and
             autocast float16, after each variant's own
   predict   `benchmarks/bench_predict.py`, HYBRID at 1080x1620: bfloat16 with the authors' (float32) beside
@@ -92,6 +93,7 @@ class Suite:
         # The table lines and the error's last lines; the whole output is in suite.log.
         lines = text.splitlines()
         keep = [ln for ln in lines if "|" in ln or ln.startswith(("#", "machine", "GPU", "jax", "name"))]
+        keep = [ln for ln in keep if "cuda_timer" not in ln]  # the autotuner's timing warnings
         print("\n".join(keep if ok else keep + lines[-15:]), flush=True)
         self.status.append((name, f"{'ok' if ok else 'FAILED (' + str(code) + ')'} in {seconds:.0f}s"))
         if ok and json_path and pathlib.Path(json_path).exists():
@@ -144,13 +146,15 @@ def main() -> int:
                       "\"flax\", flax.__version__, \"optax\", optax.__version__, \"torch\", torch.__version__, "
                       "jax.devices())'"], 60, min_left=5)
 
-    def train(arch, dtype, batches):
-        """The first batch of `batches` that runs; a failure other than running out of memory is final."""
+    def train(arch, dtype, batches, profile=False):
+        """The first batch of `batches` that runs; a failure other than running out of memory is final.
+        With `profile`, one more step runs under the profiler and the time per op is printed."""
         for batch in batches:
             path = scratch / f"train_{arch}_{dtype}_{batch}.json"
+            extra = ["--profile", str(scratch / "profile")] if profile else []
             if suite.run(f"train {arch} {dtype} b{batch}", bench + [
                     "--arch", arch, "--batch", str(batch), "--dtype", dtype, "--repeats", "10",
-                    "--json", str(path)], args.train_limit, ours_env, path):
+                    "--json", str(path)] + extra, args.train_limit, ours_env, path):
                 return batch
             if not suite.out_of_memory:
                 return None
@@ -166,7 +170,7 @@ def main() -> int:
     fitted = {arch: args.batch for arch in args.arch}
     for arch in args.arch:
         if "train" in jobs:
-            fitted[arch] = train(arch, "bfloat16", (args.batch, args.batch // 2))
+            fitted[arch] = train(arch, "bfloat16", (args.batch, args.batch // 2), profile=True)
             if arch == args.arch[0] and not fitted[arch] and not suite.timed_out:
                 print("our first train step failed: stopping (see suite.log)", flush=True)
                 return 1
