@@ -123,6 +123,10 @@ def main() -> int:
                         help="XLA:GPU's per-fusion autotuning results go here, packed into "
                         "OUT/xla_autotune.tgz after every job; a .devrun/xla_autotune.tgz carried from an "
                         "earlier lease is unpacked here first ('' for none)")
+    parser.add_argument("--xla_flags", default="",
+                        help="more XLA_FLAGS for our processes, for an A/B against a plain run, e.g. "
+                        "--xla_flags=--xla_gpu_enable_triton_gemm=false (the flags are tried first; compare "
+                        "compile times with --autotune_cache '' on both sides)")
     parser.add_argument("--train_limit", type=float, default=330,
                         help="seconds per train-step job; XLA:GPU compiles and autotunes for minutes")
     args = parser.parse_args()
@@ -137,6 +141,13 @@ def main() -> int:
     if autotune:
         ours_env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + autotune).strip()
         suite.after_each_job = lambda: pack_autotune_cache(args.autotune_cache, out / "xla_autotune.tgz")
+    if args.xla_flags:
+        flags = (ours_env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")) + " " + args.xla_flags).strip()
+        if not xla_flags_accepted(flags, py):
+            print(f"this XLA refuses XLA_FLAGS={flags!r}: stopping", flush=True)
+            return 1
+        ours_env["XLA_FLAGS"] = flags
+        print(f"# our processes run with XLA_FLAGS={flags}", flush=True)
     bench = [py, "-m", "p3m_jax.benchmark", "--size", str(args.size)]
     height, width = args.predict_size.split("x")
     jobs = set(args.jobs)
@@ -215,13 +226,17 @@ def use_autotune_cache(folder: str, python: str) -> str:
             archive.extractall(folder, filter="data")
         print(f"# autotuning cache: {len(list(pathlib.Path(folder).iterdir()))} entries from {carried}", flush=True)
     flag = f"--xla_gpu_per_fusion_autotune_cache_dir={folder}"
-    probe = subprocess.run([python, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
-                           env={**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()},
-                           capture_output=True, text=True, timeout=120)
-    if probe.returncode != 0:
+    if not xla_flags_accepted((os.environ.get("XLA_FLAGS", "") + " " + flag).strip(), python):
         print(f"# autotuning cache off: this XLA refused {flag}", flush=True)
         return ""
     return flag
+
+
+def xla_flags_accepted(flags: str, python: str) -> bool:
+    """Whether a process starts with XLA_FLAGS=`flags` (XLA aborts on a flag it does not know)."""
+    probe = subprocess.run([python, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
+                           env={**os.environ, "XLA_FLAGS": flags}, capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0
 
 
 def pack_autotune_cache(folder: str, archive: pathlib.Path) -> None:
