@@ -3,6 +3,8 @@
     python -m p3m_jax.benchmark --arch resnet34 swin_t vitae_s --size 512 --batch 8 \
         --dtype float32 bfloat16 [--remat] [--param_sharding fsdp] \
         [--torch --authors_repo /tmp/p3m_authors] [--memory_only] [--profile DIR]
+    python -m p3m_jax.benchmark --torch_only --torch_device cuda --torch_precision float32 float16 \
+        --arch resnet34 --size 512 --batch 32 --authors_repo DIR
 
 One row per (arch, dtype): the real `p3m_jax.train.step` train step (P3M loss, Adam, sharded
 over all devices with `make_mesh`), median wall time of ``--repeats`` steps after a warm-up,
@@ -16,10 +18,13 @@ memory a per-device batch needs, e.g. ``--batch 32 --memory_only`` on a CPU.
 
 ``--torch`` times the authors' public PyTorch train step (their model from ``--authors_repo``,
 a checkout of github.com/ViTAE-Transformer/P3M-Net imported at run time, never vendored; the
-same losses written in PyTorch, Adam) on the same size and batch, float32 on the CPU,
-alternating with our steps so both see the same machine load, and prints ours/theirs (the
-PyTorch model's per-device batch; one device). The authors' code imports three helpers from ``timm`` (and torchvision in
-a utility module); when those are not installed minimal stand-in modules are registered.
+same losses written in PyTorch, Adam) on the same size and batch, float32 on the CPU by
+default, alternating with our steps so both see the same machine load, and prints ours/theirs
+(the PyTorch model's per-device batch; one device). ``--torch_only`` times only theirs, on
+``--torch_device`` at each ``--torch_precision`` (float16: autocast, loss in float32): on a GPU,
+run it in a process of its own, so that the two frameworks' allocators do not share the card.
+The authors' code imports three helpers from ``timm`` (and torchvision in a utility module);
+when those are not installed minimal stand-in modules are registered.
 """
 
 from __future__ import annotations
@@ -378,7 +383,8 @@ def main(argv=None):
     parser.add_argument("--memory_only", action="store_true",
                         help="compile only; report compile time, FLOPs and memory")
     parser.add_argument("--torch", action="store_true",
-                        help="time the authors' PyTorch train step side by side (float32, CPU)")
+                        help="time the authors' PyTorch train step side by side, interleaved with ours "
+                        "(on --torch_device at the first --torch_precision; float32 on the CPU by default)")
     parser.add_argument("--torch_only", action="store_true",
                         help="time only the authors' step (no JAX program), on --torch_device at each "
                         "--torch_precision: on a GPU, run it in its own process so that the two "
