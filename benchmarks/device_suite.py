@@ -51,6 +51,8 @@ JOBS = ("train", "torch", "predict", "evaluate", "fp32", "bigger")
 
 
 class Suite:
+    """Runs jobs one after another within a deadline, logging each and saving the rows so far."""
+
     def __init__(self, out: pathlib.Path, budget: float):
         self.out, self.deadline = out, time.monotonic() + budget
         self.log = out / "suite.log"
