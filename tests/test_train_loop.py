@@ -230,6 +230,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(da
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output[-3000:]
+    assert "compiling the train step on the first batch" in output  # said before the first step's wait
     assert "SIGTERM: saved step" in output
     saved = int(output.split("SIGTERM: saved step ")[1].split(";")[0])
     assert saved >= 2
