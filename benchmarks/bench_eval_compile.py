@@ -24,19 +24,23 @@ import numpy as np  # noqa: E402
 
 
 def synthetic_examples(count: int, n_sizes: int, seed: int = 0):
-    from tfds_p3m10k import synthetic
-
     rng = np.random.default_rng(seed)
     sizes = sorted({(int(h), int(w)) for h, w in rng.integers(96, 289, (n_sizes * 4, 2))})
     sizes = [sizes[i] for i in rng.choice(len(sizes), n_sizes, replace=False)]
     examples = []
     for i in range(count):
         height, width = sizes[i % n_sizes]
-        portrait = synthetic.render_portrait(seed + i, height, width)
-        examples.append({"name": f"synthetic_{i:03d}_{height}x{width}", "image": portrait.image,
-                         "alpha": portrait.alpha, "trimap": portrait.trimap, "facemask": portrait.facemask,
-                         "has_facemask": True})
+        examples.append(portrait_example(seed + i, height, width, f"synthetic_{i:03d}_{height}x{width}"))
     return examples, sizes
+
+
+def portrait_example(seed: int, height: int, width: int, name: str) -> dict:
+    """One rendered synthetic portrait in the layout `p3m_jax.evaluate.evaluate` reads."""
+    from tfds_p3m10k import synthetic
+
+    portrait = synthetic.render_portrait(seed, height, width)
+    return {"name": name, "image": portrait.image, "alpha": portrait.alpha, "trimap": portrait.trimap,
+            "facemask": portrait.facemask, "has_facemask": True}
 
 
 def main():

@@ -27,14 +27,9 @@ MAIN_METRICS = ("SAD", "MSE", "MAD", "GRAD", "CONN")
 
 def synthetic_split(count: int, height: int, width: int, seed: int = 0) -> list[dict]:
     """`count` rendered portraits in the evaluation example layout."""
-    from tfds_p3m10k import synthetic
+    from bench_eval_compile import portrait_example  # this folder's script, the same example layout
 
-    examples = []
-    for i in range(count):
-        portrait = synthetic.render_portrait(seed + i, height, width)
-        examples.append({"name": f"synthetic_{i:03d}", "image": portrait.image, "alpha": portrait.alpha,
-                         "trimap": portrait.trimap, "facemask": portrait.facemask, "has_facemask": True})
-    return examples
+    return [portrait_example(seed + i, height, width, f"synthetic_{i:03d}") for i in range(count)]
 
 
 def main(argv=None) -> int:

@@ -139,12 +139,13 @@ def main() -> int:
     suite = Suite(out, args.budget)
     py = sys.executable
     ours_env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"}
-    autotune = use_autotune_cache(args.autotune_cache, py)
-    if autotune:
-        ours_env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + autotune).strip()
+    autotune = ""
+    if use_autotune_cache(args.autotune_cache, py):
+        autotune = autotune_flag(args.autotune_cache)
+        ours_env["XLA_FLAGS"] = with_xla_flags(autotune)
         suite.after_each_job = lambda: pack_autotune_cache(args.autotune_cache, out / "xla_autotune.tgz")
     if args.xla_flags:
-        flags = (ours_env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")) + " " + args.xla_flags).strip()
+        flags = with_xla_flags(autotune, args.xla_flags)
         if not xla_flags_accepted(flags, py):
             print(f"this XLA refuses XLA_FLAGS={flags!r}: stopping", flush=True)
             return 1
@@ -215,23 +216,31 @@ def main() -> int:
     return 0
 
 
-def use_autotune_cache(folder: str, python: str) -> str:
-    """The XLA flag that keeps XLA:GPU's autotuning results in `folder` (filled from a carried
-    .devrun/xla_autotune.tgz when there is one), or "" when not wanted or when this XLA does not
-    know the flag (an unknown flag in XLA_FLAGS aborts the process, so it is tried first)."""
+def autotune_flag(folder: str) -> str:
+    return f"--xla_gpu_per_fusion_autotune_cache_dir={folder}"
+
+
+def with_xla_flags(*flags: str) -> str:
+    """The environment's XLA_FLAGS followed by `flags` (each may be empty or hold several)."""
+    return " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), *flags) if f)
+
+
+def use_autotune_cache(folder: str, python: str) -> bool:
+    """Whether to keep XLA:GPU's autotuning results in `folder` (filled from a carried
+    .devrun/xla_autotune.tgz when there is one): not when `folder` is '', nor when this XLA does
+    not know the flag (an unknown flag in XLA_FLAGS aborts the process, so it is tried first)."""
     if not folder:
-        return ""
+        return False
     pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
     carried = REPO / ".devrun/xla_autotune.tgz"
     if carried.exists():
         with tarfile.open(carried) as archive:
             archive.extractall(folder, filter="data")
         print(f"# autotuning cache: {len(list(pathlib.Path(folder).iterdir()))} entries from {carried}", flush=True)
-    flag = f"--xla_gpu_per_fusion_autotune_cache_dir={folder}"
-    if not xla_flags_accepted((os.environ.get("XLA_FLAGS", "") + " " + flag).strip(), python):
-        print(f"# autotuning cache off: this XLA refused {flag}", flush=True)
-        return ""
-    return flag
+    if not xla_flags_accepted(with_xla_flags(autotune_flag(folder)), python):
+        print(f"# autotuning cache off: this XLA refused {autotune_flag(folder)}", flush=True)
+        return False
+    return True
 
 
 def xla_flags_accepted(flags: str, python: str) -> bool:
