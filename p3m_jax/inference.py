@@ -108,12 +108,14 @@ class NetworkRunner:
         """The (height, width) the network runs at for an input of (height, width)."""
         return bucket_shape(height, width, self.bucket) if self.bucket is not None else (height, width)
 
-    def prepare(self, requests) -> None:
-        """Compiles the network ahead of use for these ((height, width), outputs) requests, all at once (in
-        parallel), when the predictor can (`Predictor.compile_programs`); otherwise does nothing."""
+    def prepare(self, requests, *, wait: bool = True) -> None:
+        """Compiles the network ahead of use for these ((height, width), outputs) requests, in that order,
+        when the predictor can (`Predictor.compile_programs`); otherwise does nothing. With ``wait=False``
+        the compilations go on in the background while the caller runs what is ready."""
         compile_programs = getattr(self.predictor, "compile_programs", None)
         if compile_programs is not None:
-            compile_programs([((1,) + self.network_shape(h, w) + (3,), outputs) for (h, w), outputs in requests])
+            compile_programs([((1,) + self.network_shape(h, w) + (3,), outputs) for (h, w), outputs in requests],
+                             wait=wait)
 
     def pad(self, x: np.ndarray) -> np.ndarray:
         """`x` (H, W, C) padded (symmetric reflection) to `network_shape`; `x` itself when exact."""
@@ -174,9 +176,10 @@ def predict_hybrid(predictor, image: np.ndarray) -> np.ndarray:
     runner = _as_runner(predictor)
     size = image.shape[:2]
     # HYBRID uses `global` of the half-size pass and `local` of the full-size one: each pass computes only
-    # that (the other branch's last blocks are skipped), and both programs compile together.
+    # that (the other branch's last blocks are skipped). The full-size program compiles in the background
+    # while the half-size pass and the host-side resizing run (a shorter first image of each size).
     runner.prepare([(protocol_size(*size, GLOBAL_RATIO), ("global",)),
-                    (protocol_size(*size, LOCAL_RATIO), ("local",))])
+                    (protocol_size(*size, LOCAL_RATIO), ("local",))], wait=False)
     global_out = runner(_network_input(image01, GLOBAL_RATIO), outputs=("global",))
     trimap = trimap_from_logits(global_out["global"]).astype(np.float64) / 255.0  # img_as_float of uint8
     trimap = resize_like_skimage(trimap, size) * 255.0

@@ -115,6 +115,36 @@ def test_strategies_run_a_real_random_model():
         inference.predict_alpha(predictor, image[..., 0], "resize")
 
 
+def test_background_compilation_is_joined_by_forward_and_its_errors_reach_the_caller(monkeypatch):
+    from p3m_jax import predictor as predictor_lib
+
+    predictor = predictor_lib.Predictor.random("resnet34")
+    shape = (1, 64, 160, 3)  # a shape no other test compiles: the programs are shared process-wide
+    x = np.random.default_rng(7).normal(size=shape).astype(np.float32)
+    built = []
+    program = predictor._program
+
+    def recording_program(names):
+        built.append(names)
+        if names == ("side0",):
+            raise RuntimeError("compilation failed")
+        return program(names)
+
+    monkeypatch.setattr(predictor, "_program", recording_program)
+    requests = [(shape, ("global",)), (shape, ("local",))]
+    predictor.compile_programs(requests, wait=False)
+    predictor.compile_programs(requests, wait=False)  # already queued: compiled once
+    local = predictor.forward(x, outputs=("local",))["local"]  # waits for its program
+    predictor.forward(x, outputs=("global",))
+    assert built == [("global",), ("local",)]  # in the order asked, each once
+    assert not [k for k in predictor_lib._PENDING if k[-2] == shape]
+    np.testing.assert_allclose(local, predictor.forward(x)["local"], rtol=1e-5, atol=1e-6)
+    # A background compilation that fails says so to whoever needs its program.
+    predictor.compile_programs([(shape, ("side0",))], wait=False)
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        predictor.forward(x, outputs=("side0",))
+
+
 def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
     from p3m_jax import predictor as predictor_lib
 
