@@ -46,7 +46,8 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 
 def clear_compiled_programs() -> None:
     """Drops the forward programs this process has compiled (memory); they are compiled again, or read
-    from JAX's persistent compilation cache when it is on, at their next use."""
+    from JAX's persistent compilation cache when it is on, at their next use. A program still compiling
+    in the background is kept when it finishes."""
     with _EXECUTABLES_LOCK:
         _EXECUTABLES.clear()
 
