@@ -88,7 +88,14 @@ def test_max_unpool_matches_torch_including_overlaps(window, padding):
     _, idx = F.max_pool2d(nchw(x), window, 2, padding, return_indices=True)
     values = torch.from_numpy(rng.standard_normal(idx.shape).astype(np.float32))
     expected = F.max_unpool2d(values, idx, kernel_size=2, stride=2)
-    got = layers.max_unpool_2x2(jnp.asarray(nhwc(values)), jnp.asarray(nhwc(idx)), window)
+    # PyTorch's flat indices as the window offsets that max_pool_with_argmax returns.
+    rows, cols = np.divmod(nhwc(idx), 16)
+    pooled_rows = np.arange(8)[None, :, None, None] * 2 - padding
+    pooled_cols = np.arange(8)[None, None, :, None] * 2 - padding
+    argmax = (rows - pooled_rows) * window + (cols - pooled_cols)
+    _, ours = layers.max_pool_with_argmax(jnp.asarray(x), window, 2, padding)
+    np.testing.assert_array_equal(np.asarray(ours), argmax)
+    got = layers.max_unpool_2x2(jnp.asarray(nhwc(values)), jnp.asarray(argmax, jnp.int32), window)
     assert got.shape == (2, 16, 16, 4)
     np.testing.assert_array_equal(np.asarray(got), nhwc(expected))
     # The case under test really occurs: some positions are chosen by several windows.

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from p3m_jax.models import build_model, init_variables  # noqa: E402
+from p3m_jax.models.layers import argmax_to_indices  # noqa: E402
 from p3m_jax.models.swin import (PoolingPatchMerging, StemPoolingPatchEmbed,  # noqa: E402
                                  SwinBlock, window_attention_mask)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
@@ -133,7 +134,8 @@ def test_pooling_patch_merging_matches_pytorch():
     pooled, tidx = F.max_pool2d(tf, 2, 2, return_indices=True)
     tmerged = torch_linear(pooled.permute(0, 2, 3, 1), p["linear"])
     np.testing.assert_allclose(np.asarray(feat), tf.permute(0, 2, 3, 1).numpy(), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(idx), tidx.permute(0, 2, 3, 1).numpy())
+    flat = argmax_to_indices(idx, 2, 2, 0, x.shape[2])
+    np.testing.assert_array_equal(np.asarray(flat), tidx.permute(0, 2, 3, 1).numpy())
     np.testing.assert_allclose(np.asarray(merged), tmerged.numpy(), atol=1e-5)
     assert "bias" not in params["linear"]
 
@@ -160,8 +162,8 @@ def test_stem_matches_pytorch(relu_last):
     np.testing.assert_allclose(np.asarray(tokens), y.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats[0]), nhwc(f0), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats[1]), nhwc(f1), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(idxs[0]), nhwc(i0))
-    np.testing.assert_array_equal(np.asarray(idxs[1]), nhwc(i1))
+    np.testing.assert_array_equal(np.asarray(argmax_to_indices(idxs[0], 2, 2, 0, x.shape[2])), nhwc(i0))
+    np.testing.assert_array_equal(np.asarray(argmax_to_indices(idxs[1], 2, 2, 0, x.shape[2] // 2)), nhwc(i1))
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -14,7 +14,7 @@ import numpy as np
 import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath
-from p3m_jax.models.layers import BatchNorm, conv2d, max_pool_with_indices, max_unpool_2x2, \
+from p3m_jax.models.layers import BatchNorm, conv2d, max_pool_with_argmax, max_unpool_2x2, \
     upsample_bilinear
 
 
@@ -29,7 +29,7 @@ class TinyP3M(nn.Module):
         x = x.astype(self.dtype)
         h = nn.relu(BatchNorm(dtype=self.dtype, name="bn0")(
             conv2d(8, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train))
-        p, idx = max_pool_with_indices(h, 2, 2, 0)
+        p, idx = max_pool_with_argmax(h, 2, 2, 0)
         g = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(
             conv2d(8, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train))
         g = p + DropPath(self.drop_path, name="drop")(g, train)

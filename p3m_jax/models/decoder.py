@@ -29,8 +29,9 @@ class EncoderOutput(NamedTuple):
     deep: the deepest feature, at 1/32 of the input size.
     features: 5 skip features at 1, 1/2, 1/4, 1/8, 1/16 of the input size; ``features[0]`` is
       the stem feature used by sBFI.
-    indices: 5 max-pooling index maps; ``indices[k]`` maps level k+1 (size 1/2^(k+1)) back to
-      level k, for `max_unpool_2x2`.
+    indices: 5 max-pooling argmax maps (`max_pool_with_argmax`: the winner's offset inside its
+      window, int32); ``indices[k]`` maps level k+1 (size 1/2^(k+1)) back to level k, for
+      `max_unpool_2x2`.
     """
 
     deep: jax.Array

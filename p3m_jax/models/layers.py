@@ -2,7 +2,7 @@
 
 Everything here is NHWC. The layers reproduce what the authors' PyTorch model computes
 (so the released weights give the same outputs) while staying friendly to TPUs: the
-max-pooling indices and the max-unpooling are written with static slices, compares and
+max-pooling argmax and the max-unpooling are written with static slices, compares and
 selects only, never with a scatter or a gather.
 
 Conventions shared by the whole `models` package:
@@ -418,82 +418,101 @@ def _window_offsets(x: jax.Array, window: int, stride: int):
                 (1, stride, stride, 1))
 
 
-def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
-                          ) -> tuple[jax.Array, jax.Array]:
-    """Max-pooling that also returns PyTorch's argmax indices.
+def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Max-pooling that also says where in each window the maximum was.
 
     Args:
       x: (N, H, W, C).
-      window, stride, padding: as PyTorch's ``MaxPool2d(window, stride, padding,
-        return_indices=True)`` (floor mode).
+      window, stride, padding: as PyTorch's ``MaxPool2d(window, stride, padding)`` (floor mode).
 
     Returns:
-      ``(pooled, indices)``, both (N, Ho, Wo, C); indices are int32 flat positions ``y * W + x``
-      in the (unpadded) input plane. Padding never wins; on ties the first maximum in
-      row-major order of the window wins, like PyTorch's CPU and CUDA kernels.
+      ``(pooled, argmax)``, both (N, Ho, Wo, C). ``argmax`` holds the winner's offset inside its
+      window, ``dy * window + dx`` (int32; `argmax_to_indices` turns it into PyTorch's flat
+      indices). Padding never wins; on ties the first maximum in row-major order of the window
+      wins, like PyTorch's CPU and CUDA kernels.
+
+    The encoders hand ``argmax`` to `max_unpool_2x2` rather than flat indices: unpooling and the
+    pooling gradient then compare it with constants instead of with a map of flat positions
+    built from iotas (ResNet-34's first 512x512 pooling and its unpooling, forward and
+    backward, on this 2-core CPU: 214-230 ms with flat indices, 140-143 ms with offsets).
 
     The gradient goes to each window's argmax, as PyTorch's. For stride 2 (every pooling in the
-    three encoders) it is computed from the indices (`_max_pool_grad_stride2`) rather than by
+    three encoders) it is assembled from ``argmax`` (`_max_pool_grad_stride2`) rather than by
     differentiating the comparisons: in ResNet-34's 512x512 CPU train step, the fused backward
-    of its first pooling took 0.18 s that way and 0.05 s now.
+    of its first pooling took 0.18 s that way and 0.05 s with indices.
     """
     if stride == 2 and window <= 4:
-        return _max_pool_with_indices_stride2(x, window, padding, x.shape[1:3])
-    return _max_pool_with_indices(x, window, stride, padding)
+        return _max_pool_with_argmax_stride2(x, window, padding, x.shape[1:3])
+    return _max_pool_with_argmax(x, window, stride, padding)
 
 
-def _max_pool_with_indices(x, window, stride, padding):
-    _, h, w, _ = x.shape
-    ho = (h + 2 * padding - window) // stride + 1
-    wo = (w + 2 * padding - window) // stride + 1
+def argmax_to_indices(argmax: jax.Array, window: int, stride: int, padding: int,
+                      input_width: int) -> jax.Array:
+    """PyTorch's flat indices ``y * W + x`` (int32, into the unpadded input plane of width
+    ``input_width``) from the window offsets of `max_pool_with_argmax`."""
+    _, ho, wo, _ = argmax.shape
+    code = argmax.astype(jnp.int32)
+    rows = jnp.arange(ho, dtype=jnp.int32)[None, :, None, None] * stride - padding + code // window
+    cols = jnp.arange(wo, dtype=jnp.int32)[None, None, :, None] * stride - padding + code % window
+    return rows * input_width + cols
+
+
+def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
+                          ) -> tuple[jax.Array, jax.Array]:
+    """`max_pool_with_argmax` with PyTorch's ``return_indices=True`` output: int32 flat positions
+    ``y * W + x`` in the (unpadded) input plane instead of offsets inside the window."""
+    pooled, argmax = max_pool_with_argmax(x, window, stride, padding)
+    return pooled, argmax_to_indices(argmax, window, stride, padding, x.shape[2])
+
+
+def _max_pool_with_argmax(x, window, stride, padding):
     neg = jnp.array(-jnp.inf, x.dtype)
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=neg)
-    rows = jnp.arange(ho, dtype=jnp.int32)[:, None] * stride - padding
-    cols = jnp.arange(wo, dtype=jnp.int32)[None, :] * stride - padding
     best = None
-    best_idx = None
+    best_code = None
     # One static strided slice per window offset, visited in row-major order: a strict
     # ">" keeps the first maximum, as PyTorch does.
     for dy, dx, cand in _window_offsets(xp, window, stride):
-        cand_idx = ((rows + dy) * w + (cols + dx))[None, :, :, None]
         if best is None:
             best = cand
-            best_idx = jnp.broadcast_to(cand_idx, cand.shape)
+            best_code = jnp.zeros(cand.shape, jnp.int32)
         else:
             better = cand > best
             best = jnp.where(better, cand, best)
-            best_idx = jnp.where(better, cand_idx, best_idx)
-    return best, best_idx.astype(jnp.int32)
+            best_code = jnp.where(better, jnp.int32(dy * window + dx), best_code)
+    return best, best_code
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_with_indices_stride2(x, window, padding, input_size):
+def _max_pool_with_argmax_stride2(x, window, padding, input_size):
     del input_size  # (H, W) of x, for the backward pass
-    return _max_pool_with_indices(x, window, 2, padding)
+    return _max_pool_with_argmax(x, window, 2, padding)
 
 
 def _max_pool_stride2_fwd(x, window, padding, input_size):
     del input_size
-    pooled, indices = _max_pool_with_indices(x, window, 2, padding)
-    return (pooled, indices), indices
+    pooled, argmax = _max_pool_with_argmax(x, window, 2, padding)
+    return (pooled, argmax), argmax
 
 
-def _max_pool_stride2_bwd(window, padding, input_size, indices, cotangents):
-    return (_max_pool_grad_stride2(cotangents[0], indices, input_size, window, padding),)
+def _max_pool_stride2_bwd(window, padding, input_size, argmax, cotangents):
+    return (_max_pool_grad_stride2(cotangents[0], argmax, input_size, window, padding),)
 
 
-_max_pool_with_indices_stride2.defvjp(_max_pool_stride2_fwd, _max_pool_stride2_bwd)
+_max_pool_with_argmax_stride2.defvjp(_max_pool_stride2_fwd, _max_pool_stride2_bwd)
 
 
-def _max_pool_grad_stride2(g, indices, input_size, window, padding):
+def _max_pool_grad_stride2(g, argmax, input_size, window, padding):
     """The input gradient of a stride-2 max-pooling (window <= 4): each window's cotangent ``g``
-    added at its argmax ``indices`` (flat y * W + x), summed where overlapping windows chose the
-    same pixel.
+    added at its argmax (offset dy * window + dx in the window), summed where overlapping
+    windows chose the same pixel.
 
-    Padded pixel (2i + a, 2j + b) lies in windows (i - ky, j - kx) with a + 2 ky < window and
-    b + 2 kx < window (ky, kx in {0, 1}): each of the four parity classes (a, b) is a sum of at
-    most four shifted, masked copies of ``g`` at the pooled resolution, and the classes
-    interleave into the padded plane.
+    Padded pixel (2i + a, 2j + b) lies in windows (i - ky, j - kx) at offset (a + 2 ky, b + 2 kx)
+    wherever that offset is inside the window (ky, kx in {0, 1}): each of the four parity
+    classes (a, b) is a sum of at most four shifted copies of ``g`` at the pooled resolution,
+    each masked by its window's argmax being that offset, and the classes interleave into the
+    padded plane, whose padding is then cut off.
     """
     n, ho, wo, c = g.shape
     h, w = input_size
@@ -501,22 +520,19 @@ def _max_pool_grad_stride2(g, indices, input_size, window, padding):
     # One leading row/column for the shift by one window; trailing ones up to the class size.
     pads = ((0, 0), (1, max(0, hc - ho)), (1, max(0, wc - wo)), (0, 0))
     g = jnp.pad(g, pads)
-    indices = jnp.pad(indices, pads, constant_values=-1)
+    argmax = jnp.pad(argmax, pads, constant_values=-1)  # matches no offset
     classes = []
     for a in (0, 1):
         for b in (0, 1):
-            ys = 2 * jnp.arange(hc, dtype=jnp.int32)[:, None] + a - padding
-            xs = 2 * jnp.arange(wc, dtype=jnp.int32)[None, :] + b - padding
-            # Padding pixels get a target no index has.
-            target = jnp.where((ys >= 0) & (ys < h) & (xs >= 0) & (xs < w), ys * w + xs, -2)
             value = jnp.zeros((n, hc, wc, c), g.dtype)
             for ky in (0, 1):
                 for kx in (0, 1):
-                    if a + 2 * ky >= window or b + 2 * kx >= window:
+                    oy, ox = a + 2 * ky, b + 2 * kx
+                    if oy >= window or ox >= window:
                         continue
                     gs = g[:, 1 - ky:1 - ky + hc, 1 - kx:1 - kx + wc]
-                    ids = indices[:, 1 - ky:1 - ky + hc, 1 - kx:1 - kx + wc]
-                    value = value + jnp.where(ids == target[None, :, :, None], gs, 0)
+                    won = argmax[:, 1 - ky:1 - ky + hc, 1 - kx:1 - kx + wc] == oy * window + ox
+                    value = value + jnp.where(won, gs, 0)
             classes.append(value)
     return _interleave_2x2(classes)[:, padding:padding + h, padding:padding + w]
 
@@ -537,43 +553,43 @@ def _shift_up_left(a: jax.Array, dy: int, dx: int, fill) -> jax.Array:
     return a[:, dy:dy + h, dx:dx + w, :]
 
 
-def max_unpool_2x2(x: jax.Array, indices: jax.Array, pool_window: int = 2) -> jax.Array:
+def max_unpool_2x2(x: jax.Array, argmax: jax.Array, pool_window: int = 2) -> jax.Array:
     """PyTorch's ``F.max_unpool2d(x, indices, kernel_size=2, stride=2)``, without a scatter.
 
     Args:
       x: pooled values (N, h, w, C).
-      indices: the flat indices returned by `max_pool_with_indices` for that pooling, pointing
-        into a plane of shape (2h, 2w).
-      pool_window: the window of the stride-2 pooling that produced ``indices``: 2 (2x2, no
-        padding; each index lies in its own 2x2 block) or 3 (3x3 with padding 1, as in the
+      argmax: the window offsets returned by `max_pool_with_argmax` for that pooling
+        (``dy * window + dx``; PyTorch's flat indices carry the same information).
+      pool_window: the window of the stride-2 pooling that produced ``argmax``: 2 (2x2, no
+        padding; each window is its own 2x2 block) or 3 (3x3 with padding 1, as in the
         ResNet-34 variant; a window also reaches the first row/column of the next block).
 
     Returns:
-      (N, 2h, 2w, C): every value written at its index in a zero map. Where several windows
+      (N, 2h, 2w, C): every value written at its argmax in a zero map. Where several windows
       chose the same position (overlapping 3x3 windows) the value of the last window in
       row-major order is kept, which is PyTorch's CPU behaviour.
     """
     if pool_window not in (2, 3):
         raise ValueError(f"pool_window must be 2 or 3, got {pool_window}")
-    _, h, w, _ = x.shape
-    out_w = 2 * w
+    padding = (pool_window - 1) // 2  # 0 for 2x2 windows, 1 for 3x3
     # Window (i, j) of a stride-2 pooling covers rows 2i - p .. 2i - p + k - 1. Output row
-    # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1).
+    # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1), at
+    # offset a + p - 2 dy inside window i + dy.
     reach = (0,) if pool_window == 2 else (0, 1)
-    shifted = {(dy, dx): (_shift_up_left(x, dy, dx, 0), _shift_up_left(indices, dy, dx, -1))
+    shifted = {(dy, dx): (_shift_up_left(x, dy, dx, 0), _shift_up_left(argmax, dy, dx, -1))
                for dy in reach for dx in reach}
-    rows = jnp.arange(h, dtype=jnp.int32)[:, None] * 2
-    cols = jnp.arange(w, dtype=jnp.int32)[None, :] * 2
     quads = []
     for a in (0, 1):
         for b in (0, 1):
-            target = ((rows + a) * out_w + (cols + b))[None, :, :, None]
             value = jnp.zeros_like(x)
             # Windows in row-major order; a later match overwrites an earlier one.
             for dy in reach:
                 for dx in reach:
-                    xv, iv = shifted[(dy, dx)]
-                    value = jnp.where(iv == target, xv, value)
+                    oy, ox = a + padding - 2 * dy, b + padding - 2 * dx
+                    if not (0 <= oy < pool_window and 0 <= ox < pool_window):
+                        continue
+                    xv, av = shifted[(dy, dx)]
+                    value = jnp.where(av == oy * pool_window + ox, xv, value)
             quads.append(value)
     return _interleave_2x2(quads)  # quads[2a + b] holds output pixels (2i + a, 2j + b)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from p3m_jax.models.decoder import EncoderOutput
-from p3m_jax.models.layers import BatchNorm, Dtype, conv2d, max_pool_with_indices, torch_conv_init
+from p3m_jax.models.layers import BatchNorm, Dtype, conv2d, max_pool_with_argmax, torch_conv_init
 
 RESNET34_LAYERS = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)
@@ -83,8 +83,8 @@ class ResNet34MP(nn.Module):
         x = x.astype(self.dtype)
         e0 = conv2d(64, 7, use_bias=False, name="conv1", dtype=self.dtype)(x)
         e0 = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(e0, train))
-        e0p, id0 = max_pool_with_indices(e0, 3, 2, 1)
-        e1p, id1 = max_pool_with_indices(e0p, 3, 2, 1)
+        e0p, id0 = max_pool_with_argmax(e0, 3, 2, 1)
+        e1p, id1 = max_pool_with_argmax(e0p, 3, 2, 1)
         feats = [e0, e0p]
         indices = [id0, id1]
         h = e1p
@@ -92,7 +92,7 @@ class ResNet34MP(nn.Module):
             h = layer_cls(planes, blocks, dtype=self.dtype, name=f"layer{i + 1}")(h, train)
             if i < 3:
                 feats.append(h)
-                h, ind = max_pool_with_indices(h, 3, 2, 1)
+                h, ind = max_pool_with_argmax(h, 3, 2, 1)
                 indices.append(ind)
         if self.is_initializing() and self.num_classes:
             # Create the ImageNet head's parameters only (see module docstring).

@@ -32,7 +32,7 @@ import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath, Mlp, dense, layer_norm, trunc_normal_init
 from p3m_jax.models.decoder import EncoderOutput
-from p3m_jax.models.layers import Dtype, conv2d, max_pool_with_indices
+from p3m_jax.models.layers import Dtype, conv2d, max_pool_with_argmax
 
 SWIN_LAYER_NORM_EPS = 1e-5
 # Value the authors add to the logits of masked pairs (not -inf: a fully masked row stays finite).
@@ -193,7 +193,8 @@ class PoolingPatchMerging(nn.Module):
     """P3M's patch merging: LayerNorm, the normalised map as a skip feature, 2x2 max-pooling
     with indices, Linear C -> ``out_dim`` without bias.
 
-    Returns ``(merged, indices, feature)``. Shared by the Swin-T and ViTAE-S encoders (which
+    Returns ``(merged, indices, feature)``, ``indices`` being `max_pool_with_argmax`'s window
+    offsets. Shared by the Swin-T and ViTAE-S encoders (which
     differ only in ``out_dim``).
     """
 
@@ -203,7 +204,7 @@ class PoolingPatchMerging(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array):
         feature = layer_norm(1e-5, name="norm", dtype=self.dtype)(x)
-        pooled, indices = max_pool_with_indices(feature, 2, 2, 0)
+        pooled, indices = max_pool_with_argmax(feature, 2, 2, 0)
         merged = dense(self.out_dim, use_bias=False, name="linear", dtype=self.dtype)(pooled)
         return merged, indices, feature
 
@@ -287,7 +288,8 @@ class StemPoolingPatchEmbed(nn.Module):
     conv3x3 dim->dim (+ ReLU if ``relu_last``), LayerNorm.
 
     Returns ``(tokens (B, H/4, W/4, dim), [f0, f1], [idx0, idx1])`` with f0 the first conv's
-    output (H) and f1 the second's (H/2), before their poolings.
+    output (H) and f1 the second's (H/2), before their poolings, and idx0/idx1 their poolings'
+    `max_pool_with_argmax` window offsets.
     """
 
     embed_dim: int
@@ -298,9 +300,9 @@ class StemPoolingPatchEmbed(nn.Module):
     def __call__(self, x: jax.Array):
         f0 = nn.relu(conv2d(self.embed_dim // 2, 3, use_bias=True, name="proj1",
                             dtype=self.dtype)(x))
-        x, idx0 = max_pool_with_indices(f0, 2, 2, 0)
+        x, idx0 = max_pool_with_argmax(f0, 2, 2, 0)
         f1 = nn.relu(conv2d(self.embed_dim, 3, use_bias=True, name="proj2", dtype=self.dtype)(x))
-        x, idx1 = max_pool_with_indices(f1, 2, 2, 0)
+        x, idx1 = max_pool_with_argmax(f1, 2, 2, 0)
         x = conv2d(self.embed_dim, 3, use_bias=True, name="proj3", dtype=self.dtype)(x)
         if self.relu_last:
             x = nn.relu(x)
