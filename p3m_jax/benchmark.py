@@ -13,6 +13,10 @@ for a GPU before optimisation (per device; see `step_flops`), the achieved TFLOP
 MFU against the device's nominal peak (table below; "unknown" elsewhere) and the compiled
 program's memory (``memory_analysis()``: arguments + outputs + temporaries - aliased).
 
+``--profile DIR`` runs one more step under ``jax.profiler`` (trace in DIR) and prints the op
+time per category, per network part and pass (`time_by_network_part`: "forward encoder/layer1",
+"backward decoder/tfi_0", "loss and optimizer"...) and the largest HLO ops.
+
 ``--memory_only`` compiles without running (abstract state and batch, nothing allocated): the
 memory a per-device batch needs, e.g. ``--batch 32 --memory_only`` on a CPU.
 
@@ -35,6 +39,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -168,6 +173,7 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
                 state, metrics = compiled(state, device_batch)
                 jax.block_until_ready(metrics)
             row["profile"] = top_ops_from_trace(profile_dir)
+            row["profile_by_part"] = time_by_network_part(profile_dir, compiled.as_text())
         except Exception as err:  # pylint: disable=broad-except
             # A profiler that cannot start here (e.g. no CUPTI) must not cost the timings.
             print(f"# profile of {arch} {jnp.dtype(dtype).name} failed: {err!r}", flush=True)
@@ -184,23 +190,76 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
     return row
 
 
-def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float]]:
-    """Seconds per op category (the HLO op name without its numeric suffix) from the
-    perfetto trace ``jax.profiler.trace`` wrote; the largest ``top``."""
+def _trace_events(profile_dir: str) -> list[dict]:
     paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"),
                    key=lambda p: p.stat().st_mtime)
     if not paths:
         return []
-    events = json.load(gzip.open(paths[-1])).get("traceEvents", [])
+    return [e for e in json.load(gzip.open(paths[-1])).get("traceEvents", [])
+            if e.get("ph") == "X" and "dur" in e]
+
+
+def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float]]:
+    """Seconds per op category (the HLO op name without its numeric suffix) from the
+    perfetto trace ``jax.profiler.trace`` wrote; the largest ``top``."""
     totals: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
+    for e in _trace_events(profile_dir):
         name = str(e.get("name", ""))
         # HLO instructions are named like "convolution.12" or "loop_add_fusion.3".
         base = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
         totals[base] += e["dur"] / 1e6
     return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+_HLO_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
+# Call-path components that say how an op was produced, not where in the network it is.
+_TRANSFORM_PREFIXES = ("jit(", "jvp(", "transpose(", "vmap(", "remat", "checkpoint", "cond",
+                       "branch_", "while", "body", "closed_call", "pjit")
+
+
+def network_part(op_name: str) -> tuple[str, str]:
+    """``(direction, part)`` of an HLO op from its ``op_name`` metadata (JAX's call path):
+    direction "backward" for ops of the gradient (JAX's transpose pass), else "forward"; part
+    the first two module levels under the network (``encoder/layer1``, ``decoder/tfi_0``),
+    "network" for ops of its own body, or "loss and optimizer" for ops outside the network.
+    A fused op's metadata may join several paths with ";": the first one counts."""
+    op_name = op_name.split(";")[0]
+    direction = "backward" if "transpose(" in op_name else "forward"
+    if "P3MNet" not in op_name:
+        return direction, "loss and optimizer"
+    # The last component is the primitive (conv_general_dilated, add...), the rest modules.
+    modules = [c for c in op_name.split("/")[:-1] if c and not c.startswith(_TRANSFORM_PREFIXES)]
+    return direction, "/".join(modules[:2]) or "network"
+
+
+def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> dict:
+    """Where one profiled step's device time went, from the trace ``jax.profiler.trace`` wrote
+    and the compiled program's HLO text (``compiled.as_text()``), which maps every HLO op to
+    the module that emitted it.
+
+    Returns ``{"parts": [(direction, part, seconds)], "ops": [(hlo_op, seconds, direction, part,
+    primitive)]}``, largest first, from the trace events that name their HLO op (XLA:CPU's
+    thunks, XLA:GPU's kernels). Ops without metadata (layout copies XLA inserted) count as
+    "copies XLA inserted". Ops that run concurrently both count, so the sum can exceed the
+    step time; empty lists if the trace names no HLO ops.
+    """
+    op_names = dict(_HLO_OP_NAME.findall(hlo_text))
+    parts: dict[tuple[str, str], float] = collections.defaultdict(float)
+    ops: dict[str, float] = collections.defaultdict(float)
+    for e in _trace_events(profile_dir):
+        op = (e.get("args") or {}).get("hlo_op")
+        if not op:
+            continue
+        ops[op] += e["dur"] / 1e6
+    located = {}
+    for op, sec in ops.items():
+        name = op_names.get(op)
+        where = network_part(name) if name else ("-", "copies XLA inserted")
+        located[op] = (*where, name.rsplit("/", 1)[-1] if name else "-")
+        parts[where] += sec
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]
+    return {"parts": sorted(((d, p, t) for (d, p), t in parts.items()), key=lambda r: -r[2]),
+            "ops": [(op, sec, *located[op]) for op, sec in top]}
 
 
 # ------------------------------------------------------------------ the authors' PyTorch step
@@ -445,9 +504,24 @@ def main(argv=None):
                 flush=True)
             for op, sec in r.get("profile", []):
                 print(f"#   {op:40s} {sec:8.3f}s")
+            _print_time_by_part(r.get("profile_by_part"))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return rows
+
+
+def _print_time_by_part(by_part, top_parts: int = 16):
+    if not by_part or not by_part["parts"]:
+        return
+    total = sum(t for _, _, t in by_part["parts"])
+    print(f"#   where the profiled step's op time went ({total:.3f}s summed over ops; ops that run "
+          "side by side both count):")
+    for direction, part, sec in by_part["parts"][:top_parts]:
+        print(f"#     {direction:8s} {part:32s} {sec:7.3f}s {100 * sec / total:5.1f}%")
+    print("#   largest HLO ops:")
+    for op, sec, direction, part, primitive in by_part["ops"]:
+        print(f"#     {op:32s} {sec:7.3f}s  {direction} {part} ({primitive})")
+    print(flush=True)
 
 
 def _main_torch_only(args):

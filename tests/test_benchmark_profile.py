@@ -1,0 +1,67 @@
+"""The benchmark's profile summary: every HLO op's time lands on the network part that emitted it."""
+
+import gzip
+import json
+
+import pytest
+
+from p3m_jax.benchmark import network_part, time_by_network_part
+
+# op_name metadata as XLA:CPU's compiled train step carries it (ResNet-34, 512x512).
+FORWARD_STEM = ("jit(train_step)/jvp(P3MNet)/encoder/conv1/jit(same_conv)/cond/branch_0_fun/"
+                "conv_general_dilated")
+BACKWARD_TFI = ("jit(train_step)/transpose(jvp(P3MNet))/decoder/tfi_0/conv1/jit(same_conv)/cond/"
+                "branch_0_fun/while/body/closed_call/dot_general")
+LOSS = "jit(train_step)/jvp()/reduce_sum"
+
+
+@pytest.mark.parametrize("op_name,expected", [
+    (FORWARD_STEM, ("forward", "encoder/conv1")),
+    (BACKWARD_TFI, ("backward", "decoder/tfi_0")),
+    ("jit(train_step)/transpose(jvp(P3MNet))/encoder/select_n", ("backward", "encoder")),
+    ("jit(train_step)/jvp(P3MNet)/add;jit(train_step)/jvp(P3MNet)/decoder/mul", ("forward", "network")),
+    (LOSS, ("forward", "loss and optimizer")),
+])
+def test_network_part_names_the_module_and_the_pass(op_name, expected):
+    assert network_part(op_name) == expected
+
+
+def test_time_by_network_part_sums_trace_events_per_part(tmp_path):
+    hlo = "\n".join([
+        f'  %ynn_fusion.7 = f32[1,512,512,64]{{3,2,1,0}} fusion(%a, %b), kind=kCustom, '
+        f'metadata={{op_name="{FORWARD_STEM}" stack_frame_id=1}}',
+        f'  %dot_general.3 = f32[576,64]{{1,0}} dot(%c, %d), metadata={{op_name="{BACKWARD_TFI}"}}',
+        f'  ROOT %reduce.1 = f32[] reduce(%e, %f), metadata={{op_name="{LOSS}"}}',
+        "  %transpose_copy_fusion.2 = f32[3,3,64,64]{3,2,1,0} fusion(%g), kind=kLoop",
+    ])
+    events = [
+        {"ph": "X", "name": "ynn_fusion", "dur": 3000.0, "args": {"hlo_op": "ynn_fusion.7"}},
+        # A loop body's op runs once per iteration: every run counts.
+        {"ph": "X", "name": "dot_general", "dur": 1000.0, "args": {"hlo_op": "dot_general.3"}},
+        {"ph": "X", "name": "dot_general", "dur": 1500.0, "args": {"hlo_op": "dot_general.3"}},
+        {"ph": "X", "name": "reduce", "dur": 200.0, "args": {"hlo_op": "reduce.1"}},
+        {"ph": "X", "name": "transpose_copy_fusion", "dur": 400.0,
+         "args": {"hlo_op": "transpose_copy_fusion.2"}},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000.0},  # no HLO op: not counted
+        {"ph": "i", "name": "marker", "args": {"hlo_op": "ynn_fusion.7"}},  # not a duration
+    ]
+    trace = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+    summary = time_by_network_part(str(tmp_path), hlo, top_ops=3)
+
+    assert summary["parts"] == [
+        ("forward", "encoder/conv1", pytest.approx(0.003)),
+        ("backward", "decoder/tfi_0", pytest.approx(0.0025)),
+        ("-", "copies XLA inserted", pytest.approx(0.0004)),
+        ("forward", "loss and optimizer", pytest.approx(0.0002)),
+    ]
+    assert [op for op, *_ in summary["ops"]] == ["ynn_fusion.7", "dot_general.3",
+                                                 "transpose_copy_fusion.2"]
+    assert summary["ops"][1][1:] == (pytest.approx(0.0025), "backward", "decoder/tfi_0", "dot_general")
+
+
+def test_time_by_network_part_without_a_trace_is_empty(tmp_path):
+    assert time_by_network_part(str(tmp_path), "") == {"parts": [], "ops": []}
