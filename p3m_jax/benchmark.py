@@ -239,9 +239,9 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
 
     Returns ``{"parts": [(direction, part, seconds)], "ops": [(hlo_op, seconds, direction, part,
     primitive)]}``, largest first, from the trace events that name their HLO op (XLA:CPU's
-    thunks, XLA:GPU's kernels). Ops without metadata (layout copies XLA inserted) count as
-    "copies XLA inserted". Ops that run concurrently both count, so the sum can exceed the
-    step time; empty lists if the trace names no HLO ops.
+    thunks, XLA:GPU's kernels). Ops without ``op_name`` metadata (XLA made them: layout copies,
+    some fusions) count as "no metadata (made by XLA)". Ops that run concurrently both count,
+    so the sum can exceed the step time; empty lists if the trace names no HLO ops.
     """
     op_names = dict(_HLO_OP_NAME.findall(hlo_text))
     parts: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -254,7 +254,7 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
     located = {}
     for op, sec in ops.items():
         name = op_names.get(op)
-        where = network_part(name) if name else ("-", "copies XLA inserted")
+        where = network_part(name) if name else ("-", "no metadata (made by XLA)")
         located[op] = (*where, name.rsplit("/", 1)[-1] if name else "-")
         parts[where] += sec
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]

@@ -55,7 +55,7 @@ def test_time_by_network_part_sums_trace_events_per_part(tmp_path):
     assert summary["parts"] == [
         ("forward", "encoder/conv1", pytest.approx(0.003)),
         ("backward", "decoder/tfi_0", pytest.approx(0.0025)),
-        ("-", "copies XLA inserted", pytest.approx(0.0004)),
+        ("-", "no metadata (made by XLA)", pytest.approx(0.0004)),
         ("forward", "loss and optimizer", pytest.approx(0.0002)),
     ]
     assert [op for op, *_ in summary["ops"]] == ["ynn_fusion.7", "dot_general.3",
