@@ -190,13 +190,18 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
     return row
 
 
-def _trace_events(profile_dir: str) -> list[dict]:
+def _trace_events(profile_dir: str, with_process_names: bool = False):
+    """The duration events of the newest trace in ``profile_dir`` (and, if asked, its
+    ``{pid: process name}``, e.g. "/host:CPU", "/device:GPU:0")."""
     paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"),
                    key=lambda p: p.stat().st_mtime)
-    if not paths:
-        return []
-    return [e for e in json.load(gzip.open(paths[-1])).get("traceEvents", [])
-            if e.get("ph") == "X" and "dur" in e]
+    events = json.load(gzip.open(paths[-1])).get("traceEvents", []) if paths else []
+    durations = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    if not with_process_names:
+        return durations
+    names = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return durations, names
 
 
 def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float]]:
@@ -239,18 +244,19 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
 
     Returns ``{"parts": [(direction, part, seconds)], "ops": [(hlo_op, seconds, direction, part,
     primitive)]}``, largest first, from the trace events that name their HLO op (XLA:CPU's
-    thunks, XLA:GPU's kernels). Ops without ``op_name`` metadata (XLA made them: layout copies,
+    thunks, XLA:GPU's kernels; where a device's events name HLO ops, only those count, not the
+    host's launches of them). Ops without ``op_name`` metadata (XLA made them: layout copies,
     some fusions) count as "no metadata (made by XLA)". Ops that run concurrently both count,
     so the sum can exceed the step time; empty lists if the trace names no HLO ops.
     """
     op_names = dict(_HLO_OP_NAME.findall(hlo_text))
     parts: dict[tuple[str, str], float] = collections.defaultdict(float)
     ops: dict[str, float] = collections.defaultdict(float)
-    for e in _trace_events(profile_dir):
-        op = (e.get("args") or {}).get("hlo_op")
-        if not op:
-            continue
-        ops[op] += e["dur"] / 1e6
+    events, process_names = _trace_events(profile_dir, with_process_names=True)
+    events = [e for e in events if (e.get("args") or {}).get("hlo_op")]
+    on_device = [e for e in events if process_names.get(e.get("pid"), "").startswith("/device:")]
+    for e in on_device or events:
+        ops[e["args"]["hlo_op"]] += e["dur"] / 1e6
     located = {}
     for op, sec in ops.items():
         name = op_names.get(op)

@@ -65,3 +65,18 @@ def test_time_by_network_part_sums_trace_events_per_part(tmp_path):
 
 def test_time_by_network_part_without_a_trace_is_empty(tmp_path):
     assert time_by_network_part(str(tmp_path), "") == {"parts": [], "ops": []}
+
+
+def test_time_by_network_part_counts_device_kernels_not_their_host_launches(tmp_path):
+    hlo = f'  %fusion.1 = f32[8]{{0}} fusion(%a), metadata={{op_name="{FORWARD_STEM}"}}'
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "launch", "dur": 50.0, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 2, "name": "kernel", "dur": 700.0, "args": {"hlo_op": "fusion.1"}},
+    ]
+    trace = tmp_path / "host.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = time_by_network_part(str(tmp_path), hlo)
+    assert summary["parts"] == [("forward", "encoder/conv1", pytest.approx(0.0007))]
