@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gzip
 import json
 import os
@@ -190,15 +191,19 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
     return row
 
 
-def _trace_events(profile_dir: str, with_process_names: bool = False):
-    """The duration events of the newest trace in ``profile_dir`` (and, if asked, its
-    ``{pid: process name}``, e.g. "/host:CPU", "/device:GPU:0")."""
+def _trace_events(profile_dir: str) -> tuple[list[dict], dict]:
+    """The duration events of the newest trace in ``profile_dir`` and its ``{pid: process
+    name}`` (e.g. "/host:CPU", "/device:GPU:0"); empty if there is no trace."""
     paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"),
                    key=lambda p: p.stat().st_mtime)
-    events = json.load(gzip.open(paths[-1])).get("traceEvents", []) if paths else []
+    return _load_trace(str(paths[-1])) if paths else ([], {})
+
+
+@functools.lru_cache(maxsize=1)
+def _load_trace(path: str) -> tuple[list[dict], dict]:
+    # Cached: both summaries of one profiled step read the same (tens of MB) trace.
+    events = json.load(gzip.open(path)).get("traceEvents", [])
     durations = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    if not with_process_names:
-        return durations
     names = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     return durations, names
@@ -208,7 +213,7 @@ def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float
     """Seconds per op category (the HLO op name without its numeric suffix) from the
     perfetto trace ``jax.profiler.trace`` wrote; the largest ``top``."""
     totals: dict[str, float] = collections.defaultdict(float)
-    for e in _trace_events(profile_dir):
+    for e in _trace_events(profile_dir)[0]:
         name = str(e.get("name", ""))
         # HLO instructions are named like "convolution.12" or "loop_add_fusion.3".
         base = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
@@ -252,7 +257,7 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
     op_names = dict(_HLO_OP_NAME.findall(hlo_text))
     parts: dict[tuple[str, str], float] = collections.defaultdict(float)
     ops: dict[str, float] = collections.defaultdict(float)
-    events, process_names = _trace_events(profile_dir, with_process_names=True)
+    events, process_names = _trace_events(profile_dir)
     events = [e for e in events if (e.get("args") or {}).get("hlo_op")]
     on_device = [e for e in events if process_names.get(e.get("pid"), "").startswith("/device:")]
     for e in on_device or events:

@@ -452,9 +452,8 @@ def argmax_to_indices(argmax: jax.Array, window: int, stride: int, padding: int,
     """PyTorch's flat indices ``y * W + x`` (int32, into the unpadded input plane of width
     ``input_width``) from the window offsets of `max_pool_with_argmax`."""
     _, ho, wo, _ = argmax.shape
-    code = argmax.astype(jnp.int32)
-    rows = jnp.arange(ho, dtype=jnp.int32)[None, :, None, None] * stride - padding + code // window
-    cols = jnp.arange(wo, dtype=jnp.int32)[None, None, :, None] * stride - padding + code % window
+    rows = jnp.arange(ho, dtype=jnp.int32)[None, :, None, None] * stride - padding + argmax // window
+    cols = jnp.arange(wo, dtype=jnp.int32)[None, None, :, None] * stride - padding + argmax % window
     return rows * input_width + cols
 
 

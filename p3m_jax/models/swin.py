@@ -191,11 +191,10 @@ class SwinBlock(nn.Module):
 
 class PoolingPatchMerging(nn.Module):
     """P3M's patch merging: LayerNorm, the normalised map as a skip feature, 2x2 max-pooling
-    with indices, Linear C -> ``out_dim`` without bias.
+    with its argmax, Linear C -> ``out_dim`` without bias.
 
     Returns ``(merged, indices, feature)``, ``indices`` being `max_pool_with_argmax`'s window
-    offsets. Shared by the Swin-T and ViTAE-S encoders (which
-    differ only in ``out_dim``).
+    offsets. Shared by the Swin-T and ViTAE-S encoders (which differ only in ``out_dim``).
     """
 
     out_dim: int
