@@ -5,8 +5,8 @@
 
 Renders `--images` synthetic portraits (`tfds_p3m10k.synthetic`, the renderer behind the `p3m10k/synthetic`
 TFDS config) and runs `p3m_jax.evaluate.evaluate` on them twice per (arch, dtype) with random weights: the first
-pass includes compiling the network and metric programs, the second is the steady state, reported as images/s
-(the whole `evaluate` loop: host resizing, the network, the jitted metrics). For every dtype after the first, the
+pass includes compiling the network and metric programs, the second (after every first pass) is the steady state,
+reported as images/s (the whole `evaluate` loop: host resizing, the network, the jitted metrics). For every dtype after the first, the
 dataset means are compared with the first dtype's (the metric change of bfloat16 against float32; with random
 weights this shows the numerical drift, not a trained model's accuracy).
 """
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from p3m_jax import evaluate
+    from p3m_jax.benchmark import end_device_turn, wait_for_device_turn
     from p3m_jax.predictor import Predictor
 
     jax.config.update("jax_enable_compilation_cache", False)  # the first pass is a cold start
@@ -59,29 +60,34 @@ def main(argv=None) -> int:
           f"{args.strategy.upper()}, bucket {args.bucket}, random weights", flush=True)
     print("arch | dtype | first pass | steady pass | images/s (steady) | " + " | ".join(
         ("SAD", "MSE", "change vs " + args.dtype[0])), flush=True)
-    rows = []
+    # Every first pass (compilation included) runs before any steady pass, so that under
+    # benchmarks/device_suite.py the steady passes run alone on the device (`wait_for_device_turn`).
+    runs = []
     for arch in args.arch:
-        reference = None
         for dtype_name in args.dtype:
             predictor = Predictor.random(arch, dtype=jnp.dtype(dtype_name))
-            passes = []
-            for _ in range(2):
-                start = time.perf_counter()
-                result = evaluate.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
-                passes.append(time.perf_counter() - start)
-            mean = result["mean"]
-            row = {"arch": arch, "dtype": dtype_name, "device_kind": device.device_kind, "images": args.images,
-                   "first_s": passes[0], "steady_s": passes[1], "images_per_s": args.images / passes[1],
-                   "mean": mean}
-            if reference is None:
-                reference, change = mean, "-"
-            else:
-                row["relative_change"] = {k: abs(mean[k] - v) / max(abs(v), 1e-12) for k, v in reference.items()}
-                change = ", ".join(f"{k} {row['relative_change'][k]:.1e}" for k in MAIN_METRICS)
-            rows.append(row)
-            print(f"{arch} | {dtype_name} | {passes[0]:.2f}s | {passes[1]:.2f}s | {row['images_per_s']:.2f} | "
-                  f"{mean['SAD']:.4g} | {mean['MSE']:.4g} | {change}", flush=True)
-            del predictor
+            start = time.perf_counter()
+            evaluate.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
+            runs.append((arch, dtype_name, predictor, time.perf_counter() - start))
+    wait_for_device_turn()
+    rows, references = [], {}
+    for arch, dtype_name, predictor, first_s in runs:
+        start = time.perf_counter()
+        result = evaluate.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
+        steady_s = time.perf_counter() - start
+        mean = result["mean"]
+        row = {"arch": arch, "dtype": dtype_name, "device_kind": device.device_kind, "images": args.images,
+               "first_s": first_s, "steady_s": steady_s, "images_per_s": args.images / steady_s, "mean": mean}
+        reference = references.setdefault(arch, mean)
+        if reference is mean:
+            change = "-"
+        else:
+            row["relative_change"] = {k: abs(mean[k] - v) / max(abs(v), 1e-12) for k, v in reference.items()}
+            change = ", ".join(f"{k} {row['relative_change'][k]:.1e}" for k in MAIN_METRICS)
+        rows.append(row)
+        print(f"{arch} | {dtype_name} | {first_s:.2f}s | {steady_s:.2f}s | {row['images_per_s']:.2f} | "
+              f"{mean['SAD']:.4g} | {mean['MSE']:.4g} | {change}", flush=True)
+    end_device_turn()
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return 0

@@ -68,6 +68,41 @@ PEAK_FLOPS = (
 )
 
 
+# ------------------------------------------------------------------ device turns
+# On a GPU lent for minutes, XLA:GPU's compilation (with its autotuning) takes most of the time.
+# benchmarks/device_suite.py therefore starts several benchmark processes at once, so that they
+# compile side by side, and then gives the device to one at a time for the timed part. It sets
+# P3M_BENCH_TURN_DIR; outside the suite these two calls do nothing.
+TURN_DIR_ENV = "P3M_BENCH_TURN_DIR"
+
+
+def wait_for_device_turn(poll_s: float = 0.2) -> None:
+    """Says this process is ready (compiled) and blocks until the suite gives it the device.
+
+    Writes ``ready.<pid>`` in the folder named by P3M_BENCH_TURN_DIR and waits for
+    ``turn.<pid>``; returns at once when the variable is unset or this process already has its turn.
+    """
+    folder = os.environ.get(TURN_DIR_ENV)
+    if not folder:
+        return
+    turn = pathlib.Path(folder) / f"turn.{os.getpid()}"
+    if turn.exists():
+        return
+    (pathlib.Path(folder) / f"ready.{os.getpid()}").touch()
+    start = time.monotonic()
+    while not turn.exists():
+        time.sleep(poll_s)
+    print(f"# waited {time.monotonic() - start:.0f}s for the device (other benchmarks were compiling "
+          "or timing)", flush=True)
+
+
+def end_device_turn() -> None:
+    """Hands the device back to the suite (``done.<pid>``): the timed work on it is over."""
+    folder = os.environ.get(TURN_DIR_ENV)
+    if folder:
+        (pathlib.Path(folder) / f"done.{os.getpid()}").touch()
+
+
 def peak_flops(device_kind: str, dtype) -> float | None:
     """Nominal per-device peak FLOP/s for ``dtype`` on ``device_kind``; None when unknown."""
     kind = device_kind.lower()
@@ -77,8 +112,8 @@ def peak_flops(device_kind: str, dtype) -> float | None:
     return None
 
 
-def _flops(compiled) -> float:
-    analysis = compiled.cost_analysis()
+def _flops_of(analysis) -> float:
+    """The "flops" entry of an XLA cost analysis (a dict, or a list of one); NaN when absent."""
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", float("nan")))
@@ -94,7 +129,25 @@ def step_flops(step, abstract_state, abstract_batch, n_devices: int) -> float:
     loops over kernel taps (see `layers.same_conv`) whose bodies are counted once. The
     GPU lowering has every convolution and dot as one plain HLO op, on any backend."""
     lowered = step.trace(abstract_state, abstract_batch).lower(lowering_platforms=("cuda",))
-    return _flops(lowered) / n_devices
+    analysis = lowered.cost_analysis()
+    if analysis is None:
+        # jax answers None where the running backend is a PJRT plugin (the GPU one, whose
+        # client cannot analyse an uncompiled module); the analysis needs no device, so the
+        # host's CPU client does it.
+        analysis = _host_cost_analysis(lowered)
+    return _flops_of(analysis) / n_devices
+
+
+def _host_cost_analysis(lowered) -> dict | None:
+    """XLA's HLO cost analysis of ``lowered`` by the CPU client; None when jax lacks the hook
+    (a private one: ``Lowered.cost_analysis`` does the same with the running backend)."""
+    try:
+        from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+        module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
+        return _jax.hlo_module_cost_analysis(jax.local_devices(backend="cpu")[0].client, module)
+    except Exception as err:  # pylint: disable=broad-except
+        print(f"# no FLOP count: the host's cost analysis failed ({err!r})", flush=True)
+        return None
 
 
 def _memory(compiled) -> dict:
@@ -150,7 +203,10 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
            "compile_s": compile_s, "flops": flops, "memory": _memory(compiled)}
     if memory_only:
         return row
-    state = jax.jit(make_state, out_shardings=shardings)(jax.random.key(0))
+    # Compiled before the device turn, so that a turn holds only the device work.
+    init_state = jax.jit(make_state, out_shardings=shardings).lower(jax.random.key(0)).compile()
+    wait_for_device_turn()
+    state = init_state(jax.random.key(0))
     device_batch = jax.device_put(hb, bsh)
     state, metrics = compiled(state, device_batch)  # warm-up
     jax.block_until_ready(metrics)
@@ -173,11 +229,16 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
             with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
                 state, metrics = compiled(state, device_batch)
                 jax.block_until_ready(metrics)
+            end_device_turn()  # reading the trace needs only the host
+            hlo_text = compiled.as_text()
+            with gzip.open(os.path.join(profile_dir, "compiled_hlo.txt.gz"), "wt") as f:
+                f.write(hlo_text)  # for reading the profile's fusions later
             row["profile"] = top_ops_from_trace(profile_dir)
-            row["profile_by_part"] = time_by_network_part(profile_dir, compiled.as_text())
+            row["profile_by_part"] = time_by_network_part(profile_dir, hlo_text)
         except Exception as err:  # pylint: disable=broad-except
             # A profiler that cannot start here (e.g. no CUPTI) must not cost the timings.
             print(f"# profile of {arch} {jnp.dtype(dtype).name} failed: {err!r}", flush=True)
+    end_device_turn()
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:  # GPU/TPU allocators; the CPU reports none
         row["peak_memory"] = int(stats["peak_bytes_in_use"])
@@ -250,9 +311,11 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
     Returns ``{"parts": [(direction, part, seconds)], "ops": [(hlo_op, seconds, direction, part,
     primitive)]}``, largest first, from the trace events that name their HLO op (XLA:CPU's
     thunks, XLA:GPU's kernels; where a device's events name HLO ops, only those count, not the
-    host's launches of them). Ops without ``op_name`` metadata (XLA made them: layout copies,
-    some fusions) count as "no metadata (made by XLA)". Ops that run concurrently both count,
-    so the sum can exceed the step time; empty lists if the trace names no HLO ops.
+    host's launches of them; a kernel inside a command buffer counts for its fusion, or as a
+    "library kernel in command buffers" under its kernel name). Ops without ``op_name`` metadata
+    (XLA made them: layout copies, some fusions) count as "no metadata (made by XLA)". Ops that
+    run concurrently both count, so the sum can exceed the step time; empty lists if the trace
+    names no HLO ops.
     """
     op_names = dict(_HLO_OP_NAME.findall(hlo_text))
     parts: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -260,17 +323,41 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
     events, process_names = _trace_events(profile_dir)
     events = [e for e in events if (e.get("args") or {}).get("hlo_op")]
     on_device = [e for e in events if process_names.get(e.get("pid"), "").startswith("/device:")]
+    library_kernels = set()
     for e in on_device or events:
-        ops[e["args"]["hlo_op"]] += e["dur"] / 1e6
+        op = _hlo_op_of(e, op_names)
+        if op is None:  # a cuDNN/cuBLAS kernel inside a command buffer: named by its kernel
+            op = str(e.get("name", "")).split("<")[0].split("(")[0][:60]
+            library_kernels.add(op)
+        ops[op] += e["dur"] / 1e6
     located = {}
     for op, sec in ops.items():
         name = op_names.get(op)
-        where = network_part(name) if name else ("-", "no metadata (made by XLA)")
+        where = (network_part(name) if name else
+                 ("-", "library kernels in command buffers") if op in library_kernels else
+                 ("-", "no metadata (made by XLA)"))
         located[op] = (*where, name.rsplit("/", 1)[-1] if name else "-")
         parts[where] += sec
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]
     return {"parts": sorted(((d, p, t) for (d, p), t in parts.items()), key=lambda r: -r[2]),
             "ops": [(op, sec, *located[op]) for op, sec in top]}
+
+
+def _hlo_op_of(event: dict, op_names: dict) -> str | None:
+    """The HLO op a trace event ran. XLA:GPU runs runs of thunks as command buffers (CUDA
+    graphs): their kernels' events name the buffer ("command_buffer_12") as ``hlo_op`` and the
+    kernel as the event's name, which for a fusion is the fusion's name with "_" for its "."
+    ("loop_add_fusion_3" for loop_add_fusion.3). None for a kernel in a command buffer that is
+    no fusion of the program (cuDNN's and cuBLAS's own kernels)."""
+    op = event["args"]["hlo_op"]
+    if op in op_names or not op.startswith("command_buffer"):
+        return op
+    kernel = str(event.get("name", ""))
+    base, _, suffix = kernel.rpartition("_")
+    for candidate in (kernel, f"{base}.{suffix}" if suffix.isdigit() else None):
+        if candidate in op_names:
+            return candidate
+    return None
 
 
 # ------------------------------------------------------------------ the authors' PyTorch step
@@ -412,6 +499,7 @@ def bench_torch(arch: str, size: int, batch: int, repeats: int, authors_repo: st
     """Times the authors' step alone (``--torch_only``): median of ``repeats`` after two warm-ups,
     images/s and, on CUDA, the peak memory PyTorch allocated."""
     import torch
+    wait_for_device_turn()  # before the model takes device memory
     step = make_torch_step(arch, size, batch, authors_repo, device, precision)
     row = {"arch": arch, "impl": "authors_pytorch", "device": device, "precision": precision,
            "batch": batch}

@@ -80,3 +80,53 @@ def test_time_by_network_part_counts_device_kernels_not_their_host_launches(tmp_
         json.dump({"traceEvents": events}, f)
     summary = time_by_network_part(str(tmp_path), hlo)
     assert summary["parts"] == [("forward", "encoder/conv1", pytest.approx(0.0007))]
+
+
+def _write_trace(folder, events):
+    trace = folder / "plugins" / "profile" / "run" / "gpu.trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    header = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": header + events}, f)
+
+
+def _device_event(kernel, hlo_op, microseconds):
+    return {"ph": "X", "pid": 2, "name": kernel, "dur": float(microseconds), "args": {"hlo_op": hlo_op}}
+
+
+def test_command_buffer_kernels_count_for_their_fusion(tmp_path):
+    # XLA:GPU runs runs of thunks as CUDA graphs: the kernels' events name the command buffer as
+    # hlo_op and the fusion (with "_" for ".") or a library kernel as the event's name.
+    hlo = "\n".join([
+        '  %loop_select_fusion.9 = bf16[4] fusion(%p), kind=kLoop, '
+        'metadata={op_name="jit(train_step)/transpose(jvp(P3MNet))/decoder/sbfi_0/select_n"}',
+        '  %cudnn-conv.3 = bf16[4] custom-call(%p), '
+        'metadata={op_name="jit(train_step)/jvp(P3MNet)/encoder/conv1/conv_general_dilated"}',
+        '  %command_buffer_7 = bf16[4] call(%p), to_apply=%command_buffer'])
+    _write_trace(tmp_path, [
+        _device_event("loop_select_fusion_9", "command_buffer_7", 900),
+        _device_event("sm90_xmma_wgrad_implicit_gemm_bf16<int, 3>", "command_buffer_7", 300),
+        _device_event("sm90_xmma_fprop_implicit_gemm", "cudnn-conv.3", 200),
+    ])
+    result = time_by_network_part(str(tmp_path), hlo)
+    parts = {(d, p): round(t * 1e6) for d, p, t in result["parts"]}
+    assert parts == {("backward", "decoder/sbfi_0"): 900, ("-", "library kernels in command buffers"): 300,
+                     ("forward", "encoder/conv1"): 200}
+    assert [op for op, *_ in result["ops"]] == ["loop_select_fusion.9", "sm90_xmma_wgrad_implicit_gemm_bf16",
+                                                "cudnn-conv.3"]
+
+
+def test_step_flops_without_the_backend_cost_analysis(monkeypatch):
+    # The GPU plugin's client cannot analyse an uncompiled module (jax answers None): the
+    # FLOPs then come from the host's CPU client, and are the same.
+    import jax
+    import jax.numpy as jnp
+
+    from p3m_jax import benchmark
+
+    step = jax.jit(lambda w, x: jnp.tanh(x @ w))
+    w, x = jax.ShapeDtypeStruct((128, 32), jnp.float32), jax.ShapeDtypeStruct((64, 128), jnp.float32)
+    expected = benchmark.step_flops(step, w, x, 1)
+    assert expected >= 2 * 64 * 128 * 32
+    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+    assert benchmark.step_flops(step, w, x, 2) == expected / 2
