@@ -65,16 +65,19 @@ def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
     assert np.asarray(idx)[0, 0, 0, 0] == 0  # first element of the window, not padding
 
 
-@pytest.mark.parametrize("stride", [2, 4, 8])
-def test_max_pool_and_its_gradient_match_torch_with_ties(stride):
-    # SBFI's MaxPool2d(2, stride). Few distinct values (ReLU zeros are common): PyTorch sends a
-    # window's gradient to its first maximum only.
-    x = np.random.default_rng(2).integers(0, 3, size=(2, 16, 24, 3)).astype(np.float32)
+@pytest.mark.parametrize("window,stride,size", [
+    (2, 2, (16, 24)), (2, 4, (16, 24)), (2, 8, (16, 24)),  # SBFI's MaxPool2d(2, stride)
+    (2, 4, (17, 23)), (3, 3, (13, 11)),  # windows that end before the plane does
+    (3, 2, (13, 11))])  # overlapping windows (the select chain's own gradient)
+def test_max_pool_and_its_gradient_match_torch_with_ties(window, stride, size):
+    # Few distinct values (ReLU zeros are common): PyTorch sends a window's gradient to its
+    # first maximum only.
+    x = np.random.default_rng(2).integers(0, 3, size=(2, *size, 3)).astype(np.float32)
     tx = nchw(x).requires_grad_(True)
-    ty = F.max_pool2d(tx, 2, stride)
+    ty = F.max_pool2d(tx, window, stride)
     cot = np.random.default_rng(3).standard_normal(nhwc(ty).shape).astype(np.float32)
     (ty * nchw(cot)).sum().backward()
-    y, vjp = jax.vjp(lambda a: layers.max_pool(a, 2, stride), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, stride), jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(cot))[0]), nhwc(tx.grad))
 

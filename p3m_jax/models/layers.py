@@ -398,11 +398,66 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     window (ties are common after a ReLU), and on XLA:CPU it costs a few slices instead of
     the full-resolution index arrays that reduce-window's gradient builds (about 8 % of a
     ResNet-34 training step at 512x512).
+
+    Where windows do not overlap (``stride >= window``: sBFI's 2x2 poolings at strides 2, 4
+    and 8) the gradient is assembled from each window's argmax (`_disjoint_max_pool_grad`)
+    instead of by differentiating the select chain. The differentiated chain pads each window
+    offset's cotangent back to full resolution: on an H200, ResNet-34's three sBFI poolings of
+    its 512x512x64 stem feature at batch 32 made one backward fusion of 9.0 ms, 11 % of the
+    82.5 ms step.
     """
+    if stride >= window:
+        return _disjoint_max_pool(x, window, stride)
+    return _max_pool_select_chain(x, window, stride)
+
+
+def _max_pool_select_chain(x, window, stride):
     best = None
     for _, _, cand in _window_offsets(x, window, stride):
         best = cand if best is None else jnp.where(cand > best, cand, best)
     return best
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _disjoint_max_pool(x, window, stride):
+    return _max_pool_select_chain(x, window, stride)
+
+
+def _disjoint_max_pool_fwd(x, window, stride):
+    pooled, argmax = _max_pool_with_argmax(x, window, stride, 0)
+    # int8 holds any offset of a window up to 11x11; the size of x, for the backward pass,
+    # travels as an empty array's shape.
+    return pooled, (argmax.astype(jnp.int8), jnp.zeros(x.shape[1:3] + (0,), jnp.int8))
+
+
+def _disjoint_max_pool_bwd(window, stride, residuals, g):
+    argmax, size = residuals
+    return (_disjoint_max_pool_grad(g, argmax, size.shape[:2], window, stride),)
+
+
+_disjoint_max_pool.defvjp(_disjoint_max_pool_fwd, _disjoint_max_pool_bwd)
+
+
+def _disjoint_max_pool_grad(g, argmax, input_size, window, stride):
+    """The input gradient of a max-pooling whose windows do not overlap (stride >= window):
+    each window's cotangent ``g`` at its argmax offset, zero elsewhere.
+
+    Window (i, j) covers pixels (stride i + dy, stride j + dx), dy, dx < window: one
+    (window x window) block per window, padded to (stride x stride), tiles the plane, so the
+    gradient is a select per pixel and reshapes, with no scatter and no sum.
+    """
+    n, ho, wo, c = g.shape
+    h, w = input_size
+    offsets = (jnp.arange(window, dtype=jnp.int8)[:, None, None] * window
+               + jnp.arange(window, dtype=jnp.int8)[None, None, :])  # (window, 1, window)
+    won = argmax[:, :, None, :, None, :] == offsets[..., None]  # (N, Ho, window, Wo, window, C)
+    blocks = jnp.where(won, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    extra = stride - window
+    blocks = jnp.pad(blocks, ((0, 0), (0, 0), (0, extra), (0, 0), (0, extra), (0, 0)))
+    plane = blocks.reshape(n, ho * stride, wo * stride, c)
+    # The last windows may end before the plane does (or their padding past it).
+    return jax.lax.pad(plane, jnp.zeros((), g.dtype),
+                       ((0, 0, 0), (0, h - ho * stride, 0), (0, w - wo * stride, 0), (0, 0, 0)))
 
 
 def _window_offsets(x: jax.Array, window: int, stride: int):
