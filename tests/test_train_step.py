@@ -218,11 +218,13 @@ def test_remat_gives_the_same_gradients(overfit_run):
     # Recomputation reorders float sums, and a few deep BatchNorms see only 8 values per
     # channel at this size (ill-conditioned), so compare relative L2 errors per tensor. Conv
     # biases right before a BatchNorm have a zero true gradient (pure rounding noise): the
-    # floor of 1e-3 x the global norm keeps them from dominating.
+    # floor of 1e-3 x the global norm keeps them from dominating. How far rounding spreads
+    # depends on the CPU's kernels: ~4e-3 in total on AVX-512 machines, up to 1.7e-2 per
+    # tensor (cosine 0.99986) on an AVX2-only one. A missing or wrong gradient is O(1).
     norm_all = np.sqrt(sum(np.sum(v ** 2) for v in mu_ref.values()))
     for k, v in mu_ref.items():
         err = np.linalg.norm(mu[k] - v) / (np.linalg.norm(v) + 1e-3 * norm_all)
-        assert err < 1e-2, (k, err)  # a missing or wrong gradient would be O(1)
+        assert err < 5e-2, (k, err)
     total = np.sqrt(sum(np.sum((mu[k] - v) ** 2) for k, v in mu_ref.items())) / norm_all
-    assert total < 1e-2, total  # measured ~4e-3 (64x64, batch 2)
+    assert total < 3e-2, total
     _compare(flat(ref.batch_stats), flat(state.batch_stats))
