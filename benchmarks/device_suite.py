@@ -114,8 +114,11 @@ class TurnGroup:
     with another job's work. The suite's budget cuts the turns that no longer fit.
     """
 
-    def __init__(self, suite: Suite, folder: pathlib.Path):
+    def __init__(self, suite: Suite, folder: pathlib.Path, min_turn_s: float = 15, reserve_s: float = 10):
+        """`min_turn_s`: a turn shorter than this is not started; `reserve_s`: seconds of the budget kept
+        for collecting the results after the last turn."""
         self.suite, self.folder = suite, folder
+        self.min_turn_s, self.reserve_s = min_turn_s, reserve_s
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         self.jobs: list[dict] = []
@@ -190,12 +193,12 @@ class TurnGroup:
         proc, asked = job["proc"], time.monotonic()
         while proc.poll() is None and not self._marker("ready", job).exists() and time.monotonic() - asked < 60:
             time.sleep(0.2)  # a job that only waits may still be importing
-        limit = min(job["turn_limit"], self.suite.left() - 10)
+        limit = min(job["turn_limit"], self.suite.left() - self.reserve_s)
         if proc.poll() is not None:
             return
-        if limit < 15 or not self._marker("ready", job).exists():
+        if limit < self.min_turn_s or not self._marker("ready", job).exists():
             proc.kill()
-            job["state"] = "skipped (time)" if limit < 15 else "stopped: never ready"
+            job["state"] = "skipped (time)" if limit < self.min_turn_s else "stopped: never ready"
             return
         turn_start = time.monotonic()
         print(f"== {job['name']}: its turn on the device (limit {limit:.0f}s)", flush=True)
