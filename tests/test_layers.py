@@ -68,6 +68,7 @@ def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
 @pytest.mark.parametrize("window,stride,size", [
     (2, 2, (16, 24)), (2, 4, (16, 24)), (2, 8, (16, 24)),  # SBFI's MaxPool2d(2, stride)
     (2, 4, (17, 23)), (3, 3, (13, 11)),  # windows that end before the plane does
+    (12, 12, (26, 25)),  # offsets past int8's range
     (3, 2, (13, 11))])  # overlapping windows (the select chain's own gradient)
 def test_max_pool_and_its_gradient_match_torch_with_ties(window, stride, size):
     # Few distinct values (ReLU zeros are common): PyTorch sends a window's gradient to its

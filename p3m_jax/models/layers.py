@@ -407,7 +407,7 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     82.5 ms step.
     """
     if stride >= window:
-        return _disjoint_max_pool(x, window, stride)
+        return _disjoint_max_pool(x, window, stride, x.shape[1:3])
     return _max_pool_select_chain(x, window, stride)
 
 
@@ -418,21 +418,21 @@ def _max_pool_select_chain(x, window, stride):
     return best
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _disjoint_max_pool(x, window, stride):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _disjoint_max_pool(x, window, stride, input_size):
+    del input_size  # (H, W) of x, for the backward pass
     return _max_pool_select_chain(x, window, stride)
 
 
-def _disjoint_max_pool_fwd(x, window, stride):
+def _disjoint_max_pool_fwd(x, window, stride, input_size):
+    del input_size
     pooled, argmax = _max_pool_with_argmax(x, window, stride, 0)
-    # int8 holds any offset of a window up to 11x11; the size of x, for the backward pass,
-    # travels as an empty array's shape.
-    return pooled, (argmax.astype(jnp.int8), jnp.zeros(x.shape[1:3] + (0,), jnp.int8))
+    # The offsets as int8 where they fit (windows up to 11x11): a quarter of the residual.
+    return pooled, argmax.astype(jnp.int8) if window * window <= 128 else argmax
 
 
-def _disjoint_max_pool_bwd(window, stride, residuals, g):
-    argmax, size = residuals
-    return (_disjoint_max_pool_grad(g, argmax, size.shape[:2], window, stride),)
+def _disjoint_max_pool_bwd(window, stride, input_size, argmax, g):
+    return (_disjoint_max_pool_grad(g, argmax, input_size, window, stride),)
 
 
 _disjoint_max_pool.defvjp(_disjoint_max_pool_fwd, _disjoint_max_pool_bwd)
@@ -448,8 +448,8 @@ def _disjoint_max_pool_grad(g, argmax, input_size, window, stride):
     """
     n, ho, wo, c = g.shape
     h, w = input_size
-    offsets = (jnp.arange(window, dtype=jnp.int8)[:, None, None] * window
-               + jnp.arange(window, dtype=jnp.int8)[None, None, :])  # (window, 1, window)
+    offsets = (jnp.arange(window, dtype=argmax.dtype)[:, None, None] * window
+               + jnp.arange(window, dtype=argmax.dtype)[None, None, :])  # (window, 1, window)
     won = argmax[:, :, None, :, None, :] == offsets[..., None]  # (N, Ho, window, Wo, window, C)
     blocks = jnp.where(won, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
     extra = stride - window
