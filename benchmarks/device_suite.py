@@ -107,11 +107,12 @@ class TurnGroup:
     """Benchmark processes that compile side by side, then take the device one at a time.
 
     XLA:GPU spends minutes compiling and autotuning each train step, mostly on the host's cores,
-    while the card idles. So every job of a group starts at once; each announces that it has
-    compiled (`p3m_jax.benchmark.wait_for_device_turn`) and waits. Once all have compiled (or
-    `compile_limit` seconds have passed; those still compiling are stopped), the group gives the
-    device to one job after another, in the order they were added, so no timing shares the card
-    with another job's work. The suite's budget cuts the turns that no longer fit.
+    while the card idles. So the jobs of a group start in the order they were added, several
+    compiling at once; each announces that it has compiled (`p3m_jax.benchmark.wait_for_device_turn`)
+    and waits. Once all have compiled (or `compile_limit` seconds have passed; those still compiling
+    are stopped), the group gives the device to one job after another, in the same order, so no
+    timing shares the card with another job's work. The suite's budget cuts the turns that no
+    longer fit.
     """
 
     def __init__(self, suite: Suite, folder: pathlib.Path, min_turn_s: float = 15, reserve_s: float = 10):
@@ -174,7 +175,7 @@ class TurnGroup:
     def _compile_phase(self, end: float, parallel_compiles: int) -> None:
         # Too many compilations at once starve each other of the host's cores (eight on 16
         # cores: none of Swin-T's or ViTAE-S's finished in 274 s); a job that has compiled
-        # waits idle, so the next one starts then. Jobs that only wait start at once.
+        # waits idle, so the next one starts then. Jobs that only wait take no slot.
         waiting = list(self.jobs)
         while time.monotonic() < end:
             while waiting and (not waiting[0]["compiles"] or len(self._compiling()) < parallel_compiles):
