@@ -6,9 +6,9 @@
 Renders `--images` synthetic portraits (`tfds_p3m10k.synthetic`, the renderer behind the `p3m10k/synthetic`
 TFDS config) and runs `p3m_jax.evaluate.evaluate` on them twice per (arch, dtype) with random weights: the first
 pass includes compiling the network and metric programs, the second (after every first pass) is the steady state,
-reported as images/s (the whole `evaluate` loop: host resizing, the network, the jitted metrics). For every dtype after the first, the
-dataset means are compared with the first dtype's (the metric change of bfloat16 against float32; with random
-weights this shows the numerical drift, not a trained model's accuracy).
+reported as images/s (the whole `evaluate` loop: host resizing, the network, the jitted metrics). For every dtype
+after the first, the dataset means are compared with the first dtype's (the metric change of bfloat16 against
+float32; with random weights this shows the numerical drift, not a trained model's accuracy).
 """
 
 from __future__ import annotations

@@ -277,7 +277,9 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path("/tmp/device_suite")
-    scratch.mkdir(parents=True, exist_ok=True)
+    # A warm machine keeps /tmp between calls: an earlier call's profiles must not be copied to OUT as this one's.
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     suite = Suite(out, args.budget)
     py = sys.executable
     ours_env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92"}
