@@ -172,3 +172,42 @@ def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
     for strategy in inference.STRATEGIES:
         np.testing.assert_allclose(inference.predict_alpha(runner, image, strategy),
                                    inference.predict_alpha(everything, image, strategy), atol=1e-5)
+
+
+def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(monkeypatch):
+    # On the CPU the forward programs compile convolutions without YNNPACK (faster for inference), with the
+    # same outputs as XLA's default compilation; a compiler that refuses the option gets a plain compile.
+    import jax
+    import jax.numpy as jnp
+
+    from p3m_jax import predictor as predictor_lib
+
+    predictor = predictor_lib.Predictor.random("resnet34")
+    lowered = predictor._program(("local",)).lower(predictor.variables,
+                                                   jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    default = lowered.compile()
+    ours = predictor_lib.compile_inference_program(lowered)
+
+    def ynn_convolutions(compiled):
+        return [line for line in compiled.as_text().splitlines()
+                if "__ynn_fusion" in line and "conv_general_dilated" in line]
+
+    assert ynn_convolutions(default) and not ynn_convolutions(ours)
+    x = np.random.default_rng(8).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(ours(predictor.variables, x)["local"], default(predictor.variables, x)["local"],
+                               rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(predictor_lib, "_CPU_INFERENCE_OPTIONS",
+                        {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
+    monkeypatch.setattr(predictor_lib, "_cpu_options_refused", False)
+    plain = predictor_lib.compile_inference_program(lowered)
+    assert predictor_lib._cpu_options_refused and ynn_convolutions(plain)
+    # Any other compilation error reaches the caller.
+    monkeypatch.setattr(predictor_lib, "_cpu_options_refused", False)
+
+    class FailingLowered:
+        def compile(self, **options):
+            raise RuntimeError("out of memory while compiling")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predictor_lib.compile_inference_program(FailingLowered())
+    assert not predictor_lib._cpu_options_refused
