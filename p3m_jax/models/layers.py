@@ -15,7 +15,6 @@ Conventions shared by the whole `models` package:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -143,9 +142,10 @@ def _input_grad_kernel(kernel, groups):
     return k.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout // groups, groups * cin_group)
 
 
-# Below this many output channels the blocked matmuls are too narrow to pay off: the heads'
-# 64 -> 3 and 64 -> 1 kernel gradients are one matmul against the stacked shifted cotangent
-# instead (`_stacked_cotangent_kernel_grad`).
+# Below this many input or output channels the blocked matmuls are too narrow to pay off.
+# With few output channels (the heads' 64 -> 3 and 64 -> 1) the kernel gradient is one
+# matmul against the stacked shifted cotangent instead (`_stacked_cotangent_kernel_grad`);
+# with few input channels (the 7x7 stem from 3 channels) XLA:CPU's own is the fastest measured.
 _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD = 16
 
 
@@ -164,20 +164,9 @@ def _padded_grid_rows(x, g, kernel_shape):
 # Rows of the padded grid per block of `_matmul_kernel_grad`: its stacked taps (512 x 9 x 64
 # float32 values for a 64-channel 3x3 convolution, 1.2 MB) stay in cache while they are used.
 _KERNEL_GRAD_BLOCK_ROWS = 512
-# Narrow stacks (the stems' 7 x 7 x 3 = 147 and 3 x 3 x 3 = 27 columns) take taller blocks, up to
-# this many rows, so that each block's matmul still has work: the 7x7 stem's gradient at 512x512
-# took 136-138 ms in blocks of 512 rows and 116-118 ms in blocks of 2048 on a 2-core AVX2 CPU.
-_MAX_KERNEL_GRAD_BLOCK_ROWS = 2048
 
 
-def _kernel_grad_block_rows(kernel_shape) -> int:
-    """Rows per block for a stack of kh * kw * Cin columns: about 1.2 MB of float32 taps."""
-    columns = kernel_shape[0] * kernel_shape[1] * kernel_shape[2]
-    rows = 1 << round(math.log2(_KERNEL_GRAD_BLOCK_ROWS * 9 * 64 / columns))  # the nearest power of 2
-    return min(max(_KERNEL_GRAD_BLOCK_ROWS, rows), _MAX_KERNEL_GRAD_BLOCK_ROWS)
-
-
-def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype, block_rows=None):
+def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype, block_rows=_KERNEL_GRAD_BLOCK_ROWS):
     """The kernel gradient of a stride-1 'same' convolution as matmuls over blocks of pixels.
 
     Both arrays are flattened to rows of the zero-padded (H + kh - 1) x (W + kw - 1) grid; the
@@ -192,7 +181,6 @@ def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype, block_rows=None):
     ResNet-34's 512x512 train step about 5 % faster). Products and the sum over blocks
     accumulate in float32 whatever the input dtype.
     """
-    block_rows = block_rows or _kernel_grad_block_rows(kernel_shape)
     xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
     rows, most = gp.shape[0], offsets[-1]
     blocks = -(-rows // block_rows)
@@ -245,8 +233,11 @@ def _cpu_same_conv_vjp(groups, x, kernel, g):
         gx = _cpu_same_conv(g, _input_grad_kernel(kernel, groups), groups)
         (gk,) = jax.vjp(lambda b: _tap_grouped_conv(x, b, groups), kernel)[1](g)
         return gx, gk
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    if cin < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
+        return _default_same_conv_vjp(1, x, kernel, g)
     (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
-    if kernel.shape[3] < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
+    if cout < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
         return gx, _stacked_cotangent_kernel_grad(x, g, kernel.shape, kernel.dtype)
     return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
 
@@ -268,10 +259,10 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
       matmuls over blocks of pixels, each block's kernel taps stacked (`_matmul_kernel_grad`;
       XLA's is 4-10x slower than the forward pass at the decoder's full- and half-resolution
       activations, e.g. 0.9 s vs 0.1 s for 144 -> 96 channels at 256x256; the blocked matmuls
-      take 0.14 s, one matmul per tap over the whole image 0.24 s; the stems from 3 channels at
-      512x512, on a 2-core AVX2 CPU: 7x7 to 64 channels 0.12 s vs XLA's 0.47-0.52 s, 3x3 to 48
-      0.05-0.06 s vs 0.10-0.11 s), or, to fewer than 16 output channels, one matmul against the
-      stacked shifted cotangent (`_stacked_cotangent_kernel_grad`, 4-12x faster than XLA's).
+      take 0.14 s, one matmul per tap over the whole image 0.24 s), or, to fewer than 16
+      output channels, one matmul against the stacked shifted cotangent
+      (`_stacked_cotangent_kernel_grad`, 4-12x faster than XLA's); from fewer than 16 input
+      channels XLA's own.
     """
     return _platform_same_conv(x, kernel, groups)
 
