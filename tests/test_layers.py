@@ -283,7 +283,8 @@ def test_dbfi_matches_torch(stride):
     (8, 32, 3, 4),    # expanding small groups (2 -> 8): XLA forward, fused input gradient
     (64, 8, 3, 2),    # wide groups (32 -> 4): XLA forward, input gradient as a grouped conv
     (16, 20, 3, 1),   # enough channels: blocked-matmul kernel gradient on CPU
-    (3, 16, 7, 1),    # few input channels (the stem): XLA's own kernel gradient
+    (3, 16, 7, 1),    # few input channels (the stems): one matmul per kernel row
+    (3, 48, 3, 1),    # the same, Swin-T's 3x3 stem
     (16, 3, 3, 1),    # few output channels (the heads): the stacked-cotangent kernel gradient
     (24, 1, 5, 1),    # the same, one output channel and a 5x5 kernel
     (16, 24, 1, 1),   # 1x1: a plain matmul
@@ -327,13 +328,14 @@ def test_blocked_kernel_grad_sums_every_block(kernel, block_rows):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel_grad,cout", [(layers._matmul_kernel_grad, 16),
-                                               (layers._stacked_cotangent_kernel_grad, 3)])
-def test_kernel_grads_in_bfloat16_accumulate_in_float32(kernel_grad, cout):
+@pytest.mark.parametrize("kernel_grad,cin,cout", [(layers._matmul_kernel_grad, 16, 16),
+                                                   (layers._stacked_cotangent_kernel_grad, 16, 3),
+                                                   (layers._row_stacked_kernel_grad, 3, 16)])
+def test_kernel_grads_in_bfloat16_accumulate_in_float32(kernel_grad, cin, cout):
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((1, 32, 32, 16)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, cin)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((1, 32, 32, cout)), jnp.bfloat16)
-    kernel = jnp.zeros((3, 3, 16, cout), jnp.bfloat16)
+    kernel = jnp.zeros((3, 3, cin, cout), jnp.bfloat16)
     _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x.astype(jnp.float32), b, 1),
                      kernel.astype(jnp.float32))
     (want,) = vjp(g.astype(jnp.float32))
