@@ -209,10 +209,12 @@ def _row_stacked_kernel_grad(x, g, kernel_shape, kernel_dtype):
     On the rows of the zero-padded grid (as in `_matmul_kernel_grad`), each kernel row dy stacks
     its kw row-shifted input slices into one (rows, kw * Cin) matrix that meets the whole
     cotangent in one matmul: kh matmuls, no loop. The 7x7 stem from 3 to 64 channels at 512x512
-    on a 2-core AVX2 CPU: 0.21 s, against 0.54 s for XLA:CPU's own gradient. (`_matmul_kernel_grad`'s
-    blocks took 0.14 s, but its `while` loop at the very end of the backward pass left 8 virtual CPU
-    devices deadlocked in a collective: a loop body waits for a thread that a blocked collective holds.)
-    Products accumulate in float32 whatever the input dtype.
+    on a 2-core AVX2 CPU: 0.21 s, against 0.54 s for XLA:CPU's own gradient. `_matmul_kernel_grad`'s
+    blocks took 0.14 s, but with its `while` loop in the stems' gradient, the last of the backward pass,
+    a training step on 8 virtual CPU devices with FSDP parameters aborted in an all-gather ("only 7 of
+    8 threads arrived"), probably one device's loop waiting for a thread held by the others' blocked
+    collectives; this form has no loop and that run passes. Products accumulate in float32 whatever
+    the input dtype.
     """
     kh, kw, cin, cout = kernel_shape
     xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
