@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from p3m_jax import checkpoints
+from p3m_jax.compile_options import compiler_options
 from p3m_jax.models import ARCHITECTURES, OUTPUT_NAMES, build_model, check_input_shape, init_variables
 from p3m_jax.weights import torch_import
 
@@ -44,29 +45,10 @@ _PENDING: dict[tuple, concurrent.futures.Future] = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-compile")
 
 
-# XLA:CPU compiles convolutions into YNNPACK calls by default. The inference programs ran faster with XLA's
-# own convolutions and YNNPACK kept for matmuls and reductions: HYBRID's full-size pass at 1056x1600 on a
-# 2-core AVX2 CPU, interleaved medians, ResNet-34 6.13 s vs 6.76 s, Swin-T 9.59 s vs 10.24 s, ViTAE-S
-# 43.2 s vs 43.0 s (outputs within 3e-6). Training keeps XLA's defaults (no consistent gain measured there).
-_CPU_INFERENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-# Set once a compilation refuses those options (an XLA that no longer has the flag): then plain compiles.
-_cpu_options_refused = False
-
-
 def compile_inference_program(lowered) -> Any:
-    """Compiles a lowered forward pass, with `_CPU_INFERENCE_OPTIONS` where it runs on the CPU (and the
-    compiler accepts them)."""
-    global _cpu_options_refused
-    if _cpu_options_refused or jax.devices()[0].platform != "cpu":
-        return lowered.compile()
-    try:
-        return lowered.compile(compiler_options=_CPU_INFERENCE_OPTIONS)
-    except Exception as err:  # pylint: disable=broad-except
-        if "xla_cpu_experimental_ynn_fusion_type" not in str(err):
-            raise
-        _cpu_options_refused = True
-        return lowered.compile()
+    """Compiles a lowered forward pass with the compiler options of the platform it runs on
+    (`p3m_jax.compile_options`: on the CPU, XLA's own convolutions rather than YNNPACK's)."""
+    return lowered.compile(compiler_options=compiler_options(jax.devices()[0].platform))
 
 
 def clear_compiled_programs() -> None:

@@ -5,6 +5,7 @@ import pytest
 from skimage.transform import resize as skimage_resize
 
 from p3m_jax import inference
+from tests.hlo_helpers import ynnpack_convolutions
 
 
 class FakePredictor:
@@ -175,11 +176,12 @@ def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
 
 
 def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(monkeypatch):
-    # On the CPU the forward programs compile convolutions without YNNPACK (faster for inference), with the
-    # same outputs as XLA's default compilation; a compiler that refuses the option gets a plain compile.
+    # On the CPU the forward programs compile convolutions without YNNPACK (faster), with the same
+    # outputs as XLA's default compilation; an XLA that refuses the option gets plain compiles.
     import jax
     import jax.numpy as jnp
 
+    from p3m_jax import compile_options
     from p3m_jax import predictor as predictor_lib
 
     predictor = predictor_lib.Predictor.random("resnet34")
@@ -187,22 +189,16 @@ def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(
                                                    jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
     default = lowered.compile()
     ours = predictor_lib.compile_inference_program(lowered)
-
-    def ynn_convolutions(compiled):
-        return [line for line in compiled.as_text().splitlines()
-                if "__ynn_fusion" in line and "conv_general_dilated" in line]
-
-    assert ynn_convolutions(default) and not ynn_convolutions(ours)
+    assert ynnpack_convolutions(default) > 0 and ynnpack_convolutions(ours) == 0
     x = np.random.default_rng(8).normal(size=(1, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(ours(predictor.variables, x)["local"], default(predictor.variables, x)["local"],
                                rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(predictor_lib, "_CPU_INFERENCE_OPTIONS",
+    monkeypatch.setattr(compile_options, "CPU_CONVOLUTION_OPTIONS",
                         {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
-    monkeypatch.setattr(predictor_lib, "_cpu_options_refused", False)
-    plain = predictor_lib.compile_inference_program(lowered)
-    assert predictor_lib._cpu_options_refused and ynn_convolutions(plain)
-    # Any other compilation error reaches the caller.
-    monkeypatch.setattr(predictor_lib, "_cpu_options_refused", False)
+    assert compile_options.compiler_options("cpu") is None
+    assert ynnpack_convolutions(predictor_lib.compile_inference_program(lowered)) > 0
+    # Other platforms keep XLA's defaults; a compilation error reaches the caller.
+    assert compile_options.compiler_options("gpu") is None
 
     class FailingLowered:
         def compile(self, **options):
@@ -210,4 +206,3 @@ def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(
 
     with pytest.raises(RuntimeError, match="out of memory"):
         predictor_lib.compile_inference_program(FailingLowered())
-    assert not predictor_lib._cpu_options_refused

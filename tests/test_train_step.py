@@ -25,6 +25,7 @@ from p3m_jax.train.step import eval_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from train_helpers import TinyP3M, flat, make_batch, run_tiny_training  # noqa: E402
+from tests.hlo_helpers import ynnpack_convolutions  # noqa: E402
 
 TESTS = pathlib.Path(__file__).parent
 REPO = TESTS.parent
@@ -184,7 +185,7 @@ def overfit_run(request):
         if i == 0:
             first_state = jax.tree_util.tree_map(jnp.copy, state)
         losses.append(float(m["loss"]))
-    return dict(arch=arch, model=model, tx=tx, lr=lr, mesh=mesh, shardings=shardings,
+    return dict(arch=arch, model=model, tx=tx, lr=lr, mesh=mesh, shardings=shardings, step=step,
                 initial=initial, first=first_state, batch=batch, losses=losses, state=state)
 
 
@@ -200,6 +201,16 @@ def test_loss_falls_when_overfitting_one_batch(overfit_run):
         overfit_run["state"], overfit_run["batch"])
     assert np.isfinite(float(metrics["loss"]))
     assert outputs["fusion"].shape == (2, SIZE, SIZE, 1)
+
+
+def test_cpu_train_step_compiles_convolutions_without_ynnpack(overfit_run):
+    # `make_train_step` compiles with `compile_options`: on the CPU, XLA's own convolutions (faster
+    # there than YNNPACK's); the overfitting run above trained with them. The step's program is
+    # the one already compiled (JAX's in-memory cache), so this check compiles nothing.
+    if overfit_run["arch"] != "resnet34":
+        pytest.skip("one variant is enough")
+    compiled = overfit_run["step"].lower(overfit_run["initial"], overfit_run["batch"]).compile()
+    assert " convolution(" in compiled.as_text() and ynnpack_convolutions(compiled) == 0
 
 
 def test_remat_gives_the_same_gradients(overfit_run):

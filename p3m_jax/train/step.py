@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from p3m_jax.compile_options import compiler_options
 from p3m_jax.losses import p3m_loss
 from p3m_jax.models import normalize_uint8
 from p3m_jax.train.mesh import batch_sharding, replicated
@@ -122,12 +123,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
                     model_kwargs_fn: ModelKwargsFn | None = None,
                     donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step` jitted over ``mesh``: state in/out with ``state_sharding`` (from
-    `state_shardings`), batch sharded on ``data``, metrics replicated, the state donated."""
+    `state_shardings`), batch sharded on ``data``, metrics replicated, the state donated,
+    compiled with the options of the mesh's platform (`p3m_jax.compile_options`)."""
     fn = functools.partial(train_step, model=model, optimizer=optimizer,
                            lr_schedule=lr_schedule, model_kwargs_fn=model_kwargs_fn)
     return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh)),
                    out_shardings=(state_sharding, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (),
+                   compiler_options=_mesh_compiler_options(mesh))
 
 
 def make_eval_step(model, mesh: Mesh, state_sharding,
@@ -136,7 +139,12 @@ def make_eval_step(model, mesh: Mesh, state_sharding,
     """`eval_step` jitted over ``mesh``: metrics replicated, outputs sharded like the batch."""
     fn = functools.partial(eval_step, model=model, model_kwargs_fn=model_kwargs_fn)
     return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh)),
-                   out_shardings=(replicated(mesh), batch_sharding(mesh)))
+                   out_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   compiler_options=_mesh_compiler_options(mesh))
+
+
+def _mesh_compiler_options(mesh: Mesh) -> dict | None:
+    return compiler_options(mesh.devices.flat[0].platform)
 
 
 __all__ = ["prepare_batch", "train_step", "eval_step", "make_train_step", "make_eval_step",
