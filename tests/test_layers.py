@@ -289,13 +289,15 @@ def test_dbfi_matches_torch(stride):
     (24, 1, 5, 1),    # the same, one output channel and a 5x5 kernel
     (16, 24, 1, 1),   # 1x1: a plain matmul
 ])
-def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups):
-    # The backward passes written for XLA:CPU give PyTorch's gradients, with odd shapes (5
-    # columns) so that the padded-grid row offsets of the kernel gradient are exercised.
+@pytest.mark.parametrize("hw", [(18, 17), (6, 5), (2, 2)])
+def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups, hw):
+    # The forward and backward passes written for XLA:CPU give PyTorch's, with odd shapes (17 and
+    # 5 columns) so that the padded-grid row offsets of the kernel gradient are exercised. Images
+    # of up to 16x16 pixels take the stacked-taps matmul, also with a kernel larger than the image.
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 6, 5, cin)).astype(np.float32)
+    x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
     w = (rng.standard_normal((cout, cin // groups, kernel, kernel)) * 0.3).astype(np.float32)
-    cot = rng.standard_normal((2, 6, 5, cout)).astype(np.float32)
+    cot = rng.standard_normal((2, *hw, cout)).astype(np.float32)
     tx = nchw(x).requires_grad_(True)
     tw = torch.from_numpy(w).requires_grad_(True)
     ty = F.conv2d(tx, tw, padding=kernel // 2, groups=groups)
@@ -304,14 +306,49 @@ def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups):
     y, vjp = jax.vjp(lambda a, b: conv.apply({"params": {"kernel": b}}, a), jnp.asarray(x),
                      jnp.asarray(conv_kernel(tw)))
     gx, gw = vjp(jnp.asarray(cot))
-    np.testing.assert_allclose(np.asarray(y), nhwc(ty), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(np.asarray(gx), nhwc(tx.grad), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(np.asarray(gw), conv_kernel(tw.grad), rtol=RTOL, atol=ATOL)
+    assert_close_to_scale(y, nhwc(ty))
+    assert_close_to_scale(gx, nhwc(tx.grad))
+    assert_close_to_scale(gw, conv_kernel(tw.grad))
     if kernel > 1:  # the bare function too
         _, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), jnp.asarray(x),
                          jnp.asarray(conv_kernel(tw)))
-        np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cot))[1]), conv_kernel(tw.grad),
-                                   rtol=RTOL, atol=ATOL)
+        assert_close_to_scale(vjp(jnp.asarray(cot))[1], conv_kernel(tw.grad))
+
+
+def assert_close_to_scale(actual, desired):
+    """float32 agreement for sums of hundreds of products: 1e-5 relative to the array's largest value."""
+    desired = np.asarray(desired)
+    np.testing.assert_allclose(np.asarray(actual), desired, rtol=RTOL,
+                               atol=ATOL * max(1.0, float(np.abs(desired).max())))
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(24, 20, 1), (64, 8, 2), (32, 64, 8)])
+def test_cpu_compiled_conv_and_its_gradients_match_torch(cin, cout, groups):
+    # Training, evaluation and inference programs compile on the CPU with XLA's own convolutions
+    # (`compile_options`), not YNNPACK's (which takes convolutions with more than 16 channels);
+    # the forward pass and both gradients still give PyTorch's, plain and grouped.
+    from p3m_jax.compile_options import compiler_options
+
+    options = compiler_options("cpu")
+    assert options is not None
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 18, 17, cin)).astype(np.float32)
+    w = (rng.standard_normal((cout, cin // groups, 3, 3)) * 0.3).astype(np.float32)
+    cot = rng.standard_normal((2, 18, 17, cout)).astype(np.float32)
+    tx = nchw(x).requires_grad_(True)
+    tw = torch.from_numpy(w).requires_grad_(True)
+    ty = F.conv2d(tx, tw, padding=1, groups=groups)
+    (ty * nchw(cot)).sum().backward()
+
+    def forward_and_grads(a, b, g):
+        y, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), a, b)
+        return (y, *vjp(g))
+
+    y, gx, gw = jax.jit(forward_and_grads, compiler_options=options)(
+        jnp.asarray(x), jnp.asarray(conv_kernel(tw)), jnp.asarray(cot))
+    assert_close_to_scale(y, nhwc(ty))
+    assert_close_to_scale(gx, nhwc(tx.grad))
+    assert_close_to_scale(gw, conv_kernel(tw.grad))
 
 
 @pytest.mark.parametrize("kernel,block_rows", [(3, 16), (3, 50), (5, 64), (3, 1000)])

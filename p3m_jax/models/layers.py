@@ -128,9 +128,38 @@ def _is_small_group_conv(kernel_shape, groups):
     return groups > 1 and cout_group <= cin_group <= _MAX_SMALL_GROUP_CHANNELS
 
 
+# Up to this many pixels per image, an ungrouped convolution on the CPU is one matmul over its
+# stacked taps (`_stacked_taps_conv`).
+_STACKED_TAPS_MAX_PIXELS = 16 * 16
+
+
+def _is_small_image_conv(x_shape, groups):
+    return groups == 1 and x_shape[1] * x_shape[2] <= _STACKED_TAPS_MAX_PIXELS
+
+
+def _stacked_taps_conv(x, kernel):
+    """A stride-1 'same' convolution as one matmul: the kh * kw shifted windows of the zero-padded
+    input side by side on the channel axis (N, H, W, kh * kw * Cin) against the kernel reshaped
+    to (kh * kw * Cin, Cout); products accumulate in float32. For small images (the deep
+    stages, and every stage of a small training crop): a 3x3 convolution from 512 to 512
+    channels on a batch of 8 2x2 images, forward and both gradients, took 184 ms through
+    XLA:CPU's convolution (YNNPACK refuses a kernel larger than the image; Eigen's is slow there)
+    and 6.5 ms as this matmul; 4x4 from 256 channels 8.7 vs 4.9 ms, 16x16 from 512 channels on
+    one image 66 vs 47 ms (2-core AVX2 CPU)."""
+    kh, kw, cin, cout = kernel.shape
+    h, w = x.shape[1], x.shape[2]
+    xp = _pad_same(x, kh, kw)
+    taps = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w] for dy in range(kh) for dx in range(kw)], axis=-1)
+    out = jax.lax.dot_general(taps, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return out.astype(jnp.result_type(x, kernel))
+
+
 def _cpu_same_conv(x, kernel, groups):
     if _is_small_group_conv(kernel.shape, groups):
         return _small_group_conv(x, kernel, groups)
+    if _is_small_image_conv(x.shape, groups):
+        return _stacked_taps_conv(x, kernel)
     return _lax_same_conv(x, kernel, groups)
 
 
@@ -259,6 +288,8 @@ def _cpu_same_conv_vjp(groups, x, kernel, g):
         gx = _cpu_same_conv(g, _input_grad_kernel(kernel, groups), groups)
         (gk,) = jax.vjp(lambda b: _tap_grouped_conv(x, b, groups), kernel)[1](g)
         return gx, gk
+    if _is_small_image_conv(x.shape, groups):  # the matmul's own gradients: matmuls and slices
+        return jax.vjp(_stacked_taps_conv, x, kernel)[1](g)
     cin, cout = kernel.shape[2], kernel.shape[3]
     (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
     if cin < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
@@ -266,6 +297,7 @@ def _cpu_same_conv_vjp(groups, x, kernel, g):
     if cout < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
         return gx, _stacked_cotangent_kernel_grad(x, g, kernel.shape, kernel.dtype)
     return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
+
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
