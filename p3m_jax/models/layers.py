@@ -306,6 +306,9 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
 
     Other backends use XLA's convolution and its gradients. XLA:CPU is slow on some shapes,
     so there the computation is written differently:
+    - ungrouped on images of up to 16x16 pixels (the deep stages; every stage of a small
+      training crop): one matmul over the stacked taps, and that matmul's gradients
+      (`_stacked_taps_conv`; up to 28x faster where the kernel is larger than the image);
     - grouped: the input gradient is computed as the grouped convolution it is (flipped taps,
       channels swapped within groups), not by XLA's convolution gradient; convolutions from at
       most 16 channels per group to as many or fewer (ViTAE-S's 16 -> 4 and 4 -> 4, and as
@@ -313,8 +316,9 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
       faster than XLA's with BatchNorm after them; the kernel gradient is that of an
       equivalent per-tap batched-matmul formulation (XLA's was ~100x slower than the forward
       pass: 1.4 s vs 11 ms for 128 -> 512 channels, 32 groups, 64x64);
-    - ungrouped: XLA's input gradient (as fast as the forward pass) and the kernel gradient as
-      matmuls over blocks of pixels, each block's kernel taps stacked (`_matmul_kernel_grad`;
+    - ungrouped on larger images: XLA's input gradient (as fast as the forward pass) and the
+      kernel gradient as matmuls over blocks of pixels, each block's kernel taps stacked
+      (`_matmul_kernel_grad`;
       XLA's is 4-10x slower than the forward pass at the decoder's full- and half-resolution
       activations, e.g. 0.9 s vs 0.1 s for 144 -> 96 channels at 256x256; the blocked matmuls
       take 0.14 s, one matmul per tap over the whole image 0.24 s), or, to fewer than 16
