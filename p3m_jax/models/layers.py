@@ -142,10 +142,10 @@ def _stacked_taps_conv(x, kernel):
     input side by side on the channel axis (N, H, W, kh * kw * Cin) against the kernel reshaped
     to (kh * kw * Cin, Cout); products accumulate in float32. For small images (the deep
     stages, and every stage of a small training crop): a 3x3 convolution from 512 to 512
-    channels on a batch of 8 2x2 images, forward and both gradients, took 184 ms through
-    XLA:CPU's convolution (YNNPACK refuses a kernel larger than the image; Eigen's is slow there)
-    and 6.5 ms as this matmul; 4x4 from 256 channels 8.7 vs 4.9 ms, 16x16 from 512 channels on
-    one image 66 vs 47 ms (2-core AVX2 CPU)."""
+    channels on a batch of 8 2x2 images, forward and both gradients, took 184 ms as XLA:CPU's
+    convolution and its gradients (YNNPACK refuses a kernel larger than the image, and XLA's own
+    convolution is slow there) and 6.5 ms as this matmul; 4x4 from 256 channels 8.7 vs 4.9 ms,
+    16x16 from 512 channels on one image 66 vs 47 ms (2-core AVX2 CPU)."""
     kh, kw, cin, cout = kernel.shape
     h, w = x.shape[1], x.shape[2]
     xp = _pad_same(x, kh, kw)
@@ -297,7 +297,6 @@ def _cpu_same_conv_vjp(groups, x, kernel, g):
     if cout < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
         return gx, _stacked_cotangent_kernel_grad(x, g, kernel.shape, kernel.dtype)
     return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
-
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
