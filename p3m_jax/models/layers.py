@@ -149,8 +149,9 @@ def _stacked_taps_conv(x, kernel):
     kh, kw, cin, cout = kernel.shape
     h, w = x.shape[1], x.shape[2]
     xp = _pad_same(x, kh, kw)
-    taps = jnp.concatenate([xp[:, dy:dy + h, dx:dx + w] for dy in range(kh) for dx in range(kw)], axis=-1)
-    out = jax.lax.dot_general(taps, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+    taps = jnp.stack([xp[:, dy:dy + h, dx:dx + w] for dy in range(kh) for dx in range(kw)], axis=3)
+    # Contracting (tap, Cin) without merging them keeps a parameter sharded on Cin (FSDP) as it is.
+    out = jax.lax.dot_general(taps, kernel.reshape(kh * kw, cin, cout), (((3, 4), (0, 1)), ((), ())),
                               preferred_element_type=jnp.float32)
     return out.astype(jnp.result_type(x, kernel))
 
