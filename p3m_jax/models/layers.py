@@ -173,12 +173,10 @@ def _input_grad_kernel(kernel, groups):
     return k.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout // groups, groups * cin_group)
 
 
-# Below this many input or output channels the blocked matmuls are too narrow to pay off.
-# With few output channels (the heads' 64 -> 3 and 64 -> 1) the kernel gradient is one
-# matmul against the stacked shifted cotangent instead (`_stacked_cotangent_kernel_grad`);
-# with few input channels (the stems from 3 channels) one matmul per kernel row
-# (`_row_stacked_kernel_grad`).
-_MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD = 16
+# To fewer output channels than this (the heads' 64 -> 3 and 64 -> 1) the kernel gradient is one
+# matmul against the stacked shifted cotangent (`_stacked_cotangent_kernel_grad`); from 8 output
+# channels up XLA's gradient of the padded input's convolution is as fast, and from 16 faster.
+_MIN_OUTPUT_CHANNELS_FOR_XLA_KERNEL_GRAD = 16
 
 
 def _padded_grid_rows(x, g, kernel_shape):
@@ -193,80 +191,38 @@ def _padded_grid_rows(x, g, kernel_shape):
     return xp, gp, [dy * grid_w + dx for dy in range(kh) for dx in range(kw)]
 
 
-# Rows of the padded grid per block of `_matmul_kernel_grad`: its stacked taps (512 x 9 x 64
-# float32 values for a 64-channel 3x3 convolution, 1.2 MB) stay in cache while they are used.
-_KERNEL_GRAD_BLOCK_ROWS = 512
+def _padded_input_kernel_grad(x, g, kernel_shape, kernel_dtype):
+    """The kernel gradient of an ungrouped stride-1 'same' convolution: XLA's gradient of the
+    'valid' convolution of the input zero-padded beforehand, in float32 whatever the input dtype.
 
-
-def _matmul_kernel_grad(x, g, kernel_shape, kernel_dtype, block_rows=_KERNEL_GRAD_BLOCK_ROWS):
-    """The kernel gradient of a stride-1 'same' convolution as matmuls over blocks of pixels.
-
-    Both arrays are flattened to rows of the zero-padded (H + kh - 1) x (W + kw - 1) grid; the
-    cotangent ``g`` sits at the grid's top-left, so tap (dy, dx) pairs row r of ``g`` with row
-    r + dy * (W + kw - 1) + dx of the padded input: a contiguous row slice, no strided gather.
-    Rows of ``g`` outside the image are zero, so the slices' wrap-around rows add nothing.
-
-    A loop runs over blocks of ``block_rows`` rows. Each block stacks its kh * kw input slices
-    into one (block_rows, kh * kw * Cin) matrix and meets the block's cotangent in one matmul,
-    so the input is read from memory once, not once per tap as with one matmul per tap over
-    the whole grid (64 -> 64 channels at 256x256: 95-100 ms per tap matmuls, 60-65 ms blocked;
-    ResNet-34's 512x512 train step about 5 % faster). Products and the sum over blocks
-    accumulate in float32 whatever the input dtype.
+    XLA:CPU's kernel gradient of the convolution with its padding inside is 1.5-3x slower than of
+    the same convolution on the padded input (2-core AVX2 CPU, one image: 64 -> 64 channels at
+    256x256 170 ms vs 55-64 ms; 512 -> 512 at 32x32 62-80 vs 34-59 ms; the 7x7 stem from 3 to 64
+    channels at 512x512 190 vs 74-84 ms), and faster, from 16 output channels, than the matmul
+    forms this project used before (blocked matmuls over the stacked taps: 81 ms, 59-85 ms and,
+    one matmul per kernel row for the stem, 234 ms).
     """
-    xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
-    rows, most = gp.shape[0], offsets[-1]
-    blocks = -(-rows // block_rows)
-    # Zero rows at the end complete the last block (and give its taps their reach).
-    gp = jnp.pad(gp, ((0, blocks * block_rows - rows), (0, 0)))
-    xp = jnp.pad(xp, ((0, blocks * block_rows - rows + most), (0, 0)))
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    xp = _pad_same(x, kh, kw).astype(jnp.float32)
 
-    def add_block(i, total):
-        start = i * block_rows
-        x_block = jax.lax.dynamic_slice_in_dim(xp, start, block_rows + most, axis=0)
-        g_block = jax.lax.dynamic_slice_in_dim(gp, start, block_rows, axis=0)
-        taps = jnp.stack([x_block[s:s + block_rows] for s in offsets], axis=1)
-        return total + jax.lax.dot_general(taps.reshape(block_rows, -1), g_block,
-                                           (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+    def convolve(kernel):
+        return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    kh, kw, cin, cout = kernel_shape
-    total = jax.lax.fori_loop(0, blocks, add_block, jnp.zeros((kh * kw * cin, cout), jnp.float32))
-    return total.reshape(kernel_shape).astype(kernel_dtype)
-
-
-def _row_stacked_kernel_grad(x, g, kernel_shape, kernel_dtype):
-    """The kernel gradient of a stride-1 'same' convolution from few input channels (the stems).
-
-    On the rows of the zero-padded grid (as in `_matmul_kernel_grad`), each kernel row dy stacks
-    its kw row-shifted input slices into one (rows, kw * Cin) matrix that meets the whole
-    cotangent in one matmul: kh matmuls, no loop. The 7x7 stem from 3 to 64 channels at 512x512
-    on a 2-core AVX2 CPU: 0.21 s, against 0.54 s for XLA:CPU's own gradient. `_matmul_kernel_grad`'s
-    blocks took 0.14 s, but with its `while` loop in the stems' gradient, the last of the backward pass,
-    a training step on 8 virtual CPU devices with FSDP parameters aborted in an all-gather ("only 7 of
-    8 threads arrived"), probably one device's loop waiting for a thread held by the others' blocked
-    collectives; this form has no loop and that run passes. Products accumulate in float32 whatever
-    the input dtype.
-    """
-    kh, kw, cin, cout = kernel_shape
-    xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
-    rows, most = gp.shape[0], offsets[-1]
-    xp = jnp.pad(xp, ((0, most), (0, 0)))  # the last taps' reach past the grid's end (zero cotangent there)
-    per_row = []
-    for dy in range(kh):
-        taps = jnp.stack([xp[s:s + rows] for s in offsets[dy * kw:(dy + 1) * kw]], axis=1)
-        per_row.append(jax.lax.dot_general(taps.reshape(rows, kw * cin), gp, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32))
-    return jnp.concatenate(per_row, axis=0).reshape(kernel_shape).astype(kernel_dtype)
+    transpose = jax.linear_transpose(convolve, jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
+    (grad,) = transpose(g.astype(jnp.float32))
+    return grad.astype(kernel_dtype)
 
 
 def _stacked_cotangent_kernel_grad(x, g, kernel_shape, kernel_dtype):
     """The kernel gradient of a stride-1 'same' convolution with few output channels as one matmul.
 
-    On the rows of the zero-padded (H + kh - 1) x (W + kw - 1) grid (as in `_matmul_kernel_grad`),
+    On the rows of the zero-padded (H + kh - 1) x (W + kw - 1) grid (`_padded_grid_rows`),
     tap t = (dy, dx) is sum_r xp[r] * gp[r - s_t] with s_t = dy * (W + kw - 1) + dx: the kh * kw
     shifted copies of the cotangent, stacked as the columns of one (rows, kh * kw * Cout) matrix,
     meet the padded input in a single matmul that reads the input once. XLA:CPU's own gradient of
-    a 64 -> 1 convolution at 512x512 takes 220 ms, this form 53 ms; 64 -> 3 at 256x256, 104 -> 8 ms.
+    a 64 -> 1 convolution at 512x512 takes 260 ms (100-120 ms on the input padded beforehand, as
+    `_padded_input_kernel_grad`), this form 52-64 ms; 64 -> 3 at 256x256, 96 (23-26) -> 9-11 ms.
     Shifted rows that fall before the first row, or into the previous row's or image's padding,
     are zeros of the cotangent. Products accumulate in float32 whatever the input dtype.
     """
@@ -292,13 +248,10 @@ def _cpu_same_conv_vjp(groups, x, kernel, g):
         return gx, gk
     if _is_small_image_conv(x.shape, groups):  # the matmul's own gradients: matmuls and slices
         return jax.vjp(_stacked_taps_conv, x, kernel)[1](g)
-    cin, cout = kernel.shape[2], kernel.shape[3]
     (gx,) = jax.vjp(lambda a: _lax_same_conv(a, kernel, 1), x)[1](g)
-    if cin < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
-        return gx, _row_stacked_kernel_grad(x, g, kernel.shape, kernel.dtype)
-    if cout < _MIN_CHANNELS_FOR_MATMUL_KERNEL_GRAD:
+    if kernel.shape[3] < _MIN_OUTPUT_CHANNELS_FOR_XLA_KERNEL_GRAD:
         return gx, _stacked_cotangent_kernel_grad(x, g, kernel.shape, kernel.dtype)
-    return gx, _matmul_kernel_grad(x, g, kernel.shape, kernel.dtype)
+    return gx, _padded_input_kernel_grad(x, g, kernel.shape, kernel.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -317,16 +270,11 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
       faster than XLA's with BatchNorm after them; the kernel gradient is that of an
       equivalent per-tap batched-matmul formulation (XLA's was ~100x slower than the forward
       pass: 1.4 s vs 11 ms for 128 -> 512 channels, 32 groups, 64x64);
-    - ungrouped on larger images: XLA's input gradient (as fast as the forward pass) and the
-      kernel gradient as matmuls over blocks of pixels, each block's kernel taps stacked
-      (`_matmul_kernel_grad`;
-      XLA's is 4-10x slower than the forward pass at the decoder's full- and half-resolution
-      activations, e.g. 0.9 s vs 0.1 s for 144 -> 96 channels at 256x256; the blocked matmuls
-      take 0.14 s, one matmul per tap over the whole image 0.24 s), or, to fewer than 16
-      output channels, one matmul against the stacked shifted cotangent
-      (`_stacked_cotangent_kernel_grad`, 4-12x faster than XLA's), or, from fewer than 16 input
-      channels (the stems), one matmul per kernel row (`_row_stacked_kernel_grad`, 2.5x faster
-      than XLA's for the 7x7 stem).
+    - ungrouped on larger images: XLA's input gradient (as fast as the forward pass) and, from 16
+      output channels, XLA's kernel gradient of the convolution of the input padded beforehand
+      (`_padded_input_kernel_grad`: with the padding inside the convolution XLA's kernel gradient
+      is 1.5-3x slower), or, to fewer output channels (the heads), one matmul against the stacked
+      shifted cotangent (`_stacked_cotangent_kernel_grad`, 2-2.5x faster than that).
     """
     return _platform_same_conv(x, kernel, groups)
 
