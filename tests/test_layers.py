@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from p3m_jax.models import layers
-from p3m_jax.models.bridges import DBFI, SBFI, TFI
+from p3m_jax.models.bridges import DBFI, SBFI, TFI, pool_stem
 
 RTOL = ATOL = 1e-5
 
@@ -251,16 +251,31 @@ def test_tfi_matches_torch():
                                rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("stride", [2, 4, 8])
-def test_sbfi_matches_torch(stride):
-    gen = torch.Generator().manual_seed(stride)
-    ref = TorchSBFI(8, 4, stride, gen)
-    x = np.random.default_rng(0).standard_normal((1, 4, 6, 8)).astype(np.float32)
-    stem = np.random.default_rng(1).standard_normal((1, 4 * stride, 6 * stride, 4)).astype(
-        np.float32)
-    got = SBFI(8, stride).apply(_flax_variables(ref), x, stem, train=False)
-    np.testing.assert_allclose(np.asarray(got), nhwc(ref(nchw(x), nchw(stem))),
-                               rtol=RTOL, atol=ATOL)
+def test_sbfis_share_one_stem_pooling_and_match_torch():
+    # The decoder's three sBFIs (strides 2, 4 and 8) on one stem feature: their outputs and the
+    # stem's gradient equal PyTorch's, where each pools the stem with MaxPool2d(2, stride) and ours
+    # share one stride-2 pooling (`pool_stem`). Half the stem values are zero (as after a ReLU), so
+    # that ties decide which pixel of a window gets the gradient.
+    rng = np.random.default_rng(0)
+    stem = np.maximum(rng.standard_normal((1, 32, 48, 4)), 0).astype(np.float32)
+    locals_ = [rng.standard_normal((1, 32 // s, 48 // s, 8)).astype(np.float32) for s in (2, 4, 8)]
+    cots = [rng.standard_normal(x.shape).astype(np.float32) for x in locals_]
+    refs = [TorchSBFI(8, 4, s, torch.Generator().manual_seed(s)) for s in (2, 4, 8)]
+    tstem = nchw(stem).requires_grad_(True)
+    touts = [ref(nchw(x), tstem) for ref, x in zip(refs, locals_)]
+    sum((t * nchw(c)).sum() for t, c in zip(touts, cots)).backward()
+
+    def forward(stem):
+        pooled = pool_stem(stem)
+        return [SBFI(8, s).apply(_flax_variables(ref), x, pooled, train=False)
+                for s, ref, x in zip((2, 4, 8), refs, locals_)]
+
+    outs, vjp = jax.vjp(forward, jnp.asarray(stem))
+    for got, want in zip(outs, touts):
+        np.testing.assert_allclose(np.asarray(got), nhwc(want), rtol=RTOL, atol=ATOL)
+    (gstem,) = vjp([jnp.asarray(c) for c in cots])
+    np.testing.assert_allclose(np.asarray(gstem), nhwc(tstem.grad), rtol=RTOL, atol=ATOL)
+    assert np.count_nonzero(nhwc(tstem.grad)) > 0
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])

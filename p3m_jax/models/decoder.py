@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from p3m_jax.models.bridges import DBFI, SBFI, TFI
+from p3m_jax.models.bridges import DBFI, SBFI, TFI, pool_stem
 from p3m_jax.models.layers import ConvBNReLUStack, Dtype, conv2d, max_unpool_2x2, upsample_bilinear
 
 OUTPUT_NAMES = ("global", "local", "fusion", "side2", "side1", "side0")
@@ -104,7 +104,7 @@ class P3MDecoder(nn.Module):
         w4, w3, w2, w1, w0, _ = spec.widths
         x = enc.deep
         feats, idx = enc.features, enc.indices
-        stem = feats[0]
+        pooled_stem = pool_stem(feats[0])  # one pooling for the three sBFIs
 
         def block(level, branch, inp):
             return ConvBNReLUStack(spec.block_widths(level, branch),
@@ -132,13 +132,13 @@ class P3MDecoder(nn.Module):
         d3_l = TFI(w3, dtype=self.dtype, name="tfi_3")(d4_g, d4_l, feats[4], train)
         d3_l = unpool(block(3, "local", d3_l), 3)
         d2_l = TFI(w2, dtype=self.dtype, name="tfi_2")(d3_g, d3_l, feats[3], train)
-        d2_l = SBFI(w2, 8, dtype=self.dtype, name="sbfi_2")(d2_l, stem, train)
+        d2_l = SBFI(w2, 8, dtype=self.dtype, name="sbfi_2")(d2_l, pooled_stem, train)
         d2_l = unpool(block(2, "local", d2_l), 2)
         d1_l = TFI(w1, dtype=self.dtype, name="tfi_1")(d2_g, d2_l, feats[2], train)
-        d1_l = SBFI(w1, 4, dtype=self.dtype, name="sbfi_1")(d1_l, stem, train)
+        d1_l = SBFI(w1, 4, dtype=self.dtype, name="sbfi_1")(d1_l, pooled_stem, train)
         d1_l = unpool(block(1, "local", d1_l), 1)
         d0_l = TFI(w0, dtype=self.dtype, name="tfi_0")(d1_g, d1_l, feats[1], train)
-        d0_l = SBFI(w0, 2, dtype=self.dtype, name="sbfi_0")(d0_l, stem, train)
+        d0_l = SBFI(w0, 2, dtype=self.dtype, name="sbfi_0")(d0_l, pooled_stem, train)
         d0_l = unpool(block(0, "local", d0_l), 0)
         local_logit = conv2d(1, 3, use_bias=True, name="decoder_final_l", dtype=self.dtype)(d0_l)
 
