@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from p3m_jax.models import build_model, init_variables  # noqa: E402
-from p3m_jax.models.attention import global_attention  # noqa: E402
+from p3m_jax.models.attention import LayerNorm, gelu, global_attention  # noqa: E402
 from p3m_jax.models.vitae import (PCM, Attention, NormalCell,  # noqa: E402
                                   PerformerAttention, performer_features_init)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
@@ -141,6 +141,40 @@ def test_global_attention_matches_pytorch_and_chunking_is_exact():
     ours = jax.grad(lambda q, k, v: jnp.sum(global_attention(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(ours, (tq.grad, tk.grad, tv.grad)):
         np.testing.assert_allclose(np.asarray(got), want.transpose(1, 2).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_and_gelu_gradients_match_pytorch():
+    """The LayerNorm's hand-written backward pass and the erf GELU against PyTorch autograd
+    (input, scale and bias gradients), on tokens with a large mean (where a variance taken as
+    E[x^2] - E[x]^2 loses digits), and in bfloat16 (statistics in float32)."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(2, 5, 7, 24)) * 3 + 40).astype(np.float32)
+    weight = rng.normal(size=(2, 5, 7, 24)).astype(np.float32)
+    scale, bias = rng.normal(size=24).astype(np.float32), rng.normal(size=24).astype(np.float32)
+    norm = LayerNorm(1e-6)
+
+    def loss(x, scale, bias):
+        y = norm.apply({"params": {"scale": scale, "bias": bias}}, x)
+        return jnp.sum(gelu(y) * weight)
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale),
+                                                               jnp.asarray(bias))
+    tx, ts, tb = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (x, scale, bias))
+    tvalue = (F.gelu(F.layer_norm(tx, (24,), ts, tb, 1e-6)) * torch.from_numpy(weight)).sum()
+    tvalue.backward()
+    np.testing.assert_allclose(float(value), float(tvalue), rtol=1e-5)
+    for got, want in zip(grads, (tx.grad, ts.grad, tb.grad)):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=2e-5, rtol=1e-4)
+    # bfloat16 input and output, float32 statistics: float32's result on the same (rounded)
+    # input, rounded once to bfloat16.
+    x_low = jnp.asarray(x, jnp.bfloat16)
+    low = LayerNorm(1e-6, dtype=jnp.bfloat16).apply({"params": {"scale": scale, "bias": bias}}, x_low)
+    assert low.dtype == jnp.bfloat16
+    full = norm.apply({"params": {"scale": scale, "bias": bias}}, x_low.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(full), atol=1e-6, rtol=2 ** -8)
+    g_low = jax.grad(lambda x: jnp.sum(norm.apply({"params": {"scale": scale, "bias": bias}}, x)
+                                       .astype(jnp.float32) * weight))(jnp.asarray(x, jnp.bfloat16))
+    assert g_low.dtype == jnp.bfloat16
 
 
 def test_pcm_branch_matches_pytorch():
