@@ -82,8 +82,7 @@ def _layer_norm_statistics(x, epsilon):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm(x, scale, bias, epsilon):
     """Float32 ``LayerNorm(x) * scale + bias`` over the last axis, with a hand-written VJP."""
-    normalized, _, _ = _layer_norm_statistics(x, epsilon)
-    return normalized * scale + bias
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon):
