@@ -146,6 +146,38 @@ def test_background_compilation_is_joined_by_forward_and_its_errors_reach_the_ca
         predictor.forward(x, outputs=("side0",))
 
 
+def test_next_program_lowers_while_the_one_before_it_compiles(monkeypatch):
+    import threading
+
+    from p3m_jax import predictor as predictor_lib
+
+    predictor = predictor_lib.Predictor.random("resnet34")
+    shape = (1, 64, 192, 3)  # a shape no other test compiles
+    second_lowered = threading.Event()
+    lower = predictor._lower
+
+    def recording_lower(request):
+        lowered = lower(request)
+        if request[1] == ("local",):
+            second_lowered.set()
+        return lowered
+
+    compile_program = predictor_lib.compile_inference_program
+    overlapped = []
+
+    def waiting_compile(lowered):
+        if not overlapped:  # the first program: its compilation waits for the second's lowering
+            overlapped.append(second_lowered.wait(timeout=120))
+        return compile_program(lowered)
+
+    monkeypatch.setattr(predictor, "_lower", recording_lower)
+    monkeypatch.setattr(predictor_lib, "compile_inference_program", waiting_compile)
+    predictor.compile_programs([(shape, ("global",)), (shape, ("local",))])
+    assert overlapped == [True]  # lowered on its own thread, not after the first compilation
+    x = np.random.default_rng(8).normal(size=shape).astype(np.float32)
+    assert predictor.forward(x, outputs=("local",))["local"].shape == (1, 64, 192, 1)
+
+
 def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
     from p3m_jax import predictor as predictor_lib
 
