@@ -116,6 +116,18 @@ def test_strategies_run_a_real_random_model():
         inference.predict_alpha(predictor, image[..., 0], "resize")
 
 
+def test_random_predictors_share_an_initializer_but_follow_their_seed():
+    import jax
+
+    from p3m_jax.predictor import Predictor
+
+    first, other_seed, same_seed = (Predictor.random("resnet34", seed=s) for s in (0, 1, 0))
+    leaves = [jax.tree_util.tree_leaves(p.variables) for p in (first, other_seed, same_seed)]
+    assert all(np.array_equal(a, c) for a, c in zip(leaves[0], leaves[2]))
+    differing = sum(not np.array_equal(a, b) for a, b in zip(leaves[0], leaves[1]))
+    assert differing >= 90  # every randomly drawn kernel (BatchNorm scales, biases and statistics are constants)
+
+
 def test_background_compilation_is_joined_by_forward_and_its_errors_reach_the_caller(monkeypatch):
     from p3m_jax import predictor as predictor_lib
 
