@@ -154,12 +154,14 @@ def model_options(config) -> dict:
 # ----------------------------------------------------------------------------------------------- init
 def initial_variables(config, model, rng) -> tuple[Any, str]:
     """Model variables to start from and a one-line description of where they came from."""
-    variables = jax.jit(lambda r: init_variables(model, r))(rng)
+    def random_init():
+        return jax.jit(lambda r: init_variables(model, r))(rng)
+
     if config.init.pretrained_backbone:
         from p3m_jax.weights.backbone import load_backbone  # pylint: disable=import-outside-toplevel
 
         variables, report = load_backbone(os.path.expanduser(config.init.pretrained_backbone),
-                                          config.arch, variables)
+                                          config.arch, random_init())
         return variables, f"ImageNet backbone {config.init.pretrained_backbone}: {report.summary()}"
     path = os.path.expanduser(config.init.checkpoint)
     if path:
@@ -170,7 +172,7 @@ def initial_variables(config, model, rng) -> tuple[Any, str]:
             return loaded.variables, f"fine-tuning from p3m-jax checkpoint {path}"
         loaded, _ = variables_from_torch(path, config.arch, options=model_options(config))
         return loaded, f"fine-tuning from the authors' checkpoint {path}"
-    return variables, "random initialisation"
+    return random_init(), "random initialisation"
 
 
 # ------------------------------------------------------------------------------------------ preemption
