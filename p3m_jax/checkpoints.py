@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from p3m_jax import fileio
+
 MODEL_META_FILE = "p3m_model.json"
 VARIABLES_DIR = "variables"
 FORMAT_VERSION = 1
@@ -43,6 +45,7 @@ def save_model_checkpoint(path: str | os.PathLike, arch: str, variables: Any, *,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
+        os.chmod(tmp, fileio.usual_mode(directory=True))  # mkdtemp's 0700 would hide it from other users
         variables = jax.tree_util.tree_map(np.asarray, variables)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, VARIABLES_DIR), variables)

@@ -15,6 +15,12 @@ def _current_umask() -> int:
     return mask
 
 
+def usual_mode(*, directory: bool = False) -> int:
+    """The permissions a plain ``open(path, "w")`` (0666) or ``os.mkdir`` (0777) gives, less the umask:
+    what a file or folder made by `tempfile` (owner-only) gets before it is renamed into place."""
+    return (0o777 if directory else 0o666) & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Opens a temporary file next to ``path`` and renames it onto ``path`` on success.
@@ -31,7 +37,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, usual_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

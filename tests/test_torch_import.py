@@ -190,6 +190,18 @@ def test_convert_cli_writes_a_checkpoint_that_load_pretrained_reads(
         predictor.forward(x[:, :40])
 
 
+def test_saved_checkpoint_gets_the_usual_permissions(tmp_path, resnet34_variables):
+    # Built in a tempfile.mkdtemp folder (owner-only 0700) and renamed into place: it must end up
+    # readable as the umask allows, like any folder the user makes.
+    previous = os.umask(0o027)
+    try:
+        path = checkpoints.save_model_checkpoint(tmp_path / "ckpt", "resnet34", resnet34_variables)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o750
+    assert os.stat(os.path.join(path, checkpoints.MODEL_META_FILE)).st_mode & 0o777 == 0o640
+
+
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, resnet34_variables):
     def boom(*args, **kwargs):
         raise OSError("disk full")
