@@ -110,7 +110,13 @@ def open_dataset(split: str, *, data_dir=None, tfds_data_dir=None, tfds_config: 
 
     import tfds_p3m10k  # noqa: F401  (registers the builder)
 
-    return tfds.data_source(f"p3m10k/{tfds_config}", split=split, data_dir=os.fspath(tfds_data_dir))
+    name, tfds_data_dir = f"p3m10k/{tfds_config}", os.fspath(tfds_data_dir)
+    # Without this check TFDS would try to build the dataset here and fail on its manual download folder.
+    if not tfds.builder(name, data_dir=tfds_data_dir).is_prepared():
+        raise FileNotFoundError(f"{name} is not built in {tfds_data_dir}: build it there with python -m "
+                                f"tfds_p3m10k.build --data_dir={tfds_data_dir} ... (tfds_p3m10k/README.md), or "
+                                f"evaluate the extracted P3M-10k release folder instead (--data_dir)")
+    return tfds.data_source(name, split=split, data_dir=tfds_data_dir)
 
 
 def _plain(example) -> dict:
@@ -317,11 +323,17 @@ def main(argv=None) -> int:
     enable_compilation_cache(args.cache_dir)
     from p3m_jax.predictor import load_pretrained
 
-    predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+    try:
+        # The test sets first: a wrong folder is reported before the weights load and the programs compile.
+        datasets = {split: open_dataset(split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir,
+                                        tfds_config=args.tfds_config)
+                    for split in [s.strip() for s in args.split.split(",") if s.strip()]}
+        predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     results = {}
-    for split in [s.strip() for s in args.split.split(",") if s.strip()]:
-        dataset = open_dataset(split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir,
-                               tfds_config=args.tfds_config)
+    for split, dataset in datasets.items():
         save_dir = os.path.join(args.save_png, split) if args.save_png else None
         results[split] = evaluate(predictor, dataset, args.strategy, mode=args.mode, bucket=args.bucket,
                                   metric_bucket=args.metric_bucket, save_png_dir=save_dir, limit=args.limit)

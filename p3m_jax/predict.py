@@ -110,7 +110,11 @@ def main(argv=None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+    try:
+        predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+    except (FileNotFoundError, ValueError, ImportError) as error:  # missing, foreign or corrupt weights
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     written, failed = run(predictor, inputs, args.output, args.strategy, args.bucket)
     print(f"wrote {len(written)} matte(s) to {args.output}" + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0

@@ -125,6 +125,31 @@ def test_bucketed_model_stays_within_the_documented_bound():
         assert relative < BUCKETED_RELATIVE_BOUND[key], (key, exact["mean"][key], bucketed["mean"][key])
 
 
+def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkeypatch, capsys):
+    from p3m_jax import predictor
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the test sets were found")
+
+    monkeypatch.setattr(predictor, "load_pretrained", must_not_load)
+    code = evaluate.main(["--checkpoint", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "nope"),
+                          "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert f"{tmp_path / 'nope'}: no validation/P3M-500-P folder" in capsys.readouterr().err
+    # An empty TFDS folder: said plainly, instead of TFDS trying to build P3M-10k from a manual download.
+    code = evaluate.main(["--checkpoint", str(tmp_path / "ckpt"), "--tfds_data_dir", str(tmp_path),
+                          "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert f"p3m10k/default is not built in {tmp_path}" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_checkpoint(release, tmp_path, capsys):
+    code = evaluate.main(["--checkpoint", str(tmp_path / "nope"), "--data_dir", str(release),
+                          "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert f"no checkpoint at {tmp_path / 'nope'}" in capsys.readouterr().err
+
+
 def test_cli_writes_json(release, tmp_path):
     from p3m_jax.predictor import Predictor
 

@@ -95,6 +95,15 @@ def test_missing_input_is_reported(tmp_path, capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
+def test_missing_checkpoint_is_reported(tmp_path, capsys):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    code = predict.main(["--checkpoint", str(tmp_path / "nope"), "--input", str(path), "--output",
+                         str(tmp_path / "o"), "--cache_dir", str(tmp_path / "cache")])
+    assert code == 2 and f"no checkpoint at {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o027, 0o640)])
 def test_written_files_get_the_usual_permissions(tmp_path, umask, expected):
     import os
