@@ -16,6 +16,9 @@ shape; the reference); `bucketed` (default) pads network inputs to multiples of 
 inputs to multiples of `metric_bucket` (256). Padded metrics are exact (they see only the valid region);
 the padded network input moves predictions slightly (see benchmarks/bench_eval_compile.py for the measured
 deviation). Compiled programs are kept in JAX's persistent compilation cache (`--cache_dir`).
+
+The test sets are found before the weights load: a wrong folder, an unbuilt TFDS dataset or a missing or
+unreadable checkpoint stops it at once with one `error:` line and exit status 2.
 """
 
 from __future__ import annotations

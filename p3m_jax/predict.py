@@ -8,7 +8,8 @@ channel, colours not premultiplied) per input image. Reads JPEG, PNG and WebP, g
 dropped), and applies EXIF orientation. Like the authors' sample inference, an image whose short side exceeds
 1080 px is downscaled to 1080 px (bilinear) before the strategy runs, and the alpha is scaled back to the
 original size. A file that cannot be read or processed is reported and skipped; the exit status is 1 if any
-file failed. Runs on whatever JAX backend is installed (CPU, GPU, TPU). By default the network runs at the
+file failed, and 2 when the input or the checkpoint is missing or unreadable (one `error:` line). Runs on
+whatever JAX backend is installed (CPU, GPU, TPU). By default the network runs at the
 exact protocol sizes (multiples of 32): one compilation per distinct image size and pass, kept in JAX's
 persistent cache, so a size is compiled once per machine; `--bucket N` pads inputs up to multiples of N
 instead (fewer compilations for folders of many sizes, at the cost of up to N px more per side: 13% more
