@@ -115,11 +115,12 @@ def open_dataset(split: str, *, data_dir=None, tfds_data_dir=None, tfds_config: 
 
     name, tfds_data_dir = f"p3m10k/{tfds_config}", os.fspath(tfds_data_dir)
     # Without this check TFDS would try to build the dataset here and fail on its manual download folder.
-    if not tfds.builder(name, data_dir=tfds_data_dir).is_prepared():
+    builder = tfds.builder(name, data_dir=tfds_data_dir)
+    if not builder.is_prepared():
         raise FileNotFoundError(f"{name} is not built in {tfds_data_dir}: build it there with python -m "
                                 f"tfds_p3m10k.build --data_dir={tfds_data_dir} ... (tfds_p3m10k/README.md), or "
                                 f"evaluate the extracted P3M-10k release folder instead (--data_dir)")
-    return tfds.data_source(name, split=split, data_dir=tfds_data_dir)
+    return builder.as_data_source(split=split)
 
 
 def _plain(example) -> dict:
@@ -324,7 +325,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     enable_compilation_cache(args.cache_dir)
-    from p3m_jax.predictor import load_pretrained
+    from p3m_jax.predictor import CHECKPOINT_ERRORS, load_pretrained
 
     try:
         # The test sets first: a wrong folder is reported before the weights load and the programs compile.
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
                                         tfds_config=args.tfds_config)
                     for split in [s.strip() for s in args.split.split(",") if s.strip()]}
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
         print(f"error: {error}", file=sys.stderr)
         return 2
     results = {}

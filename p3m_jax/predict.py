@@ -103,17 +103,13 @@ def run(predictor, inputs, output_dir, strategy: str = "hybrid", bucket: int | N
 def main(argv=None) -> int:
     args = parse_args(argv)
     from p3m_jax.evaluate import DEFAULT_CACHE_DIR, enable_compilation_cache
-    from p3m_jax.predictor import load_pretrained
+    from p3m_jax.predictor import CHECKPOINT_ERRORS, load_pretrained
 
     enable_compilation_cache(args.cache_dir or DEFAULT_CACHE_DIR)
     try:
         inputs = list_inputs(args.input)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
-    except (FileNotFoundError, ValueError, ImportError) as error:  # missing, foreign or corrupt weights
+    except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
         print(f"error: {error}", file=sys.stderr)
         return 2
     written, failed = run(predictor, inputs, args.output, args.strategy, args.bucket)

@@ -27,6 +27,12 @@ def init_key(seed: int) -> jax.Array:
     return jax.random.key(seed, impl="rbg")
 
 
+# What `load_pretrained` raises for weights that are missing (FileNotFoundError), foreign or corrupt
+# (ValueError, including `torch_import.CheckpointImportError`) or a .pth without PyTorch (ImportError):
+# the command-line tools report these as one line.
+CHECKPOINT_ERRORS = (FileNotFoundError, ValueError, ImportError)
+
+
 def _is_abstract(x) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct)
 
