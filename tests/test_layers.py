@@ -84,14 +84,16 @@ def test_max_pool_and_its_gradient_match_torch_with_ties(window, stride, size):
 
 
 @pytest.mark.parametrize("window,padding", [(3, 1), (2, 0)])
-def test_max_unpool_matches_torch_including_overlaps(window, padding):
+def test_max_unpool_and_its_gradient_match_torch_including_overlaps(window, padding):
     rng = np.random.default_rng(1)
     # Few distinct values: overlapping 3x3 windows often pick the same position, which
     # exercises the "last window in row-major order wins" rule.
     x = rng.integers(0, 3, size=(2, 16, 16, 4)).astype(np.float32)
     _, idx = F.max_pool2d(nchw(x), window, 2, padding, return_indices=True)
-    values = torch.from_numpy(rng.standard_normal(idx.shape).astype(np.float32))
+    values = torch.from_numpy(rng.standard_normal(idx.shape).astype(np.float32)).requires_grad_(True)
     expected = F.max_unpool2d(values, idx, kernel_size=2, stride=2)
+    cot = rng.standard_normal(nhwc(expected).shape).astype(np.float32)
+    (expected * nchw(cot)).sum().backward()
     # PyTorch's flat indices as the window offsets that max_pool_with_argmax returns.
     rows, cols = np.divmod(nhwc(idx), 16)
     pooled_rows = np.arange(8)[None, :, None, None] * 2 - padding
@@ -99,9 +101,13 @@ def test_max_unpool_matches_torch_including_overlaps(window, padding):
     argmax = (rows - pooled_rows) * window + (cols - pooled_cols)
     _, ours = layers.max_pool_with_argmax(jnp.asarray(x), window, 2, padding)
     np.testing.assert_array_equal(np.asarray(ours), argmax)
-    got = layers.max_unpool_2x2(jnp.asarray(nhwc(values)), jnp.asarray(argmax, jnp.int32), window)
+    got, vjp = jax.vjp(lambda v: layers.max_unpool_2x2(v, jnp.asarray(argmax, jnp.int32), window),
+                       jnp.asarray(nhwc(values)))
     assert got.shape == (2, 16, 16, 4)
     np.testing.assert_array_equal(np.asarray(got), nhwc(expected))
+    # The backward is PyTorch's gather: each window takes the cotangent at its own argmax,
+    # also the windows whose value another window overwrote.
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(cot))[0]), nhwc(values.grad))
     # The case under test really occurs: some positions are chosen by several windows.
     flat = idx.reshape(2, 4, -1).numpy()
     if window == 3:

@@ -634,9 +634,34 @@ def max_unpool_2x2(x: jax.Array, argmax: jax.Array, pool_window: int = 2) -> jax
       (N, 2h, 2w, C): every value written at its argmax in a zero map. Where several windows
       chose the same position (overlapping 3x3 windows) the value of the last window in
       row-major order is kept, which is PyTorch's CPU behaviour.
+
+    The gradient is PyTorch's too: every window receives the output's cotangent at its own
+    argmax (a gather), also where another window's value was kept there. Autodiff of the
+    forward would send it to the kept window only, and the authors' ResNet-34 models were
+    trained with PyTorch's rule.
     """
     if pool_window not in (2, 3):
         raise ValueError(f"pool_window must be 2 or 3, got {pool_window}")
+    return _max_unpool(x, argmax, pool_window)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _max_unpool(x, argmax, pool_window):
+    return _max_unpool_forward(x, argmax, pool_window)
+
+
+def _max_unpool_fwd(x, argmax, pool_window):
+    return _max_unpool_forward(x, argmax, pool_window), argmax
+
+
+def _max_unpool_bwd(pool_window, argmax, g):
+    return _max_unpool_grad(g, argmax, pool_window), None
+
+
+_max_unpool.defvjp(_max_unpool_fwd, _max_unpool_bwd)
+
+
+def _max_unpool_forward(x, argmax, pool_window):
     padding = (pool_window - 1) // 2  # 0 for 2x2 windows, 1 for 3x3
     # Window (i, j) of a stride-2 pooling covers rows 2i - p .. 2i - p + k - 1. Output row
     # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1), at
@@ -658,6 +683,21 @@ def max_unpool_2x2(x: jax.Array, argmax: jax.Array, pool_window: int = 2) -> jax
                     value = jnp.where(av == oy * pool_window + ox, xv, value)
             quads.append(value)
     return _interleave_2x2(quads)  # quads[2a + b] holds output pixels (2i + a, 2j + b)
+
+
+def _max_unpool_grad(g, argmax, pool_window):
+    """PyTorch's ``max_unpool2d`` backward: window (i, j) takes ``g`` at its argmax, output
+    pixel (2i - p + dy, 2j - p + dx), as one strided slice of ``g`` per window offset."""
+    padding = (pool_window - 1) // 2
+    # p rows/columns in front so that offset (dy, dx) of window (i, j) is gp[2i + dy, 2j + dx];
+    # the padding is never an argmax, so its zeros are never taken.
+    gp = jnp.pad(g, ((0, 0), (padding, 0), (padding, 0), (0, 0)))
+    grad = None
+    for dy, dx, cand in _window_offsets(gp, pool_window, 2):
+        if grad is None:
+            grad = jnp.zeros_like(cand)
+        grad = jnp.where(argmax == dy * pool_window + dx, cand, grad)
+    return grad
 
 
 def _upsample_axis(x: jax.Array, factor: int, axis: int) -> jax.Array:
