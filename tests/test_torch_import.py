@@ -126,6 +126,21 @@ def test_conflicting_duplicates_are_named(state_dict, resnet34_variables):
         _convert(sd, resnet34_variables)
 
 
+def test_float64_state_dict_with_equal_duplicates_converts(state_dict, resnet34_variables):
+    # Float64 values that float32 cannot hold; each copy of an encoder tensor gets the same
+    # ones (a function of the tensor's values), as in a float64 save of the authors' model.
+    def to_float64(v):
+        v = v.numpy()
+        return v.astype(np.float64) + 1e-3 * np.sin(np.arange(v.size).reshape(v.shape) + v)
+
+    sd = {k: to_float64(v) if v.is_floating_point() else v.numpy() for k, v in state_dict.items()}
+    assert np.array_equal(sd["encoder2.1.bn1.bias"], sd["resnet.layer2.1.bn1.bias"])
+    variables, _ = convert_state_dict(sd, "resnet34", resnet34_variables)
+    got = variables["params"]["encoder"]["layer2"]["1"]["bn1"]["bias"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, sd["resnet.layer2.1.bn1.bias"].astype(np.float32))
+
+
 def test_corrupt_files_fail_clearly(tmp_path, state_dict):
     good = tmp_path / "good.pth"
     torch.save({"state_dict": state_dict}, good)

@@ -272,11 +272,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, referenc
         if tuple(new_value.shape) != ref_shape:
             bad_shape.append(f"{key} {tuple(value.shape)} (expected {_torch_shape(ref_shape, leaf)})")
             continue
+        # Cast before comparing duplicates: a float64 state dict's copies are equal as float64.
+        new_value = np.asarray(new_value, dtype=ref_flat[flax_key].dtype)
         if flax_key in converted:
             if not np.array_equal(converted[flax_key], new_value):
                 conflicts.append(f"{origin[flax_key]} vs {key}")
             continue
-        converted[flax_key] = np.asarray(new_value, dtype=ref_flat[flax_key].dtype)
+        converted[flax_key] = new_value
         origin[flax_key] = key
     missing = [k for k in ref_flat if k not in converted]
     # Non-trained constants (e.g. random features) that a checkpoint may lack are drawn at
