@@ -17,78 +17,14 @@ from p3m_jax.models.swin import (PoolingPatchMerging, StemPoolingPatchEmbed,  # 
                                  SwinBlock, window_attention_mask)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
 from torch_refs import (assert_p3m_outputs, filled_variables, randomize, t,  # noqa: E402
-                        torch_layer_norm, torch_linear)
+                        torch_window_mask)
 from p3m_jax.weights.torch_import import CheckpointImportError, convert_state_dict  # noqa: E402
+from torch_p3mnet import module_reference  # noqa: E402
 
 SWIN_T_PARAMS = 45_128_206  # the authors' model, PyTorch parameters()
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def torch_window_mask(h, w, window, shift):
-    """The authors' construction: label regions of the padded, shifted map by slices."""
-    ph, pw = (-h) % window, (-w) % window
-    img = torch.zeros(h + ph, w + pw)
-
-    def slices(pad):
-        if shift > 0:
-            if pad > 0:
-                top, bottom = max(pad + shift, window), min(pad + shift, window)
-                return (slice(0, -top), slice(-top, -bottom), slice(-bottom, -shift),
-                        slice(-shift, None))
-            return slice(0, -window), slice(-window, -shift), slice(-shift, None)
-        return (slice(0, -pad), slice(-pad, None)) if pad else (slice(0, None),)
-
-    cnt = 0
-    for hs in slices(ph):
-        for ws in slices(pw):
-            img[hs, ws] = cnt
-            cnt += 1
-    hp, wp = img.shape
-    win = img.view(hp // window, window, wp // window, window).permute(0, 2, 1, 3)
-    win = win.reshape(-1, window * window)
-    diff = win[:, None, :] - win[:, :, None]
-    return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
-
-
-def torch_swin_block(x, p, heads, window, shift):
-    """A PyTorch Swin block (pad after norm1, roll, windows, relative bias, mask)."""
-    b, h, w, c = x.shape
-    hd = c // heads
-    shortcut = x
-    y = torch_layer_norm(x, p["norm1"])
-    ph, pw = (-h) % window, (-w) % window
-    y = F.pad(y, (0, 0, 0, pw, 0, ph))
-    hp, wp = h + ph, w + pw
-    if shift:
-        y = torch.roll(y, (-shift, -shift), (1, 2))
-    win = y.view(b, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5)
-    win = win.reshape(-1, window * window, c)
-    n = window * window
-    qkv = torch_linear(win, p["attn"]["qkv"]).reshape(-1, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
-    attn = q @ k.transpose(-2, -1)
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
-                                        indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
-    index = rel[..., 0] * (2 * window - 1) + rel[..., 1]
-    table = t(p["attn"]["relative_position_bias_table"])
-    attn = attn + table[index.view(-1)].view(n, n, heads).permute(2, 0, 1)[None]
-    if shift or ph or pw:
-        mask = torch_window_mask(h, w, window, shift)
-        nw = mask.shape[0]
-        attn = (attn.view(-1, nw, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
-    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, n, c)
-    out = torch_linear(out, p["attn"]["proj"])
-    out = out.view(b, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
-    out = out.reshape(b, hp, wp, c)
-    if shift:
-        out = torch.roll(out, (shift, shift), (1, 2))
-    x = shortcut + out[:, :h, :w]
-    y = torch_linear(torch_layer_norm(x, p["norm2"]), p["mlp"]["fc1"])
-    y = torch_linear(F.gelu(y), p["mlp"]["fc2"])
-    return x + y
-
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -100,8 +36,7 @@ def test_window_attention_block_matches_pytorch(h, w, shift):
     x = np.random.default_rng(1).normal(size=(2, h, w, c)).astype(np.float32)
     params = randomize(block.init(jax.random.key(0), jnp.asarray(x), False))["params"]
     ours = block.apply({"params": params}, jnp.asarray(x), False)
-    ref = torch_swin_block(t(x), jax.tree_util.tree_map(np.asarray, params), heads, window,
-                           shift)
+    ref = module_reference({"params": params}).swin_block(t(x), "m", window, shift)
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=2e-5, rtol=1e-5)
 
 
@@ -129,15 +64,16 @@ def test_pooling_patch_merging_matches_pytorch():
     mod = PoolingPatchMerging(2 * c)
     params = randomize(mod.init(jax.random.key(0), jnp.asarray(x)))["params"]
     merged, idx, feat = mod.apply({"params": params}, jnp.asarray(x))
-    p = jax.tree_util.tree_map(np.asarray, params)
-    tf = torch_layer_norm(t(x), p["norm"]).permute(0, 3, 1, 2)
-    pooled, tidx = F.max_pool2d(tf, 2, 2, return_indices=True)
-    tmerged = torch_linear(pooled.permute(0, 2, 3, 1), p["linear"])
-    np.testing.assert_allclose(np.asarray(feat), tf.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    tmerged, tf, tidx = module_reference({"params": params}).pooling_merge(t(x), "m")
+    np.testing.assert_allclose(np.asarray(feat), nhwc(tf), atol=1e-5)
     flat = argmax_to_indices(idx, 2, 2, 0, x.shape[2])
-    np.testing.assert_array_equal(np.asarray(flat), tidx.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(np.asarray(flat), nhwc(tidx))
     np.testing.assert_allclose(np.asarray(merged), tmerged.numpy(), atol=1e-5)
     assert "bias" not in params["linear"]
+
+
+def nhwc(a):
+    return a.permute(0, 2, 3, 1).numpy()
 
 
 @pytest.mark.parametrize("relu_last", [True, False])
@@ -146,19 +82,8 @@ def test_stem_matches_pytorch(relu_last):
     mod = StemPoolingPatchEmbed(8, relu_last=relu_last)
     params = randomize(mod.init(jax.random.key(0), jnp.asarray(x)))["params"]
     tokens, feats, idxs = mod.apply({"params": params}, jnp.asarray(x))
-    p = jax.tree_util.tree_map(np.asarray, params)
-
-    def conv(v, q):
-        return F.conv2d(v, t(q["kernel"]).permute(3, 2, 0, 1), t(q["bias"]), padding=1)
-
-    f0 = F.relu(conv(t(x).permute(0, 3, 1, 2), p["proj1"]))
-    y, i0 = F.max_pool2d(f0, 2, 2, return_indices=True)
-    f1 = F.relu(conv(y, p["proj2"]))
-    y, i1 = F.max_pool2d(f1, 2, 2, return_indices=True)
-    y = conv(y, p["proj3"])
-    y = F.relu(y) if relu_last else y
-    y = torch_layer_norm(y.permute(0, 2, 3, 1), p["norm"])
-    nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    y, (f0, f1), (i0, i1) = module_reference({"params": params}).stem(
+        t(x).permute(0, 3, 1, 2), "m", relu_last)
     np.testing.assert_allclose(np.asarray(tokens), y.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats[0]), nhwc(f0), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats[1]), nhwc(f1), atol=1e-5)

@@ -19,74 +19,12 @@ from p3m_jax.models.attention import LayerNorm, gelu, global_attention  # noqa: 
 from p3m_jax.models.vitae import (PCM, Attention, NormalCell,  # noqa: E402
                                   PerformerAttention, performer_features_init)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
-from torch_refs import (assert_p3m_outputs, filled_variables, randomize, t,  # noqa: E402
-                        torch_layer_norm, torch_linear)
+from torch_refs import assert_p3m_outputs, filled_variables, randomize, t  # noqa: E402
 from p3m_jax.weights.torch_import import convert_state_dict  # noqa: E402
+from torch_p3mnet import authors_state_dict, module_reference  # noqa: E402
 
 
 VITAE_S_PARAMS = 27_463_052  # the authors' model, PyTorch parameters(), head included
-
-# ----------------------------------------------------------------------------- helpers
-
-# ----------------------------------------------------------------------------- torch refs
-
-def torch_performer(x, p, w, heads):
-    """The authors' Performer attention: kqv -> k, q, v; positive random features."""
-    b, n, c = x.shape
-    hd = c // heads
-    m = w.shape[1]
-    kqv = torch_linear(x, p["kqv"]).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    k, q, v = kqv[0], kqv[1], kqv[2]
-
-    def prm(z):
-        zd = (z * z).sum(-1, keepdim=True).repeat(1, 1, 1, m) / 2
-        return torch.exp(torch.einsum("bhti,hmi->bhtm", z, w) - zd) / math.sqrt(m)
-
-    kp, qp = prm(k), prm(q)
-    d = torch.einsum("bhti,bhi->bht", qp, kp.sum(dim=2)).unsqueeze(-1)
-    kptv = torch.einsum("bhin,bhim->bhnm", v, kp)
-    y = torch.einsum("bhti,bhni->bhtn", qp, kptv) / (d.repeat(1, 1, 1, hd) + 1e-8)
-    return torch_linear(y.permute(0, 2, 1, 3).reshape(b, n, c), p["proj"])
-
-
-def torch_attention(x, p, heads):
-    b, n, c = x.shape
-    qkv = torch_linear(x, p["qkv"]).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1)
-    return torch_linear((attn @ v).transpose(1, 2).reshape(b, n, c), p["proj"])
-
-
-def torch_pcm(x_nchw, p, bs, groups):
-    def conv(v, q):
-        return F.conv2d(v, t(q["kernel"]).permute(3, 2, 0, 1), t(q["bias"]), padding=1,
-                        groups=groups)
-
-    def bn(v, q, s):
-        return F.batch_norm(v, t(s["mean"]), t(s["var"]), t(q["scale"]), t(q["bias"]),
-                            training=False, eps=1e-5)
-
-    y = F.silu(bn(conv(x_nchw, p["0"]), p["1"], bs["1"]))
-    y = F.silu(bn(conv(y, p["3"]), p["4"], bs["4"]))
-    return F.silu(conv(y, p["6"]))
-
-
-def torch_normal_cell(x_nhwc, p, bs, w, heads, groups, performer):
-    b, h, wd, c = x_nhwc.shape
-    conv_x = torch_pcm(x_nhwc.permute(0, 3, 1, 2), p["PCM"], bs["PCM"], groups)
-    conv_x = conv_x.permute(0, 2, 3, 1).reshape(b, h * wd, c)
-    x = x_nhwc.reshape(b, h * wd, c)
-    y = torch_layer_norm(x, p["norm1"], 1e-6)
-    attn = torch_performer(y, p["attn"], w, heads) if performer else \
-        torch_attention(y, p["attn"], heads)
-    x = x + attn + conv_x
-    y = torch_linear(F.gelu(torch_linear(torch_layer_norm(x, p["norm2"], 1e-6), p["mlp"]["fc1"])),
-                     p["mlp"]["fc2"])
-    return (x + y).reshape(b, h, wd, c)
-
-
-def numpy_tree(tree):
-    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -112,7 +50,8 @@ def test_performer_attention_matches_pytorch():
     params = dict(params, kqv={"kernel": params["kqv"]["kernel"] * 0.3,
                                "bias": params["kqv"]["bias"] * 0.1})
     ours = mod.apply({"params": params, "constants": variables["constants"]}, jnp.asarray(x))
-    ref = torch_performer(t(x), numpy_tree(params), t(variables["constants"]["w"]), heads)
+    ref = module_reference({"params": params, "constants": variables["constants"]}).performer(
+        t(x), "m")
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=2e-5, rtol=1e-4)
 
 
@@ -122,7 +61,7 @@ def test_global_attention_matches_pytorch_and_chunking_is_exact():
     mod = Attention(heads)
     params = randomize(mod.init(jax.random.key(0), jnp.asarray(x))["params"])
     ours = mod.apply({"params": params}, jnp.asarray(x))
-    ref = torch_attention(t(x), numpy_tree(params), heads)
+    ref = module_reference({"params": params}).attention(t(x), "m", heads)
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=2e-5, rtol=1e-5)
     # Query chunks (37 queries in chunks of <= 10, padded) give the same result.
     rng = np.random.default_rng(2)
@@ -185,8 +124,7 @@ def test_pcm_branch_matches_pytorch():
     variables["batch_stats"] = jax.tree_util.tree_map(jnp.abs, variables["batch_stats"])
     ours = mod.apply(variables, jnp.asarray(x), False)
     assert variables["params"]["0"]["kernel"].shape == (3, 3, c // groups, 4 * c)
-    ref = torch_pcm(t(x).permute(0, 3, 1, 2), numpy_tree(variables["params"]),
-                    numpy_tree(variables["batch_stats"]), groups)
+    ref = module_reference(variables).pcm(t(x).permute(0, 3, 1, 2), "m", groups)
     np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).numpy(), atol=2e-5,
                                rtol=1e-5)
 
@@ -205,9 +143,8 @@ def test_normal_cell_matches_pytorch(performer):
     consts = variables.get("constants", {})
     ours = cell.apply({"params": params, "batch_stats": bs, "constants": consts},
                       jnp.asarray(x), False)
-    w = t(consts["attn"]["w"]) if performer else None
-    ref = torch_normal_cell(t(x), numpy_tree(params), numpy_tree(bs), w, heads, groups,
-                            performer)
+    ref = module_reference({"params": params, "batch_stats": bs, "constants": consts}
+                           ).normal_cell(t(x), "m", groups, heads)
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=5e-5, rtol=1e-4)
 
 
@@ -307,28 +244,10 @@ def test_backbone_state_dict_loads_into_encoder(tmp_path):
     assert all(k.endswith("num_batches_tracked") for k in report.ignored)
 
 
-def to_authors_state_dict(variables):
-    """Our variables under the authors' key names (the inverse of the import rules)."""
-    sd = {}
-    for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        names = [p.key for p in path]
-        module, leaf = ".".join(names[1:-1]), names[-1]
-        v = np.asarray(v)
-        if leaf == "kernel":
-            sd[module + ".weight"] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-        elif leaf == "scale":
-            sd[module + ".weight"] = v
-        elif leaf in ("mean", "var"):
-            sd[module + ".running_" + leaf] = v
-        else:
-            sd[module + "." + leaf] = v
-    return sd
-
-
 def test_authors_state_dict_round_trip_uses_stored_performer_features():
     model = build_model("vitae_s")
     variables = filled_variables(model, seed=5)
-    sd = to_authors_state_dict(variables)
+    sd = authors_state_dict(variables, "vitae_s")
     assert "encoder.layers.0.NC.1.attn.w" in sd and "encoder.head.weight" in sd
     reference = jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
     converted, report = convert_state_dict(sd, "vitae_s", reference)

@@ -1,4 +1,5 @@
-"""Helpers shared by the transformer tests: cheap filled variables, output checks, PyTorch refs."""
+"""Helpers shared by the model tests: cheap filled variables, output checks, torch tensors, and
+Swin's shifted-window attention mask labelled by region slices."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from p3m_jax.models import init_variables
 
@@ -42,14 +42,6 @@ def t(a):
     return torch.from_numpy(np.asarray(a, np.float32).copy())
 
 
-def torch_layer_norm(x, p, eps=1e-5):
-    return F.layer_norm(x, (x.shape[-1],), t(p["scale"]), t(p["bias"]), eps)
-
-
-def torch_linear(x, p):
-    return F.linear(x, t(p["kernel"]).T, t(p["bias"]) if "bias" in p else None)
-
-
 def assert_p3m_outputs(out, batch, hw):
     """The six P3M outputs have their shapes, are finite, and the fused alpha is in [0, 1]."""
     for name, channels in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3),
@@ -57,3 +49,29 @@ def assert_p3m_outputs(out, batch, hw):
         assert out[name].shape == (batch, *hw, channels), name
         assert bool(jnp.isfinite(out[name]).all()), name
     assert 0.0 <= float(out["fusion"].min()) and float(out["fusion"].max()) <= 1.0
+
+
+def torch_window_mask(h, w, window, shift):
+    """The authors' construction: label regions of the padded, shifted map by slices."""
+    ph, pw = (-h) % window, (-w) % window
+    img = torch.zeros(h + ph, w + pw)
+
+    def slices(pad):
+        if shift > 0:
+            if pad > 0:
+                top, bottom = max(pad + shift, window), min(pad + shift, window)
+                return (slice(0, -top), slice(-top, -bottom), slice(-bottom, -shift),
+                        slice(-shift, None))
+            return slice(0, -window), slice(-window, -shift), slice(-shift, None)
+        return (slice(0, -pad), slice(-pad, None)) if pad else (slice(0, None),)
+
+    cnt = 0
+    for hs in slices(ph):
+        for ws in slices(pw):
+            img[hs, ws] = cnt
+            cnt += 1
+    hp, wp = img.shape
+    win = img.view(hp // window, window, wp // window, window).permute(0, 2, 1, 3)
+    win = win.reshape(-1, window * window)
+    diff = win[:, None, :] - win[:, :, None]
+    return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
