@@ -54,6 +54,8 @@ def main(argv) -> int:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
     from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel  (after flag parsing)
+    from p3m_jax.train.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
+    from p3m_jax.train.workdir_lock import WorkdirLockedError  # pylint: disable=import-outside-toplevel
 
     enable_compilation_cache(FLAGS.config)
 
@@ -62,11 +64,34 @@ def main(argv) -> int:
             loop.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
         else:
             loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (loop.ConfigError, loop.NonFiniteLossError, FileNotFoundError, OSError) as e:
+    except (loop.ConfigError, loop.NonFiniteLossError, CheckpointError, WorkdirLockedError,
+            FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+def run() -> None:
+    """`app.run(main)`, with a config override that names no field (``--config.nonexistent=1``)
+    or cannot be parsed reported as one line (exit 1) instead of a traceback."""
+    try:
+        app.run(main)
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+        if not _is_config_flag_error(e):
+            raise
+        print(f"error: {_flag_error_text(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _is_config_flag_error(error: BaseException) -> bool:
+    # Raised while absl parses the --config.* flags, before main runs: FLAGS is not parsed yet.
+    return not FLAGS.is_parsed()
+
+
+def _flag_error_text(error: BaseException) -> str:
+    text = str(error.args[0]) if error.args else str(error)
+    return text.strip("'\"")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -7,8 +7,11 @@ Writes `<name>_alpha.png` (8-bit alpha) and `<name>_rgba.png` (the image with th
 channel, colours not premultiplied) per input image. Reads JPEG, PNG and WebP, grayscale and RGBA (alpha
 dropped), and applies EXIF orientation. Like the authors' sample inference, an image whose short side exceeds
 1080 px is downscaled to 1080 px (bilinear) before the strategy runs, and the alpha is scaled back to the
-original size. A file that cannot be read or processed is reported and skipped; the exit status is 1 if any
-file failed, and 2 when the input or the checkpoint is missing or unreadable (one `error:` line). Runs on
+original size. Inputs that share a stem (`portrait.jpg`, `portrait.png`) are named after their whole file
+name instead (`portrait.jpg_alpha.png`). A file that cannot be read or processed is reported and skipped;
+the exit status is 1 if any file failed, and 2 when the input or the checkpoint is missing or unreadable or
+the output folder cannot be written (one `error:` line, before the model is loaded). Outputs are written
+atomically; an output folder that this run created is removed again if nothing could be written. Runs on
 whatever JAX backend is installed (CPU, GPU, TPU). By default the network runs at the
 exact protocol sizes (multiples of 32): one compilation per distinct image size and pass, kept in JAX's
 persistent cache, so a size is compiled once per machine; `--bucket N` pads inputs up to multiples of N
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 
@@ -43,6 +47,39 @@ def list_inputs(path) -> list[pathlib.Path]:
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
     return [path]
+
+
+def output_names(inputs) -> tuple[dict[pathlib.Path, str], list[str]]:
+    """The name each input's outputs start with: its stem (``portrait.jpg`` -> ``portrait_alpha.png``),
+    or its whole file name where several inputs share a stem (``portrait.jpg`` and ``portrait.png``
+    -> ``portrait.jpg_alpha.png`` and ``portrait.png_alpha.png``), so no output overwrites another.
+    Returns the names and the file names that needed the second rule."""
+    by_stem: dict[str, list[pathlib.Path]] = {}
+    for path in inputs:
+        by_stem.setdefault(pathlib.Path(path).stem.lower(), []).append(pathlib.Path(path))
+    names, shared = {}, []
+    for paths in by_stem.values():
+        for path in paths:
+            names[path] = path.name if len(paths) > 1 else path.stem
+        if len(paths) > 1:
+            shared.extend(p.name for p in paths)
+    return names, shared
+
+
+def prepare_output(output_dir) -> bool:
+    """Creates ``output_dir`` if needed and proves it writable (OSError naming it otherwise).
+    Returns whether it was created here (so that it can be removed if nothing is written)."""
+    output_dir = pathlib.Path(output_dir)
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write_test_", dir=output_dir):
+            pass
+    except OSError as e:
+        if created and output_dir.is_dir():
+            output_dir.rmdir()
+        raise OSError(f"output folder {output_dir} is not writable: {e.strerror or e}") from e
+    return created
 
 
 def predict_image(runner, image: np.ndarray, strategy: str) -> np.ndarray:
@@ -83,20 +120,33 @@ def run(predictor, inputs, output_dir, strategy: str = "hybrid", bucket: int | N
 
     runner = inference.NetworkRunner(predictor, bucket or None)
     output_dir = pathlib.Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    created = prepare_output(output_dir)
+    names, shared = output_names(inputs)
+    if shared:
+        print(f"inputs that share a stem are named after their whole file name "
+              f"(e.g. {shared[0]}_alpha.png): {', '.join(shared)}", file=sys.stderr)
     written, failed = [], []
-    for path in tqdm(inputs, disable=not progress or len(inputs) < 2, desc="predict", unit="image"):
-        try:
-            image = image_io.load_rgb(path)
-            alpha = predict_image(runner, image, strategy)
-            rgba = np.concatenate([image, alpha[..., None]], axis=2)
-            alpha_path = output_dir / f"{path.stem}_alpha.png"
-            image_io.save_png(alpha_path, alpha)
-            image_io.save_png(output_dir / f"{path.stem}_rgba.png", rgba)
-            written.append(alpha_path)
-        except (image_io.ImageReadError, ValueError, OSError) as error:
-            print(f"skipped {path}: {error}", file=sys.stderr)
-            failed.append((pathlib.Path(path), str(error)))
+    try:
+        for path in tqdm(inputs, disable=not progress or len(inputs) < 2, desc="predict", unit="image"):
+            path = pathlib.Path(path)
+            alpha_path = output_dir / f"{names[path]}_alpha.png"
+            try:
+                image = image_io.load_rgb(path)
+                alpha = predict_image(runner, image, strategy)
+                rgba = np.concatenate([image, alpha[..., None]], axis=2)
+                image_io.save_png(alpha_path, alpha)
+                try:
+                    image_io.save_png(output_dir / f"{names[path]}_rgba.png", rgba)
+                except BaseException:
+                    alpha_path.unlink(missing_ok=True)  # both files of an image, or neither
+                    raise
+                written.append(alpha_path)
+            except (image_io.ImageReadError, ValueError, OSError) as error:
+                print(f"skipped {path}: {error}", file=sys.stderr)
+                failed.append((path, str(error)))
+    finally:
+        if created and not written and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # nothing was written: leave nothing behind
     return written, failed
 
 
@@ -108,8 +158,14 @@ def main(argv=None) -> int:
     enable_compilation_cache(args.cache_dir or DEFAULT_CACHE_DIR)
     try:
         inputs = list_inputs(args.input)
+        # Before the model loads: an unusable output folder should not cost a compile.
+        if prepare_output(args.output):
+            pathlib.Path(args.output).rmdir()  # made again by `run`, removed if nothing is written
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
     except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the output folder
         print(f"error: {error}", file=sys.stderr)
         return 2
     written, failed = run(predictor, inputs, args.output, args.strategy, args.bucket)

@@ -137,3 +137,95 @@ def test_bfloat16_option(checkpoint, tmp_path):
     code = predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "a.png"), "--output",
                          str(tmp_path / "out"), "--dtype", "bfloat16", "--cache_dir", str(tmp_path / "cache")])
     assert code == 0 and np.asarray(Image.open(tmp_path / "out" / "a_alpha.png")).shape == (64, 80)
+
+
+def test_inputs_sharing_a_stem_get_their_own_outputs(checkpoint, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(_gradient_image(64, 64)).save(inputs / "portrait.jpg")
+    Image.fromarray(_gradient_image(64, 64)[::-1].copy()).save(inputs / "portrait.png")
+    Image.fromarray(_gradient_image(32, 64)).save(inputs / "solo.png")
+    out = tmp_path / "out"
+    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                         "--strategy", "resize", "--cache_dir", str(tmp_path / "cache")])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "portrait.jpg_alpha.png", "portrait.jpg_rgba.png", "portrait.png_alpha.png",
+        "portrait.png_rgba.png", "solo_alpha.png", "solo_rgba.png"]
+    err = capsys.readouterr().err
+    assert "share a stem" in err and "portrait.jpg, portrait.png" in err
+
+
+def test_unwritable_output_is_reported_before_the_model_loads(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    # The checkpoint does not exist either: the output folder is checked first.
+    code = predict.main(["--checkpoint", str(tmp_path / "nope"), "--input", str(image), "--output",
+                         str(blocker / "out"), "--cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"error: output folder {blocker / 'out'} is not writable" in err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write to: a read-only bind mount as root (root ignores permissions)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot make a read-only folder here (root without mount)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot make a read-only folder here (no read-only remount)")
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_output_folder_is_reported_at_once(checkpoint, tmp_path, read_only_folder, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(image), "--output",
+                         str(read_only_folder), "--cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"output folder {read_only_folder} is not writable" in err
+
+
+def test_nothing_is_created_when_every_input_fails(checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    out = tmp_path / "out"
+    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                         "--cache_dir", str(tmp_path / "cache")])
+    assert code == 1 and not out.exists()
+
+
+def test_a_failed_write_leaves_neither_file_of_the_pair(checkpoint, tmp_path, monkeypatch):
+    from p3m_jax.predictor import load_pretrained
+
+    Image.fromarray(_gradient_image(64, 64)).save(tmp_path / "a.png")
+    save_png = image_io.save_png
+
+    def failing(path, array):
+        if str(path).endswith("_rgba.png"):
+            raise OSError(28, "No space left on device")
+        save_png(path, array)
+
+    monkeypatch.setattr(image_io, "save_png", failing)
+    out = tmp_path / "out"
+    written, failed = predict.run(load_pretrained(checkpoint), [tmp_path / "a.png"], out, "resize",
+                                  progress=False)
+    assert written == [] and len(failed) == 1 and "No space left" in failed[0][1]
+    assert not out.exists()  # created by this run, left empty: removed

@@ -23,7 +23,7 @@ import pytest
 
 from configs import default as default_config
 from p3m_jax.train import loop
-from p3m_jax.train.checkpointing import TrainCheckpointer, restore_variables
+from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer, restore_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
@@ -103,14 +103,120 @@ def test_quickstart_trains_validates_checkpoints_and_scores(quickstart_run):
 def test_quickstart_second_run_resumes_instead_of_starting_over(quickstart_run, data_dir, capsys):
     workdir, _ = quickstart_run
     resumed = tmp_copy(workdir)
+    # What a run killed after its step-4 checkpoint leaves: rows of steps it will redo.
+    with open(resumed / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 5, "train/loss": 123.0}) + "\n" + json.dumps({"step": 6}) + "\n")
+    with open(resumed / "validation.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 6, "SAD": 1.0}) + "\n")
     result = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=5, eval_every_steps=0,
                                                  **{"eval.test_splits": ()}), resumed)
     out = capsys.readouterr().out
     assert "resumed from" in out and "/4 (step 4)" in out
     assert result["step"] == 5
-    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == [1, 2, 3, 4, 5]  # steps 1-4 from the first run, only step 5 is new
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "train/loss" in row]
+    assert steps == [1, 2, 3, 4, 5]  # steps 1-4 from the first run, only step 5 is new, once
+    assert rows[-1]["train/loss"] != 123.0 and max(row["step"] for row in rows) == 5
+    assert [json.loads(line)["step"] for line in (resumed / "validation.jsonl").read_text().splitlines()] == [2, 4]
+    assert not (resumed / "run.lock").exists()  # released at the end
+
+
+def test_second_run_on_a_held_workdir_stops_and_a_stale_lock_is_taken_over(quickstart_run, data_dir,
+                                                                           capsys):
+    from p3m_jax.train.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+
+    workdir = tmp_copy(quickstart_run[0])
+    config = tiny_config(data_dir, **{"eval.test_splits": ()})  # finished: nothing to train
+    holder = WorkdirLock(workdir)
+    holder.acquire()
+    try:
+        with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()}"):
+            loop.train_and_evaluate(config, workdir)
+    finally:
+        holder.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    (workdir / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                                  "started": "earlier"}))
+    assert loop.train_and_evaluate(config, workdir)["stopped"] == "finished"
+    assert f"took over the workdir lock of a run that is gone (host {socket.gethostname()}, pid {dead.pid}" \
+        in capsys.readouterr().out
+    assert not (workdir / LOCK_FILE).exists()
+
+
+def test_non_finite_batch_statistics_stop_the_run_and_are_never_saved(quickstart_run, data_dir,
+                                                                       monkeypatch):
+    """The loss stays finite but a running variance turns Inf after step 5 (a good checkpoint at 4):
+    the run stops before validating or saving step 6, naming the leaf; 4 stays the best."""
+    workdir = tmp_copy(quickstart_run[0])
+    make_train_step = loop.step_lib.make_train_step
+
+    def poisoning(*args, **kwargs):
+        step_fn = make_train_step(*args, **kwargs)
+
+        def run(state, batch):
+            state, metrics = step_fn(state, batch)
+            if int(state.step) >= 6:
+                stats = jax.tree_util.tree_map(lambda v: v * np.float32(np.inf), state.batch_stats)
+                state = state.replace(batch_stats=stats)
+            return state, metrics
+        return run
+
+    monkeypatch.setattr(loop.step_lib, "make_train_step", poisoning)
+    config = tiny_config(data_dir, num_train_steps=8, **{"eval.test_splits": ()})
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"non-finite values in batch_stats/.* after step 6.*last good checkpoint is step 4"):
+        loop.train_and_evaluate(config, workdir)
+    checkpoints = TrainCheckpointer(workdir / "checkpoints", read_only=True)
+    assert checkpoints.latest_step() == 4 and checkpoints.best_step() in (2, 4)
+    checkpoints.close()
+    assert [json.loads(line)["step"] for line in (workdir / "validation.jsonl").read_text().splitlines()] == [2, 4]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs mount (as root), resizable with ``resize(bytes)``; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small_fs"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def resize(size):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True)
+
+    try:
+        yield mount_point, resize
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_is_reported_at_the_next_step_and_a_rerun_with_room_resumes(quickstart_run, data_dir,
+                                                                             small_filesystem, capsys):
+    mount_point, resize = small_filesystem
+    checkpoint_bytes = sum(f.stat().st_size for f in (quickstart_run[0] / "checkpoints" / "2").rglob("*")
+                           if f.is_file())
+    resize(int(1.6 * checkpoint_bytes))  # room for the step-4 checkpoint, not for step 8's as well
+    workdir = mount_point / "run"
+    config = tiny_config(data_dir, num_train_steps=12, eval_every_steps=0, checkpoint_every_steps=4,
+                         **{"eval.test_splits": ()})
+    with pytest.raises(CheckpointError) as failure:
+        loop.train_and_evaluate(config, workdir)
+    message = str(failure.value)
+    assert message.startswith(f"saving step 8 to {workdir / 'checkpoints'} failed: ")
+    assert "No space left on device" in message and "MB free" in message
+    assert "the earlier checkpoints are intact (latest: step 4)" in message
+    out = capsys.readouterr().out
+    assert "may run out of space" in out  # said before the first save
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert 8 <= max(steps) < 12  # stopped steps after the failed save, not at the next save
+
+    resize(int(8 * checkpoint_bytes))
+    result = loop.train_and_evaluate(config, workdir)
+    assert result == {**result, "stopped": "finished", "step": 12}
+    assert "resumed from" in capsys.readouterr().out
 
 
 def tmp_copy(workdir):

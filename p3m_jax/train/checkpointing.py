@@ -19,8 +19,13 @@ a run saved on 8 devices resumes on 1 (or 2, or 8) without conversion.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gc
+import logging
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -80,6 +85,45 @@ def from_savable(restored: dict, like: Any) -> Any:
     return like.replace(**jax.tree_util.tree_map(back, restored, _fields(like)))
 
 
+class _OrbaxBackgroundErrors(logging.Filter):
+    """Drops orbax's own error logs (each with a long traceback, from every background thread
+    of a failed save): the failure reaches the caller as one CheckpointError naming the step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and _ORBAX_PATH in record.pathname)
+
+
+_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
+
+
+def _drop_closed_loop_errors() -> None:
+    """When a save fails, tensorstore still completes the save's outstanding writes and calls
+    back into orbax's event loop, which is closed by then: each callback reports a traceback of
+    ``RuntimeError: Event loop is closed`` as an unraisable exception. Those say nothing the
+    CheckpointError does not, so they are dropped; every other one is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_p3m_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        value, traceback = unraisable.exc_value, unraisable.exc_traceback
+        # Only a callback entered from native code: the traceback starts in call_soon_threadsafe.
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                and traceback is not None
+                and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+            return
+        previous(unraisable)
+
+    hook._p3m_drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _quiet_orbax_errors() -> None:
+    logger = logging.getLogger("absl")  # orbax logs through absl.logging
+    if not any(isinstance(f, _OrbaxBackgroundErrors) for f in logger.filters):
+        logger.addFilter(_OrbaxBackgroundErrors())
+
+
 class TrainCheckpointer:
     """Owns ``<workdir>/checkpoints``: asynchronous saves, retention, best-by-SAD, resume.
 
@@ -91,10 +135,17 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, log: Callable[[str], None] | None = None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.keep = keep
+        self._log = log or (lambda message: None)
+        self._pending_step: int | None = None  # the step of the save still in flight
+        self._checkpoint_bytes = 0  # the state's size, estimated at the first save
+        self._failed = False
+        _quiet_orbax_errors()
+        _drop_closed_loop_errors()
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=keep),
             # BestN keeps the *largest* metric values: rank by -SAD.
@@ -120,26 +171,103 @@ class TrainCheckpointer:
         """Starts an (asynchronous) save of ``state`` and the iterator's state at ``step``."""
         import grain  # pylint: disable=import-outside-toplevel
 
-        items = {"state": ocp.args.StandardSave(to_savable(state))}
+        savable = to_savable(state)
+        if not self._checkpoint_bytes:
+            self._checkpoint_bytes = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(savable))
+            self._check_free_space()
+        self.wait()  # a failure of the previous save is reported against its own step
+        items = {"state": ocp.args.StandardSave(savable)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=force,
                               metrics=dict(metrics) if metrics else None)
-        except Exception as e:  # disk full, permissions, a failed previous async save
-            raise CheckpointError(f"saving step {step} to {self.directory} failed: {e}; the previous "
-                                  f"checkpoints are untouched") from e
+        except Exception as e:  # pylint: disable=broad-except  (disk full, permissions)
+            message = self._failure_message(step, e)
+        else:
+            self._pending_step = step
+            return
+        self._failed = True
+        raise CheckpointError(message)
+
+    def poll(self) -> None:
+        """Raises CheckpointError as soon as the save in flight has failed; otherwise returns at once.
+
+        Cheap enough for every step: it only asks whether the background save is still running.
+        """
+        if self._pending_step is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until every pending save is on disk (raises CheckpointError if one failed)."""
+        """Blocks until the pending save is on disk (raises CheckpointError, naming its step, if it
+        failed)."""
+        step, self._pending_step = self._pending_step, None
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
-        except Exception as e:
-            raise CheckpointError(f"a background save to {self.directory} failed: {e}") from e
+            return
+        except Exception as e:  # pylint: disable=broad-except
+            message = self._failure_message(step, e)
+        # Raised without the background error chained: its traceback holds the failed save's
+        # coroutines, which would otherwise be finalised at interpreter exit with an error each.
+        self._failed = True
+        raise CheckpointError(message)
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for a save in flight and releases the manager. After a failed save, errors of
+        the shutdown are not raised again (the failure was reported), and the failed save's
+        leftovers are collected now rather than at interpreter exit."""
+        try:
+            self.manager.close()
+        except Exception:  # pylint: disable=broad-except
+            if not self._failed:
+                raise
+        if self._failed:
+            gc.collect()
+
+    def _finished_steps(self) -> list[int]:
+        """Steps whose checkpoint folder is complete (orbax renames a folder only once written)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _failure_message(self, step: int | None, error: BaseException) -> str:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, OSError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, OSError):
+            cause = error
+        what = f"saving step {step}" if step is not None else "a checkpoint save"
+        message = f"{what} to {self.directory} failed: {cause}"
+        # tensorstore reports a full disk as RESOURCE_EXHAUSTED with the OS error code in the text.
+        if (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+                f"os_error_code='{errno.ENOSPC}'" in str(cause) or "No space left" in str(cause):
+            message += f" ({self._space_needed()})"
+        good = [s for s in self._finished_steps() if s != step]
+        message += (f"; the earlier checkpoints are intact (latest: step {good[-1]})" if good
+                    else "; no earlier checkpoint exists")
+        return message
+
+    def _space_needed(self) -> str:
+        mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
+        free = shutil.disk_usage(self.directory).free
+        return (f"a checkpoint needs ~{mb(self._checkpoint_bytes)}, keeping {self.keep} needs room for "
+                f"{self.keep + 1} at once (~{mb((self.keep + 1) * self._checkpoint_bytes)}); "
+                f"{mb(free)} free")
+
+    def _check_free_space(self) -> None:
+        """Warns when the filesystem cannot hold ``keep`` + 1 checkpoints (a new one is written
+        before the oldest is deleted)."""
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return
+        if free < (self.keep + 1) * self._checkpoint_bytes:
+            self._log(f"warning: {self.directory} may run out of space: {self._space_needed()}")
 
     # --------------------------------------------------------------------------------------- restore
     def latest_step(self) -> int | None:

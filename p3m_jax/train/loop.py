@@ -46,7 +46,8 @@ from p3m_jax.train import state as state_lib
 from p3m_jax.train import step as step_lib
 from p3m_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_CONFIG_FILE, TrainCheckpointer,
                                          restore_variables)
-from p3m_jax.train.summary import MetricWriter
+from p3m_jax.train.summary import METRICS_FILE, MetricWriter, drop_rows_after
+from p3m_jax.train.workdir_lock import acquire_for_run
 
 TEST_RESULTS_FILE = "test_results.json"
 VALIDATION_LOG_FILE = "validation.jsonl"
@@ -60,7 +61,8 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """The training loss or state (parameters, BatchNorm statistics, optimizer state) became NaN
+    or infinite; nothing non-finite was saved and the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -130,6 +132,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
             fail(f"init.{field}", f"no such file or directory: {path}")
     if config.init.pretrained_backbone and config.init.checkpoint:
         fail("init", "set at most one of init.pretrained_backbone and init.checkpoint")
+
+
+def check_dataset(config: ml_collections.ConfigDict) -> None:
+    """Finds (or builds, for the synthetic stand-in) the dataset and checks the data fields that
+    depend on it; raises ConfigError naming the field, FileNotFoundError for an unbuilt dataset."""
+    try:
+        info = data_lib.ensure_dataset(config.data)
+    except (ValueError, KeyError) as e:  # TFDS: an unknown builder config, a malformed name
+        raise ConfigError(f"config.data.tfds_name: {config.data.tfds_name!r} is not a dataset TFDS "
+                          f"knows: {e}") from e
+    num_train = info.splits["train"].num_examples
+    try:
+        data_lib.validation_count(config.data, num_train)
+    except ValueError as e:
+        raise ConfigError(f"config.data.validation_count: {e}") from e
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> str:
@@ -266,8 +283,36 @@ class _Meter:
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+def _finite_leaves(tree) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def first_non_finite_leaf(state) -> str | None:
+    """The path (e.g. ``batch_stats/decoder/tfi_0/bn1/var``) of the first leaf of the state's
+    parameters, BatchNorm statistics or optimizer state that holds a NaN or Inf, or None.
+
+    One reduction per leaf on the devices and a single read of the flags; called only where the
+    loop validates or saves."""
+    tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    flags = np.asarray(jax.device_get(_finite_leaves(tree)))
+    if flags.all():
+        return None
+    path, _ = jax.tree_util.tree_flatten_with_path(tree)[0][int(np.argmin(flags))]
+    return "/".join(_key_name(k) for k in path)
+
+
+def _last_good(checkpointer) -> str:
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return "No checkpoint was saved before it."
+    return f"The last good checkpoint is step {latest} in {checkpointer.directory}."
 
 
 def _format_eta(seconds: float) -> str:
@@ -283,20 +328,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (or resumes) in ``workdir``; returns {"step", "stopped", "validation", "test"}.
 
     ``stopped`` is "finished" or "preempted" (SIGTERM: a checkpoint was saved; run again to
-    resume). Raises ConfigError for a bad config, NonFiniteLossError if the loss diverges.
+    resume). Raises ConfigError for a bad config (before anything is written to ``workdir``),
+    WorkdirLockedError when another live run holds ``workdir``, NonFiniteLossError if the loss or
+    the state diverges, CheckpointError when a save fails (at the step after it failed).
     """
     validate_config(config)
     mesh_lib.initialize_distributed_if_needed()
     mesh = mesh_lib.make_mesh()
     validate_config(config, num_devices=mesh.size)
+    check_dataset(config)
     workdir = prepare_workdir(workdir)
+    lock = acquire_for_run(workdir, _log)
+    try:
+        return _train(config, workdir, mesh)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         with atomic_write(os.path.join(workdir, RUN_CONFIG_FILE)) as f:
             json.dump({"arch": config.arch, "model_options": model_options(config),
                        "config": json.loads(config.to_json_best_effort())}, f, indent=1)
 
-    data_lib.ensure_dataset(config.data)
     model = build_model(config.arch, dtype=_DTYPES[config.dtype], remat=bool(config.remat),
                         **model_options(config))
     optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
@@ -314,11 +370,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_iter = data_lib.create_train_iterator(
         config.data, seed=config.seed, global_batch_size=config.batch_size,
         sharding=mesh_lib.batch_sharding(mesh), extra_transforms=copy_paste_transforms(config))
-    checkpointer = TrainCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), keep=config.keep_checkpoints)
+    checkpointer = TrainCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), keep=config.keep_checkpoints,
+                                     log=_log)
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest, abstract_state, train_iter)
         _log(f"resumed from {checkpointer.directory}/{latest} (step {int(state.step)})")
+        if is_main:  # the rows of steps after the checkpoint are logged again by this run
+            for name in (METRICS_FILE, VALIDATION_LOG_FILE):
+                drop_rows_after(os.path.join(workdir, name), int(state.step))
     else:
         variables, origin = initial_variables(config, model, rng)
         state = jax.jit(fresh_state, out_shardings=shardings)(variables)
@@ -327,8 +387,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                           **fcp_step_options(config))
 
     writer = MetricWriter(workdir, enabled=is_main)
-    if latest is None:
-        writer.write_text(0, {"config": f"```\n{config}\n```"})
     validation = data_lib.validation_dataset(config.data)
     gather_replicated = jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
     predictor = None
@@ -351,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             raise NonFiniteLossError(
                 f"non-finite training loss between steps {step - steps + 1} and {step} "
                 f"({', '.join(f'{k}={means.get(k)}' for k in _LOSS_PARTS)}); stopped without saving it. "
-                f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
+                f"{_last_good(checkpointer)} "
                 f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.")
         losses = (f"loss {means['loss']:.4f} (global {means['global']:.4f} local {means['local']:.4f} "
                   f"fusion {means['fusion']:.4f} comp {means['composition']:.4f})")
@@ -409,8 +467,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             if key in batch})
             step += 1
             meter.add(metrics, config.batch_size)
+            checkpointer.poll()  # a failed background save stops the run now, naming its step
             if step == first_step + 1:
                 flush_metrics(step)  # the first step includes compilation: time the rest apart
+                if latest is None:  # written after the compile: a run killed before leaves no event file
+                    writer.write_text(0, {"config": f"```\n{config}\n```"})
             is_last = step == config.num_train_steps
             preempted = preemption.should_stop(step)
             evaluate_now = bool(config.eval_every_steps) and not preempted and (
@@ -419,15 +480,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
             if step % config.log_every_steps == 0 or save_now:
                 flush_metrics(step)  # also the NaN guard: nothing non-finite is ever saved
+            if save_now or evaluate_now:
+                bad_leaf = first_non_finite_leaf(state)
+                if bad_leaf is not None:
+                    checkpointer.wait()
+                    raise NonFiniteLossError(
+                        f"non-finite values in {bad_leaf} after step {step}; stopped without saving or "
+                        f"scoring them. {_last_good(checkpointer)} "
+                        f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.")
             if evaluate_now:
                 last_validation = run_validation(step)
             if save_now:
-                if not bool(_all_finite(state.params)):
-                    checkpointer.wait()
-                    raise NonFiniteLossError(
-                        f"non-finite parameters after step {step}; stopped without saving them. The last "
-                        f"good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
-                        f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.")
                 # Only a checkpoint validated at its own step carries metrics (and can be "best").
                 checkpointer.save(step, state, train_iter, metrics=last_validation if evaluate_now else None)
             if preempted:

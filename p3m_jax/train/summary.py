@@ -15,6 +15,32 @@ from typing import Mapping
 import numpy as np
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> None:
+    """Rewrites a JSON-lines log without its rows of steps after ``step`` (a resumed run logs
+    them again). A missing file is left missing."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return
+    kept = [line for line in lines if line.strip() and _row_step(line) <= step]
+    if len(kept) != len(lines):
+        from p3m_jax.fileio import atomic_write  # pylint: disable=import-outside-toplevel
+
+        with atomic_write(path) as f:
+            f.writelines(kept)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -math.inf))
+    except (ValueError, AttributeError):
+        return -math.inf  # a torn last line of a killed run: dropped with the rows after it? kept
+
+
 class MetricWriter:
     """Scalars and images for TensorBoard, with the method names of clu's `MetricWriter`.
 
@@ -25,20 +51,26 @@ class MetricWriter:
 
     def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
         self.enabled = enabled
+        self.logdir = os.fspath(logdir)
         self._tb = None
         self._jsonl = None
-        if not enabled:
+
+    def _open(self) -> None:
+        """Opens the files at the first write, so that a run stopped before logging anything
+        (e.g. killed while compiling) leaves no empty event file."""
+        if self._tb is not None:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
-        os.makedirs(logdir, exist_ok=True)
-        self._tb = SummaryWriter(os.fspath(logdir), flush_secs=30)
-        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+        os.makedirs(self.logdir, exist_ok=True)
+        self._tb = SummaryWriter(self.logdir, flush_secs=30)
+        self._jsonl = open(os.path.join(self.logdir, METRICS_FILE), "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """One value per name at ``step`` (names like ``train/loss``, ``val/SAD``)."""
         if not self.enabled:
             return
+        self._open()
         row = {"step": int(step)}
         for name, value in scalars.items():
             value = float(value)
@@ -51,6 +83,7 @@ class MetricWriter:
         """(H, W) or (H, W, C) images, uint8 or float in [0, 1]."""
         if not self.enabled:
             return
+        self._open()
         for name, image in images.items():
             image = np.asarray(image)
             if image.ndim == 2:
@@ -63,16 +96,17 @@ class MetricWriter:
         """Text entries, e.g. the run's config."""
         if not self.enabled:
             return
+        self._open()
         for name, text in texts.items():
             self._tb.add_text(name, text, int(step))
 
     def flush(self) -> None:
-        if self.enabled:
+        if self.enabled and self._tb is not None:
             self._tb.flush()
             self._jsonl.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self._tb is not None:
             self._tb.close()
             self._jsonl.close()
-            self.enabled = False
+        self.enabled = False
