@@ -89,8 +89,14 @@ def _is_config_flag_error(error: BaseException) -> bool:
 
 
 def _flag_error_text(error: BaseException) -> str:
-    text = str(error.args[0]) if error.args else str(error)
-    return text.strip("'\"")
+    """``--config.nonexistent: no such field in configs/default.py`` from the KeyError inside."""
+    inner = error.args[0] if error.args else error
+    field = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner).strip("'\"")
+    config_file = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "the config")
+    flag = next((a.split("=", 1)[0] for a in sys.argv if a.startswith("--config.") and field in a), None)
+    if flag is None:
+        return f"bad config override: {field}"
+    return f"{flag}: no such field in {config_file}"
 
 
 if __name__ == "__main__":

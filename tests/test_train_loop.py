@@ -295,12 +295,27 @@ def run_main(args, env_extra=None, **kwargs):
     ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
     ("--config.data.image_size=100", {}, "config.data.image_size"),
     ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
+    ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in configs/default.py"),
+    ("--config.data.tfds_name=p3m10k/nosuchconfig", {},
+     "error: config.data.tfds_name: 'p3m10k/nosuchconfig' is not a p3m10k build config"),
 ])
 def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, env, expected):
     result = run_main(["--config=configs/default.py", f"--workdir={tmp_path / 'w'}",
                        f"--config.data.data_dir={tmp_path / 'empty_tfds'}", override], env)
     assert result.returncode == 1, result.stderr[-2000:]
     assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing written to the workdir
+
+
+def test_validation_slice_larger_than_the_train_split_is_one_line(tmp_path, data_dir):
+    result = run_main(["--config=configs/default.py", f"--workdir={tmp_path / 'w'}",
+                       f"--config.data.data_dir={data_dir}", f"--config.data.tfds_name={TFDS_NAME}",
+                       "--config.data.validation_count=1000"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("error: config.data.validation_count: validation slice of 1000 examples out of 12 train "
+            "examples") in result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_unwritable_workdir_fails_clearly(tmp_path):
