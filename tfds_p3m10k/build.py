@@ -35,6 +35,27 @@ def _image_size(text: str) -> tuple[int, int]:
   raise argparse.ArgumentTypeError(f'expected SIZE or HEIGHTxWIDTH, got {text!r}')
 
 
+def _scaffolding(data_dir: str, config_name: str) -> list[str]:
+  """The folders TFDS makes before a build reads its input, deepest first."""
+  dataset = os.path.join(data_dir, 'p3m10k')
+  downloads = os.path.join(data_dir, 'downloads')
+  return [os.path.join(dataset, config_name), os.path.join(dataset, '.config'), dataset,
+          os.path.join(downloads, 'extracted'), downloads, data_dir]
+
+
+def _remove_scaffolding(new_folders: list[str]) -> None:
+  """Removes the folders this build created, when a refused build left them empty (TFDS's
+  `.config/metadata.json` aside): a refused build leaves nothing behind."""
+  for folder in new_folders:  # deepest first
+    metadata = os.path.join(folder, 'metadata.json')
+    if os.path.basename(folder) == '.config' and os.path.isfile(metadata):
+      os.remove(metadata)
+    try:
+      os.rmdir(folder)
+    except OSError:
+      pass  # not empty, or already gone: left as it is
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog='python -m tfds_p3m10k.build', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
       download_mode=(tfds.download.GenerateMode.FORCE_REDOWNLOAD if args.overwrite
                      else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
   reused = builder.is_prepared() and not args.overwrite
+  scaffolding = _scaffolding(os.path.expanduser(args.data_dir), builder.builder_config.name)
+  new_folders = [path for path in scaffolding if not os.path.exists(path)]
   start = time.time()
   try:
     builder.download_and_prepare(download_config=download_config)
   except layout.BadInputError as e:
+    _remove_scaffolding(new_folders)
     print(f'error: {e}', file=sys.stderr)
     return 1
   elapsed = time.time() - start

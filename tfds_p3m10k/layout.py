@@ -521,6 +521,12 @@ def scan_release(manual_dir: str, skip_bad_examples: bool = False,
     result.records[split] = [(r, checked[(r.split, r.name)]) for r in records[split]
                              if (r.split, r.name) in checked]
     result.skipped[split] = sorted({p.record.name for p in problems if p.record.split == split})
+  empty = [split for split in SPLIT_NAMES if not result.records[split]]
+  if empty:
+    raise BadInputError(
+        f'P3M-10k input in {release.describe()}: no example left in '
+        + ', '.join(f'{split} after skipping {len(result.skipped[split])} bad one(s)' for split in empty)
+        + '; nothing was written:\n' + '\n'.join(f'  - {p}' for p in problems))
   return result
 
 

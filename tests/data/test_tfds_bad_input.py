@@ -142,6 +142,16 @@ def test_skip_bad_examples_leaves_them_out_and_logs_them(release, tmp_path, capl
   assert 'left out 2 example(s)' in caplog.text and _name(0, 0) in caplog.text
 
 
+def test_skipping_every_example_of_a_split_is_one_error_and_writes_nothing(release, tmp_path):
+  for path in (release / P500 / 'blurred_image').iterdir():
+    path.write_bytes(b'broken')
+  data_dir = tmp_path / 'data'
+  with pytest.raises(layout.BadInputError, match='no example left in p3m_500_p after skipping 2 bad'):
+    _build(release, data_dir, skip_bad_examples=True)
+  leftovers = [os.path.join(d, x) for d, ds, fs in os.walk(data_dir) for x in ds + fs]
+  assert not [p for p in leftovers if '1.0.0' in p or 'array_record' in p], leftovers
+
+
 def _zip_folder(folder, zip_path, arc_prefix):
   with zipfile.ZipFile(zip_path, 'w') as archive:
     for directory, _, files in os.walk(folder):
@@ -251,6 +261,7 @@ def test_cli_reports_bad_input_and_builds(release, tmp_path, capsys):
                      '--num_workers=1'])
   assert code == 1
   assert f'{_name(2, 0)}.jpg: has no mask' in capsys.readouterr().err
+  assert not (tmp_path / 'data').exists()  # a refused build leaves no folder behind
   code = build.main([f'--manual_dir={release.parent}', f'--data_dir={tmp_path / "data"}',
                      '--num_workers=1', '--skip_bad_examples'])
   assert code == 0
