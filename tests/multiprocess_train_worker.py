@@ -21,6 +21,23 @@ from p3m_jax.train.mesh import initialize_distributed_if_needed, make_mesh  # no
 from train_helpers import make_batch, run_tiny_training  # noqa: E402
 
 
+def lock_checks(workdir):
+    """The workdir lock of a two-process run: process 0 takes it and every process agrees; a
+    second run's processes are all refused while it is held."""
+    from p3m_jax.train.workdir_lock import WorkdirLockedError, acquire_for_run
+
+    os.makedirs(workdir, exist_ok=True)
+    lock = acquire_for_run(workdir, print)
+    try:
+        acquire_for_run(workdir, print)
+        refused = False
+    except WorkdirLockedError:
+        refused = True
+    if lock is not None:
+        lock.release()
+    return {"lock_held_here": np.bool_(lock is not None), "second_run_refused": np.bool_(refused)}
+
+
 def main(port, process_id, out_path):
     assert initialize_distributed_if_needed(coordinator_address=f"localhost:{port}",
                                             num_processes=2, process_id=process_id)
@@ -36,6 +53,7 @@ def main(port, process_id, out_path):
         for path, v in jax.tree_util.tree_leaves_with_path(tree):
             out[prefix + jax.tree_util.keystr(path)] = np.asarray(v)
     out.update({f"metric_{i}_{k}": v for i, m in enumerate(metrics) for k, v in m.items()})
+    out.update(lock_checks(os.path.join(os.path.dirname(out_path), "workdir")))
     np.savez(out_path, **out)
     jax.distributed.shutdown()
 

@@ -136,7 +136,11 @@ def test_two_processes_match_one_process(tmp_path):
     for p in procs:
         assert p.wait(timeout=600) == 0
     for i in range(2):
-        _compare(ref, dict(np.load(tmp_path / f"p{i}.npz")))
+        result = dict(np.load(tmp_path / f"p{i}.npz"))
+        # One run per workdir: only process 0 holds the lock; a second run is refused on both.
+        assert bool(result.pop("lock_held_here")) == (i == 0)
+        assert bool(result.pop("second_run_refused"))
+        _compare(ref, result)
 
 
 # ---------------------------------------------------------------- dtype
