@@ -367,6 +367,61 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(da
     assert not leftover.exists()
 
 
+def _run_until_killed(args, when):
+    """Starts `python -m p3m_jax.main ARGS` and SIGKILLs it as soon as ``when(output_lines)`` is
+    true (checked every few milliseconds); returns the output up to the kill."""
+    import threading
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen([sys.executable, "-m", "p3m_jax.main", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    try:
+        while process.poll() is None and time.time() < deadline:
+            if when(lines):
+                process.kill()
+                break
+            time.sleep(0.005)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        reader.join(timeout=10)
+    assert process.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    return "".join(lines)
+
+
+def test_runs_killed_during_a_save_and_after_a_step_resume_bitwise(quickstart_run, data_dir, tmp_path):
+    """SIGKILL while a background save is being written, then (in the rerun) right after a
+    step; every rerun resumes from the last complete checkpoint (taking over the dead run's
+    workdir lock) and the run ends bit for bit where the uninterrupted quickstart run ended."""
+    workdir = tmp_path / "killed"
+    checkpoints = workdir / "checkpoints"
+    args = ["--config=configs/default.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            f"--config.data.tfds_name={TFDS_NAME}", "--config.data.image_size=64", "--config.data.crop_sizes=(64,)",
+            "--config.data.trimap_kernel_range=(3,5)", "--config.data.validation_count=2",
+            "--config.batch_size=2", "--config.num_train_steps=4",
+            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=1",
+            "--config.eval.test_splits=()", "--config.optimizer.schedule=constant"]
+
+    def saving(lines):
+        return checkpoints.is_dir() and any("orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir())
+
+    _run_until_killed(args, saving)
+    assert (workdir / "run.lock").exists()  # left behind by the killed run
+    out = _run_until_killed(args, lambda lines: any(line.startswith("step 3/") for line in lines))
+    assert "took over the workdir lock of a run that is gone" in out
+    final = run_main(args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed from" in final.stdout and "step 4/4" in final.stdout
+    assert_trees_equal(final_params(workdir, 4), final_params(quickstart_run[0], 4))
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # every step logged once
+
+
 def test_checkpoint_moves_between_device_counts_bitwise(tmp_path):
     """Saved FSDP-sharded on 8 devices, restored on 1 and saved again, restored on 8: bit for bit."""
     worker = str(REPO / "tests" / "checkpoint_worker.py")

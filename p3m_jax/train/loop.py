@@ -380,13 +380,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     if latest is not None:
         state = checkpointer.restore(latest, abstract_state, train_iter)
         _log(f"resumed from {checkpointer.directory}/{latest} (step {int(state.step)})")
-        if is_main:  # the rows of steps after the checkpoint are logged again by this run
-            for name in (METRICS_FILE, VALIDATION_LOG_FILE):
-                drop_rows_after(os.path.join(workdir, name), int(state.step))
     else:
         variables, origin = initial_variables(config, model, rng)
         state = jax.jit(fresh_state, out_shardings=shardings)(variables)
         _log(f"initialised {config.arch} ({origin})")
+    if is_main:  # rows of steps after the checkpoint (all, without one) are logged again by this run
+        for name in (METRICS_FILE, VALIDATION_LOG_FILE):
+            drop_rows_after(os.path.join(workdir, name), int(state.step))
     train_step = step_lib.make_train_step(model, optimizer, mesh, shardings, lr_schedule=lr_schedule,
                                           **fcp_step_options(config))
 

@@ -36,9 +36,9 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> None:
 
 def _row_step(line: str) -> float:
     try:
-        return float(json.loads(line).get("step", -math.inf))
-    except (ValueError, AttributeError):
-        return -math.inf  # a torn last line of a killed run: dropped with the rows after it? kept
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return math.inf  # a line torn by a killed run: dropped
 
 
 class MetricWriter:
