@@ -3,8 +3,8 @@
     python -m p3m_jax.main --config=configs/default.py --workdir=/tmp/p3m_quickstart
 
 The synthetic dataset (procedural portraits with exact alpha, fg and bg) is built into
-`data.data_dir` on first use. About 6 minutes on a 2-core CPU (0.8-1.0 s per step): the loss falls from
-7.7 to 1.7-2.0 and the validation SAD from 4.3-5.4 (step 100) to 1.3-2.2 (step 300). Every field can be overridden on the command line, e.g. `--config.batch_size=16`.
+`data.data_dir` on first use. About 4-7 minutes on a 2-core CPU (0.6-1.0 s per step): the loss falls from
+7.7 to 1.7-2.0 and the validation SAD from 4.3-5.4 (step 100) to 1.2-2.2 (step 300). Every field can be overridden on the command line, e.g. `--config.batch_size=16`.
 """
 
 import ml_collections
