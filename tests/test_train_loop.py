@@ -151,20 +151,12 @@ def test_non_finite_batch_statistics_stop_the_run_and_are_never_saved(quickstart
     """The loss stays finite but a running variance turns Inf after step 5 (a good checkpoint at 4):
     the run stops before validating or saving step 6, naming the leaf; 4 stays the best."""
     workdir = tmp_copy(quickstart_run[0])
-    make_train_step = loop.step_lib.make_train_step
 
-    def poisoning(*args, **kwargs):
-        step_fn = make_train_step(*args, **kwargs)
+    def poison(state, metrics):
+        stats = jax.tree_util.tree_map(lambda v: v * np.float32(np.inf), state.batch_stats)
+        return state.replace(batch_stats=stats), metrics
 
-        def run(state, batch):
-            state, metrics = step_fn(state, batch)
-            if int(state.step) >= 6:
-                stats = jax.tree_util.tree_map(lambda v: v * np.float32(np.inf), state.batch_stats)
-                state = state.replace(batch_stats=stats)
-            return state, metrics
-        return run
-
-    monkeypatch.setattr(loop.step_lib, "make_train_step", poisoning)
+    change_train_step(monkeypatch, from_step=6, change=poison)
     config = tiny_config(data_dir, num_train_steps=8, **{"eval.test_splits": ()})
     with pytest.raises(loop.NonFiniteLossError,
                        match=r"non-finite values in batch_stats/.* after step 6.*last good checkpoint is step 4"):
@@ -219,6 +211,22 @@ def test_full_disk_is_reported_at_the_next_step_and_a_rerun_with_room_resumes(qu
     assert "resumed from" in capsys.readouterr().out
 
 
+def change_train_step(monkeypatch, from_step, change):
+    """Makes the loop's train step pass its result through ``change(state, metrics)`` from the
+    step that ends at ``from_step`` on."""
+    make_train_step = loop.step_lib.make_train_step
+
+    def changed(*args, **kwargs):
+        step_fn = make_train_step(*args, **kwargs)
+
+        def run(state, batch):
+            state, metrics = step_fn(state, batch)
+            return change(state, metrics) if int(state.step) >= from_step else (state, metrics)
+        return run
+
+    monkeypatch.setattr(loop.step_lib, "make_train_step", changed)
+
+
 def tmp_copy(workdir):
     target = pathlib.Path(str(workdir) + f"_copy{time.monotonic_ns()}")
     shutil.copytree(workdir, target)
@@ -247,19 +255,8 @@ def test_load_pretrained_and_eval_mode_use_the_best_checkpoint(quickstart_run, d
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(quickstart_run, data_dir, monkeypatch):
     """The loss turns NaN at step 7 (after a good checkpoint at 6): training stops, 6 stays."""
     workdir = tmp_copy(quickstart_run[0])
-    make_train_step = loop.step_lib.make_train_step
-
-    def diverging(*args, **kwargs):
-        step_fn = make_train_step(*args, **kwargs)
-
-        def run(state, batch):
-            state, metrics = step_fn(state, batch)
-            if int(state.step) >= 7:
-                metrics = {**metrics, "loss": metrics["loss"] * float("nan")}
-            return state, metrics
-        return run
-
-    monkeypatch.setattr(loop.step_lib, "make_train_step", diverging)
+    change_train_step(monkeypatch, from_step=7,
+                      change=lambda state, metrics: (state, {**metrics, "loss": metrics["loss"] * float("nan")}))
     config = tiny_config(data_dir, num_train_steps=10, eval_every_steps=0, checkpoint_every_steps=2,
                          log_every_steps=5, **{"eval.test_splits": ()})
     with pytest.raises(loop.NonFiniteLossError, match="between steps 7 and 8.*last good checkpoint is step 6"):
@@ -475,3 +472,27 @@ def test_training_turns_the_persistent_compilation_cache_on(tmp_path, compilatio
         assert main.enable_compilation_cache(config) is None
     finally:
         evaluate.enable_compilation_cache(compilation_cache)
+
+
+def test_metric_writer_makes_no_event_file_before_its_first_write(tmp_path):
+    from p3m_jax.train.summary import MetricWriter
+
+    writer = MetricWriter(tmp_path / "run")  # e.g. a run killed while compiling its first step
+    writer.close()
+    assert not (tmp_path / "run").exists()
+    writer = MetricWriter(tmp_path / "run")
+    writer.write_scalars(1, {"train/loss": 1.5})
+    writer.close()
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 1.5}
+
+
+def test_resumed_logs_drop_the_rows_after_the_checkpoint_and_torn_rows(tmp_path):
+    from p3m_jax.train.summary import drop_rows_after
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "tr')
+    drop_rows_after(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    drop_rows_after(tmp_path / "missing.jsonl", 2)  # nothing to do, nothing made
+    assert not (tmp_path / "missing.jsonl").exists()
