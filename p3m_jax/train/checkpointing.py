@@ -7,7 +7,8 @@ Layout of ``<workdir>/checkpoints``::
     <step>/metrics/ the validation metrics of that step, when it was evaluated
 
 Saves are asynchronous: `save` returns as soon as the arrays are copied off the devices and the
-files are written in the background. orbax writes every checkpoint into a temporary directory
+files are written in the background; `poll` (called every step) raises `CheckpointError` as soon as
+such a save has failed, naming its step and cause. orbax writes every checkpoint into a temporary directory
 and renames it only once complete, so a save that was killed half-way is never restored from
 (and leftovers are cleaned up on the next start). Retention keeps the last ``keep`` checkpoints
 plus the best one by validation SAD.
@@ -85,15 +86,15 @@ def from_savable(restored: dict, like: Any) -> Any:
     return like.replace(**jax.tree_util.tree_map(back, restored, _fields(like)))
 
 
+_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
+
+
 class _OrbaxBackgroundErrors(logging.Filter):
     """Drops orbax's own error logs (each with a long traceback, from every background thread
     of a failed save): the failure reaches the caller as one CheckpointError naming the step."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and _ORBAX_PATH in record.pathname)
-
-
-_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
 
 
 def _drop_closed_loop_errors() -> None:
@@ -254,10 +255,13 @@ class TrainCheckpointer:
 
     def _space_needed(self) -> str:
         mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
-        free = shutil.disk_usage(self.directory).free
+        try:
+            free = mb(shutil.disk_usage(self.directory).free)
+        except OSError:
+            free = "unknown"
         return (f"a checkpoint needs ~{mb(self._checkpoint_bytes)}, keeping {self.keep} needs room for "
                 f"{self.keep + 1} at once (~{mb((self.keep + 1) * self._checkpoint_bytes)}); "
-                f"{mb(free)} free")
+                f"{free} free")
 
     def _check_free_space(self) -> None:
         """Warns when the filesystem cannot hold ``keep`` + 1 checkpoints (a new one is written

@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training run behind `python -m p3m_jax.main`.
 
 One run, on every device of every process (one 1-D ``data`` mesh):
-  1. check the config (a bad value fails here, naming the field) and the workdir;
+  1. check the config and the dataset (a bad value fails here, naming the field, before anything
+     is written) and the workdir, and take the workdir's lock (one run per workdir);
   2. build the dataset if the config asks for the synthetic stand-in, the model and the optimizer;
   3. resume from the latest checkpoint in ``<workdir>/checkpoints`` (model, optimizer, step, RNG and
      the input iterator's position), or initialise (random, an ImageNet backbone, or fine-tuning
@@ -9,8 +10,9 @@ One run, on every device of every process (one 1-D ``data`` mesh):
   4. train: a progress line every ``log_every_steps`` (loss and its four parts, lr, images/s, step
      time, ETA) and the same numbers in TensorBoard; validation SAD/MSE/GRAD/CONN on the held-out
      slice every ``eval_every_steps``; asynchronous checkpoints every ``checkpoint_every_steps``
-     (the last K plus the best by validation SAD); SIGTERM saves and stops; a NaN/Inf loss stops
-     before anything non-finite is saved;
+     (the last K plus the best by validation SAD; a failed save stops the run at the next step);
+     SIGTERM saves and stops; a NaN/Inf loss or state stops before anything non-finite is
+     validated or saved;
   5. at the end, the test splits are scored with the paper's strategy from the best checkpoint and
      written to ``<workdir>/test_results.json``.
 Only process 0 writes logs, summaries and metadata; every process takes part in saves and in the
@@ -139,7 +141,7 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
     depend on it; raises ConfigError naming the field, FileNotFoundError for an unbuilt dataset."""
     try:
         info = data_lib.ensure_dataset(config.data)
-    except (ValueError, KeyError) as e:  # TFDS: an unknown builder config, a malformed name
+    except (ValueError, KeyError):  # TFDS: an unknown builder config, a malformed name
         from tfds_p3m10k import p3m10k_dataset_builder as builder_lib  # pylint: disable=import-outside-toplevel
 
         known = ", ".join(f"p3m10k/{c.name}" for c in builder_lib.Builder.BUILDER_CONFIGS)
@@ -158,7 +160,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> str:
     workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}_{os.getpid()}")
         with open(probe, "w", encoding="utf-8") as f:
             f.write("ok")
         os.remove(probe)
