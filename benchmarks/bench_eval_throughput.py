@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from p3m_jax import evaluate
-    from p3m_jax.benchmark import end_device_turn, wait_for_device_turn
+    from device_turns import end_device_turn, wait_for_device_turn
     from p3m_jax.predictor import Predictor
 
     jax.config.update("jax_enable_compilation_cache", False)  # the first pass is a cold start

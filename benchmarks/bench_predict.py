@@ -103,7 +103,7 @@ class OurBreakdown:
 
 def _install_normalize_stand_in():
     """Their `inference_once` uses `torchvision.transforms.Normalize`; without torchvision (PyPI's does not
-    import beside this machine's CPU torch) `p3m_jax.benchmark` registers an empty module: add it there."""
+    import beside this machine's CPU torch) `authors_torch` registers an empty module: add it there."""
     import importlib
 
     import torch
@@ -128,17 +128,17 @@ def make_authors(arch: str, authors_repo: str):
     import numpy as np
     import torch
 
-    from p3m_jax import benchmark
+    from authors_torch import install_timm_stand_in
 
     core = str(pathlib.Path(authors_repo) / "core")
     if core not in sys.path:
         sys.path.insert(0, core)
-    benchmark._install_timm_stand_in()  # pylint: disable=protected-access
+    install_timm_stand_in()
     _install_normalize_stand_in()
     import infer  # the authors' core/infer.py, at run time
     from network import build_model as authors_build_model
 
-    torch.set_flush_denormal(True)  # as in p3m_jax.benchmark: XLA:CPU flushes denormals too
+    torch.set_flush_denormal(True)  # as in authors_torch: XLA:CPU flushes denormals too
     if not torch.cuda.is_available():
         # Their Swin-T builds its attention mask with `.cuda()` at every new resolution (their inference is
         # CUDA-only); on a CPU-only PyTorch, `.cuda()` is made the identity so their code runs unchanged.

@@ -20,12 +20,12 @@ ViTAE-S's finished within 274 s); two at once, with the autotuning results of th
 
 Jobs (`--jobs` picks some; `--arch` the variants and their order):
   env       GPU name and memory; jax, flax, optax and torch versions
-  train     `p3m_jax.benchmark` per variant: 512x512, per-device batch --batch, bfloat16, and the time per op of
+  train     `bench_train_step.py` per variant: 512x512, per-device batch --batch, bfloat16, and the time per op of
             one more step under the profiler (the --focus_arch one's trace and compiled HLO are copied to DIR)
-  torch     the authors' step alone (`p3m_jax.benchmark --torch_only`), same size and batch, float32 and
+  torch     the authors' step alone (`bench_train_step.py --torch_only`), same size and batch, float32 and
             autocast float16, after each variant's own (--torch_arch: only some variants)
   evaluate  `benchmarks/bench_eval_throughput.py`: images/s on 512x512 synthetic portraits, float32, bfloat16
-  fp32      `p3m_jax.benchmark`, float32, at --batch
+  fp32      `bench_train_step.py`, float32, at --batch
   bigger    --focus_arch in bfloat16 at 4x --batch
   predict   `benchmarks/bench_predict.py`, HYBRID at 1080x1620, after the others and alone (its first call is a
             cold start): bfloat16 with the authors' (float32) beside it, then float32
@@ -108,7 +108,7 @@ class TurnGroup:
 
     XLA:GPU spends minutes compiling and autotuning each train step, mostly on the host's cores,
     while the card idles. So the jobs of a group start in the order they were added, several
-    compiling at once; each announces that it has compiled (`p3m_jax.benchmark.wait_for_device_turn`)
+    compiling at once; each announces that it has compiled (`device_turns.wait_for_device_turn`)
     and waits. Once all have compiled (or `compile_limit` seconds have passed; those still compiling
     are stopped), the group gives the device to one job after another, in the same order, so no
     timing shares the card with another job's work. The suite's budget cuts the turns that no
@@ -295,7 +295,7 @@ def main() -> int:
             return 1
         ours_env["XLA_FLAGS"] = flags
         print(f"# our processes run with XLA_FLAGS={flags}", flush=True)
-    bench = [py, "-m", "p3m_jax.benchmark", "--size", str(args.size)]
+    bench = [py, str(REPO / "benchmarks" / "bench_train_step.py"), "--size", str(args.size)]
     height, width = args.predict_size.split("x")
     jobs = set(args.jobs)
 
@@ -402,7 +402,7 @@ def pack_autotune_cache(folder: str, archive: pathlib.Path) -> None:
 
 
 def print_train_table(results: dict, size: int) -> None:
-    """One table of every train-step row: ours (`p3m_jax.benchmark`) and the authors' (`--torch_only`)."""
+    """One table of every train-step row: ours (`bench_train_step.py`) and the authors' (`--torch_only`)."""
     print(f"\n# train steps at {size}x{size} on {_device_kind(results)}")
     print("arch | impl | precision | batch | step | img/s | TFLOP/s | MFU | compile | memory (compiled / peak)")
     for key, rows in results.items():

@@ -5,15 +5,14 @@ import pathlib
 import sys
 import textwrap
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1]
 
-import device_suite  # noqa: E402  (a script of benchmarks/, not a package module)
+import device_suite  # noqa: E402  (a script of benchmarks/, on the path by conftest.py)
 
 # A stand-in benchmark: "compiles" for a while, then records when its device work ran.
 JOB = textwrap.dedent("""
     import json, sys, time
-    from p3m_jax.benchmark import end_device_turn, wait_for_device_turn
+    from device_turns import end_device_turn, wait_for_device_turn
     compile_s, device_s, record = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     began = time.time()
     time.sleep(compile_s)
@@ -38,7 +37,7 @@ def _group(tmp_path, budget=120.0, **turns):
 def _add(group, tmp_path, name, compile_s, device_s=0.3, compiles=True, turn_limit=90):
     record = tmp_path / f"{name}.json"
     group.add(name, [sys.executable, "-c", JOB, str(compile_s), str(device_s), str(record)],
-              {"PYTHONPATH": str(REPO)}, record, compiles=compiles, turn_limit=turn_limit)
+              {"PYTHONPATH": str(BENCHMARKS)}, record, compiles=compiles, turn_limit=turn_limit)
     return record
 
 
@@ -116,7 +115,7 @@ def test_turns_that_no_longer_fit_the_budget_are_skipped(tmp_path):
 
 
 def test_turn_calls_do_nothing_outside_the_suite(monkeypatch, tmp_path):
-    from p3m_jax.benchmark import TURN_DIR_ENV, end_device_turn, wait_for_device_turn
+    from device_turns import TURN_DIR_ENV, end_device_turn, wait_for_device_turn
 
     monkeypatch.delenv(TURN_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)

@@ -1,9 +1,9 @@
 """Training-step benchmark: compile time, step time, throughput, FLOPs, MFU and memory.
 
-    python -m p3m_jax.benchmark --arch resnet34 swin_t vitae_s --size 512 --batch 8 \
+    python benchmarks/bench_train_step.py --arch resnet34 swin_t vitae_s --size 512 --batch 8 \
         --dtype float32 bfloat16 [--remat] [--param_sharding fsdp] \
         [--torch --authors_repo /tmp/p3m_authors] [--memory_only] [--profile DIR]
-    python -m p3m_jax.benchmark --torch_only --torch_device cuda --torch_precision float32 float16 \
+    python benchmarks/bench_train_step.py --torch_only --torch_device cuda --torch_precision float32 float16 \
         --arch resnet34 --size 512 --batch 32 --authors_repo DIR
 
 One row per (arch, dtype): the real `p3m_jax.train.step` train step (P3M loss, Adam, sharded
@@ -34,21 +34,22 @@ when those are not installed minimal stand-in modules are registered.
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
 import gzip
 import json
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
-import types
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from authors_torch import bench_torch, host_batch, make_torch_step  # noqa: E402
+from device_turns import end_device_turn, wait_for_device_turn  # noqa: E402
+from profile_trace import time_by_network_part, top_ops_from_trace  # noqa: E402
 
 # Nominal dense peak FLOP/s per device: (bfloat16, float32). GPUs: tensor-core bf16 and
 # non-tensor-core fp32. TPUs: the MXU bf16 peak for both (XLA's default f32 matmul precision on
@@ -67,40 +68,6 @@ PEAK_FLOPS = (
     ("v4", "TPU v4", 275e12, 275e12),
 )
 
-
-# ------------------------------------------------------------------ device turns
-# On a GPU lent for minutes, XLA:GPU's compilation (with its autotuning) takes most of the time.
-# benchmarks/device_suite.py therefore starts several benchmark processes at once, so that they
-# compile side by side, and then gives the device to one at a time for the timed part. It sets
-# P3M_BENCH_TURN_DIR; outside the suite these two calls do nothing.
-TURN_DIR_ENV = "P3M_BENCH_TURN_DIR"
-
-
-def wait_for_device_turn(poll_s: float = 0.2) -> None:
-    """Says this process is ready (compiled) and blocks until the suite gives it the device.
-
-    Writes ``ready.<pid>`` in the folder named by P3M_BENCH_TURN_DIR and waits for
-    ``turn.<pid>``; returns at once when the variable is unset or this process already has its turn.
-    """
-    folder = os.environ.get(TURN_DIR_ENV)
-    if not folder:
-        return
-    turn = pathlib.Path(folder) / f"turn.{os.getpid()}"
-    if turn.exists():
-        return
-    (pathlib.Path(folder) / f"ready.{os.getpid()}").touch()
-    start = time.monotonic()
-    while not turn.exists():
-        time.sleep(poll_s)
-    print(f"# waited {time.monotonic() - start:.0f}s for the device (other benchmarks were compiling "
-          "or timing)", flush=True)
-
-
-def end_device_turn() -> None:
-    """Hands the device back to the suite (``done.<pid>``): the timed work on it is over."""
-    folder = os.environ.get(TURN_DIR_ENV)
-    if folder:
-        (pathlib.Path(folder) / f"done.{os.getpid()}").touch()
 
 
 def peak_flops(device_kind: str, dtype) -> float | None:
@@ -159,15 +126,6 @@ def _memory(compiled) -> dict:
            "temp": get("temp_size_in_bytes"), "alias": get("alias_size_in_bytes")}
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out
-
-
-def host_batch(batch: int, size: int, seed: int = 0) -> dict:
-    """A random uint8 batch of the pipeline's host contract."""
-    rng = np.random.default_rng(seed)
-    u8 = lambda c: rng.integers(0, 256, (batch, size, size, c), dtype=np.uint8)
-    return {"image": u8(3), "fg": u8(3), "bg": u8(3), "alpha": u8(1),
-            "trimap": rng.choice(np.array([0, 128, 255], np.uint8), (batch, size, size, 1)),
-            "has_fg_bg": np.ones(batch, bool)}
 
 
 def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool,
@@ -249,275 +207,6 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
                tflops=row["flops"] / step_s / 1e12)
     peak = peak_flops(row["device_kind"], dtype)
     row["mfu"] = row["flops"] / step_s / peak if peak else None
-    return row
-
-
-def _trace_events(profile_dir: str) -> tuple[list[dict], dict]:
-    """The duration events of the newest trace in ``profile_dir`` and its ``{pid: process
-    name}`` (e.g. "/host:CPU", "/device:GPU:0"); empty if there is no trace."""
-    paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"),
-                   key=lambda p: p.stat().st_mtime)
-    return _load_trace(str(paths[-1])) if paths else ([], {})
-
-
-@functools.lru_cache(maxsize=1)
-def _load_trace(path: str) -> tuple[list[dict], dict]:
-    # Cached: both summaries of one profiled step read the same (tens of MB) trace.
-    events = json.load(gzip.open(path)).get("traceEvents", [])
-    durations = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    names = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return durations, names
-
-
-def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float]]:
-    """Seconds per op category (the HLO op name without its numeric suffix) from the
-    perfetto trace ``jax.profiler.trace`` wrote; the largest ``top``."""
-    totals: dict[str, float] = collections.defaultdict(float)
-    for e in _trace_events(profile_dir)[0]:
-        name = str(e.get("name", ""))
-        # HLO instructions are named like "convolution.12" or "loop_add_fusion.3".
-        base = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
-        totals[base] += e["dur"] / 1e6
-    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-
-
-_HLO_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
-# Call-path components that say how an op was produced, not where in the network it is.
-_TRANSFORM_PREFIXES = ("jit(", "jvp(", "transpose(", "vmap(", "remat", "checkpoint", "cond",
-                       "branch_", "while", "body", "closed_call", "pjit")
-
-
-def network_part(op_name: str) -> tuple[str, str]:
-    """``(direction, part)`` of an HLO op from its ``op_name`` metadata (JAX's call path):
-    direction "backward" for ops of the gradient (JAX's transpose pass), else "forward"; part
-    the first two module levels under the network (``encoder/layer1``, ``decoder/tfi_0``),
-    "network" for ops of its own body, or "loss and optimizer" for ops outside the network.
-    A fused op's metadata may join several paths with ";": the first one counts."""
-    op_name = op_name.split(";")[0]
-    direction = "backward" if "transpose(" in op_name else "forward"
-    if "P3MNet" not in op_name:
-        return direction, "loss and optimizer"
-    # The last component is the primitive (conv_general_dilated, add...), the rest modules.
-    modules = [c for c in op_name.split("/")[:-1] if c and not c.startswith(_TRANSFORM_PREFIXES)]
-    return direction, "/".join(modules[:2]) or "network"
-
-
-def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> dict:
-    """Where one profiled step's device time went, from the trace ``jax.profiler.trace`` wrote
-    and the compiled program's HLO text (``compiled.as_text()``), which maps every HLO op to
-    the module that emitted it.
-
-    Returns ``{"parts": [(direction, part, seconds)], "ops": [(hlo_op, seconds, direction, part,
-    primitive)]}``, largest first, from the trace events that name their HLO op (XLA:CPU's
-    thunks, XLA:GPU's kernels; where a device's events name HLO ops, only those count, not the
-    host's launches of them; a kernel inside a command buffer counts for its fusion, or as a
-    "library kernel in command buffers" under its kernel name). Ops without ``op_name`` metadata
-    (XLA made them: layout copies, some fusions) count as "no metadata (made by XLA)". Ops that
-    run concurrently both count, so the sum can exceed the step time; empty lists if the trace
-    names no HLO ops.
-    """
-    op_names = dict(_HLO_OP_NAME.findall(hlo_text))
-    parts: dict[tuple[str, str], float] = collections.defaultdict(float)
-    ops: dict[str, float] = collections.defaultdict(float)
-    events, process_names = _trace_events(profile_dir)
-    events = [e for e in events if (e.get("args") or {}).get("hlo_op")]
-    on_device = [e for e in events if process_names.get(e.get("pid"), "").startswith("/device:")]
-    library_kernels = set()
-    for e in on_device or events:
-        op = _hlo_op_of(e, op_names)
-        if op is None:  # a cuDNN/cuBLAS kernel inside a command buffer: named by its kernel
-            op = str(e.get("name", "")).split("<")[0].split("(")[0][:60]
-            library_kernels.add(op)
-        ops[op] += e["dur"] / 1e6
-    located = {}
-    for op, sec in ops.items():
-        name = op_names.get(op)
-        where = (network_part(name) if name else
-                 ("-", "library kernels in command buffers") if op in library_kernels else
-                 ("-", "no metadata (made by XLA)"))
-        located[op] = (*where, name.rsplit("/", 1)[-1] if name else "-")
-        parts[where] += sec
-    top = sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]
-    return {"parts": sorted(((d, p, t) for (d, p), t in parts.items()), key=lambda r: -r[2]),
-            "ops": [(op, sec, *located[op]) for op, sec in top]}
-
-
-def _hlo_op_of(event: dict, op_names: dict) -> str | None:
-    """The HLO op a trace event ran. XLA:GPU runs runs of thunks as command buffers (CUDA
-    graphs): their kernels' events name the buffer ("command_buffer_12") as ``hlo_op`` and the
-    kernel as the event's name, which for a fusion is the fusion's name with "_" for its "."
-    ("loop_add_fusion_3" for loop_add_fusion.3). None for a kernel in a command buffer that is
-    no fusion of the program (cuDNN's and cuBLAS's own kernels)."""
-    op = event["args"]["hlo_op"]
-    if op in op_names or not op.startswith("command_buffer"):
-        return op
-    kernel = str(event.get("name", ""))
-    base, _, suffix = kernel.rpartition("_")
-    for candidate in (kernel, f"{base}.{suffix}" if suffix.isdigit() else None):
-        if candidate in op_names:
-            return candidate
-    return None
-
-
-# ------------------------------------------------------------------ the authors' PyTorch step
-
-def _install_timm_stand_in():
-    """The three timm helpers the authors' model imports (DropPath, to_2tuple, trunc_normal_)
-    and register_model, when timm is not installed; and an empty ``torchvision.transforms``
-    (their util.py imports it for data code the model does not use) when torchvision is not."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms})
-    try:
-        import timm  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import torch
-
-    class DropPath(torch.nn.Module):
-        def __init__(self, drop_prob=0.0):
-            super().__init__()
-            self.drop_prob = drop_prob
-
-        def forward(self, x):
-            if self.drop_prob == 0.0 or not self.training:
-                return x
-            keep = 1.0 - self.drop_prob
-            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-            return x * mask / keep
-
-    def to_2tuple(x):
-        return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
-
-    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0):
-        return torch.nn.init.trunc_normal_(tensor, mean, std, a, b)
-
-    layers = types.ModuleType("timm.models.layers")
-    layers.DropPath, layers.to_2tuple, layers.trunc_normal_ = DropPath, to_2tuple, trunc_normal_
-    registry = types.ModuleType("timm.models.registry")
-    registry.register_model = lambda fn: fn
-    models = types.ModuleType("timm.models")
-    models.layers, models.registry = layers, registry
-    timm = types.ModuleType("timm")
-    timm.models = models
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
-                        "timm.models.registry": registry})
-
-
-def _torch_loss(outputs, image, fg, bg, alpha, trimap):
-    """DESIGN.md section 4's loss in PyTorch (NCHW), for a like-for-like step."""
-    import torch
-    import torch.nn.functional as F
-    glob, local, fusion, s2, s1, s0 = outputs
-    labels = torch.where(trimap == 0, 0, torch.where(trimap == 255, 2, 1)).long()[:, 0]
-    ce = lambda logits: F.cross_entropy(logits, labels)
-    l_global = ce(s2) + ce(s1) + ce(s0) + 3 * ce(glob)
-    g = torch.exp(-(torch.arange(5.0, device=alpha.device) - 2) ** 2)
-    k = (g[:, None] + g[None, :])
-    k = (k / k.sum())[None, None]
-
-    def pyramid(x):
-        out = []
-        for _ in range(5):
-            f = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k)
-            out.append(x - f)
-            x = F.avg_pool2d(f, 2)
-        return out + [x]
-
-    def lap(p, a):
-        return sum(F.l1_loss(u, v) for u, v in zip(pyramid(p), pyramid(a)))
-
-    w = (trimap == 128).float()
-    l_local = (torch.sqrt(((local - alpha) * w) ** 2 + 1e-12).sum() / (w.sum() + 1)
-               + lap(local * w, alpha * w))
-    l_fusion = torch.sqrt((fusion - alpha) ** 2 + 1e-12).mean() + lap(fusion, alpha)
-    comp = fusion * fg + (1 - fusion) * bg
-    l_comp = torch.sqrt((comp - image) ** 2 + 1e-12).sum() / fusion[:, 0].numel()
-    return l_global / 6 + 2 * l_local + 3 * l_fusion + l_comp
-
-
-def make_torch_step(arch: str, size: int, batch: int, authors_repo: str, device: str = "cpu",
-                    precision: str = "float32"):
-    """One training step (forward, the section-4 loss, backward, Adam) of the authors' public
-    PyTorch P3M-Net, as a callable returning the loss.
-
-    ``device`` is "cpu" or "cuda". ``precision`` "float16" runs the network under
-    ``torch.autocast`` (float16, with a gradient scaler) and the loss in float32, as our
-    bfloat16 step does; "float32" is the authors' own setting. On CUDA, cuDNN picks its
-    algorithms by benchmark (``cudnn.benchmark``), as XLA:GPU autotunes ours."""
-    import torch
-    if precision not in ("float32", "float16"):
-        raise ValueError(f"torch precision must be float32 or float16, got {precision!r}")
-    core = str(pathlib.Path(authors_repo) / "core")
-    if not pathlib.Path(core, "network").is_dir():
-        raise FileNotFoundError(f"--authors_repo {authors_repo}: no core/network folder (a checkout of "
-                                "github.com/ViTAE-Transformer/P3M-Net is expected)")
-    if core not in sys.path:
-        sys.path.insert(0, core)
-    _install_timm_stand_in()
-    from network import build_model as authors_build_model  # the authors' code, at run time
-    name = {"resnet34": "r34", "swin_t": "swin", "vitae_s": "vitae"}[arch]
-    kwargs = {"img_size": size} if arch == "swin_t" else {}
-    # XLA:CPU flushes denormals to zero; PyTorch does not by default, and a randomly
-    # initialised P3M-Net produces enough of them to slow its CPU kernels several times.
-    torch.set_flush_denormal(True)
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    model = authors_build_model(name, pretrained=False, **kwargs).train().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-    amp = precision == "float16"
-    scaler = torch.amp.GradScaler(device, enabled=amp)
-    hb = host_batch(batch, size)
-    mean = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None]
-    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-    norm = lambda a: ((nchw(a).float() / 255 - mean) / std).to(device)
-    image, fg, bg = norm(hb["image"]), norm(hb["fg"]), norm(hb["bg"])
-    alpha, trimap = (nchw(hb["alpha"]).float() / 255).to(device), nchw(hb["trimap"]).float().to(device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.float16, enabled=amp):
-            outputs = model(image)
-        loss = _torch_loss([o.float() for o in outputs], image, fg, bg, alpha, trimap)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return float(loss.detach())  # waits for the device
-
-    return step
-
-
-def bench_torch(arch: str, size: int, batch: int, repeats: int, authors_repo: str, device: str,
-                precision: str) -> dict:
-    """Times the authors' step alone (``--torch_only``): median of ``repeats`` after two warm-ups,
-    images/s and, on CUDA, the peak memory PyTorch allocated."""
-    import torch
-    wait_for_device_turn()  # before the model takes device memory
-    step = make_torch_step(arch, size, batch, authors_repo, device, precision)
-    row = {"arch": arch, "impl": "authors_pytorch", "device": device, "precision": precision,
-           "batch": batch}
-    try:
-        for _ in range(2):
-            step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            loss = step()
-            times.append(time.perf_counter() - t0)
-    except torch.OutOfMemoryError as err:
-        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
-        return row
-    row.update(step_s=statistics.median(times), loss=loss,
-               images_per_s=batch / statistics.median(times))
-    if device == "cuda":
-        row["peak_memory"] = int(torch.cuda.max_memory_allocated())
     return row
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from p3m_jax.benchmark import network_part, time_by_network_part
+from profile_trace import network_part, time_by_network_part
 
 # op_name metadata as XLA:CPU's compiled train step carries it (ResNet-34, 512x512).
 FORWARD_STEM = ("jit(train_step)/jvp(P3MNet)/encoder/conv1/jit(same_conv)/cond/branch_0_fun/"
@@ -122,7 +122,7 @@ def test_step_flops_without_the_backend_cost_analysis(monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    from p3m_jax import benchmark
+    import bench_train_step as benchmark
 
     step = jax.jit(lambda w, x: jnp.tanh(x @ w))
     w, x = jax.ShapeDtypeStruct((128, 32), jnp.float32), jax.ShapeDtypeStruct((64, 128), jnp.float32)
