@@ -75,7 +75,7 @@ def install_timm_stand_in():
 
 
 def _torch_loss(outputs, image, fg, bg, alpha, trimap):
-    """DESIGN.md section 4's loss in PyTorch (NCHW), for a like-for-like step."""
+    """docs/design.md section 4's loss in PyTorch (NCHW), for a like-for-like step."""
     import torch
     import torch.nn.functional as F
     glob, local, fusion, s2, s1, s0 = outputs

@@ -1,6 +1,6 @@
 """Speed of `p3m_jax.metrics.matting_metrics` against a NumPy/SciPy/scikit-image version of the same metrics.
 
-The NumPy version below is written from DESIGN.md section 6 (one image at a time, as the authors' evaluation
+The NumPy version below is written from docs/design.md section 6 (one image at a time, as the authors' evaluation
 loops). The authors' Conn additionally runs a Euclidean distance transform per threshold whose result it never
 uses; `--authors-edt` adds that step so the NumPy column has the authors' cost profile.
 
@@ -35,7 +35,7 @@ SAMPLE = SHARED / "p3m10k_sample" / "P3M-10k" / "validation" / "P3M-500-P"
 
 
 def numpy_metrics(pred, gt, trimap, authors_edt=False):
-    """All metrics of DESIGN.md section 6 for one (H, W) float32 pair, NumPy/SciPy/scikit-image."""
+    """All metrics of docs/design.md section 6 for one (H, W) float32 pair, NumPy/SciPy/scikit-image."""
     from skimage.measure import label
 
     out = {}

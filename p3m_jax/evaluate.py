@@ -5,7 +5,7 @@
         [--output results.json] [--save_png DIR] [--limit N]
     python -m p3m_jax.evaluate --checkpoint CKPT --tfds_data_dir ~/tensorflow_datasets --tfds_config default ...
 
-Data comes from a folder in the release layout (DESIGN.md section 2; `--data_dir` may be the folder holding
+Data comes from a folder in the release layout (docs/design.md section 2; `--data_dir` may be the folder holding
 `P3M-10k/`, `P3M-10k/` itself, or its `validation/`) or from the TFDS builder `p3m10k` (`tfds.data_source`).
 Each prediction is quantized to 8 bits as the authors' evaluation reads it back from PNG, then scored with
 `p3m_jax.metrics.matting_metrics` against the ground-truth alpha and trimap (and the facemask where the

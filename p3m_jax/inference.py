@@ -1,6 +1,6 @@
 """The paper's test strategies (RESIZE, HYBRID) as functions of a predictor and one image.
 
-Both follow the authors' public inference (DESIGN.md section 6):
+Both follow the authors' public inference (docs/design.md section 6):
 
 * sizes: a side s at ratio r becomes min(1600, int(s * r) - int(s * r) % 32) (at least 32 here, where the
   authors' code would fail on images under 64 px);

@@ -1,4 +1,4 @@
-"""P3M-Net training losses (DESIGN.md section 4), in float32, NHWC.
+"""P3M-Net training losses (docs/design.md section 4), in float32, NHWC.
 
 Every sum and mean runs over the whole batch at once, as the authors' training code does (it
 does not average per sample). The terms:

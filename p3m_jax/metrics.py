@@ -1,6 +1,6 @@
 """Matting metrics of the P3M evaluation protocol, jitted and computed entirely on device.
 
-`matting_metrics(pred, gt, trimap)` returns the metrics of DESIGN.md section 6 for one alpha matte or a batch
+`matting_metrics(pred, gt, trimap)` returns the metrics of docs/design.md section 6 for one alpha matte or a batch
 of same-shaped mattes:
 
 | key | definition (p = prediction, a = ground truth, both in [0, 1]) |

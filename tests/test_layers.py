@@ -182,7 +182,7 @@ def test_conv_bn_relu_stack_matches_torch_sequential():
     np.testing.assert_allclose(np.asarray(got), nhwc(seq(nchw(x))), rtol=RTOL, atol=ATOL)
 
 
-# --- Bridges: small PyTorch versions written from DESIGN.md section 3, same weights. ---
+# --- Bridges: small PyTorch versions written from docs/design.md section 3, same weights. ---
 
 def _conv(cin, cout, k, gen):
     conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)

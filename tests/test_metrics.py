@@ -33,7 +33,7 @@ def _blobs(rng, shape, sigma=3.0):
 
 
 def _numpy_connectivity(pred, gt):
-    """Conn of DESIGN.md section 6 with scikit-image labelling (written from the definition, per image)."""
+    """Conn of docs/design.md section 6 with scikit-image labelling (written from the definition, per image)."""
     from skimage.measure import label
 
     level = np.full(pred.shape, -1.0, np.float32)

@@ -1,6 +1,6 @@
 """Finds the P3M-10k release in a manual_dir and validates every file up front.
 
-Accepted in `manual_dir` (DESIGN.md section 2 has the layout):
+Accepted in `manual_dir` (docs/design.md section 2 has the layout):
   * the extracted `P3M-10k/` folder (or `manual_dir` itself being that folder);
   * the downloaded zip (any `*.zip` directly in `manual_dir` holding the layout);
   * optionally the separately released facemasks, as a folder or zip whose paths

@@ -3,7 +3,7 @@
   python -m tfds_p3m10k.make_dummy_data [--out=tfds_p3m10k/dummy_data]
 
 The files are synthetic portraits (synthetic.py), not the authors' images, in the
-release layout of DESIGN.md section 2, with a few twists the builder must handle:
+release layout of docs/design.md section 2, with a few twists the builder must handle:
 one 3-channel mask (stored as channel 0), facemasks for some train and P3M-500-P
 examples, and `train/fg_blurred/` + `train/bg/` for every train example.
 Deterministic: rerunning rewrites identical bytes. Total size is a few tens of kB.

@@ -15,7 +15,7 @@ from PIL import Image
 TRIMAP_VALUES = (0, 128, 255)
 
 # The trimap stored for `train` (where the release has none) uses the training
-# rule of DESIGN.md section 5 with this fixed kernel, scaled to the image size:
+# rule of docs/design.md section 5 with this fixed kernel, scaled to the image size:
 # 25 px for a 1080 px short side, never below 3 px.
 TRAIN_TRIMAP_KERNEL_AT_1080 = 25
 

@@ -1,4 +1,4 @@
-"""The paper's per-example training transform (DESIGN.md section 5), uint8 on the host.
+"""The paper's per-example training transform (docs/design.md section 5), uint8 on the host.
 
 From a raw record (encoded bytes, see `source.RawSource`) to maps at the training size S:
 

@@ -7,7 +7,7 @@ path carries no gradient (``jax.lax.stop_gradient``), as the paper's "detach".
 
 Layer names (`FCP_LAYERS`): ``e0`` .. ``e4`` are ``EncoderOutput.features[0..4]`` (resolutions
 1, 1/2, 1/4, 1/8, 1/16 of the input; for the ResNet-34 variant ``e0`` is the stem, ``e1`` the
-first pooled map (e0p in DESIGN.md) and ``e2``..``e4`` layer1..layer3; for Swin-T/ViTAE-S they
+first pooled map (e0p in docs/design.md) and ``e2``..``e4`` layer1..layer3; for Swin-T/ViTAE-S they
 are f0..f4), and ``deep`` is ``EncoderOutput.deep`` (1/32). Pooling indices are never replaced:
 the local branch unpools with the target's indices.
 
