@@ -8,14 +8,9 @@ import jax
 import numpy as np
 
 # XLA:CPU compiles convolutions into YNNPACK calls by default; with this option it keeps YNNPACK
-# for matmuls and reductions and compiles convolutions with its own (Eigen) kernels, which were
-# faster here. 2-core AVX2 CPU, interleaved A/B in one process, medians:
-# - inference, HYBRID's full-size pass at 1056x1600: ResNet-34 6.13 s vs 6.76 s, Swin-T 9.59 s vs
-#   10.24 s, ViTAE-S 43.2 s vs 43.0 s (outputs within 3e-6);
-# - the float32 train step at 512x512, batch 1 (8 or 6 steps each): ResNet-34 4.75 s vs 5.09 s,
-#   ViTAE-S 7.39 s vs 7.62 s, Swin-T 7.10 s vs 7.06 s (losses equal to float rounding).
-# A 3x3 convolution from 64 to 64 channels alone: 10 ms vs 15 ms at 128x128, 39 ms vs 49 ms at
-# 256x256. The CPU's bfloat16 convolutions never go to YNNPACK, so they are unaffected.
+# for matmuls and reductions and compiles convolutions with its own (Eigen) kernels, which are
+# faster for this network's convolutions (docs/performance.md). The CPU's bfloat16 convolutions
+# never go to YNNPACK, so they are unaffected.
 CPU_CONVOLUTION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 

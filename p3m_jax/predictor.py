@@ -42,8 +42,8 @@ def _model_config_key(arch: str, dtype, options: dict) -> tuple:
     return arch, jnp.dtype(dtype).name, json.dumps(options, sort_keys=True, default=str)
 
 
-# Jitted initializers by `_model_config_key`: compiling one takes about 11 s for ResNet-34 on a 2-core CPU
-# (the initializers and a forward pass), and jit reuses the compiled program only for the same function.
+# Jitted initializers by `_model_config_key`: compiling one (the initializers and a forward pass) takes
+# seconds, and jit reuses the compiled program only for the same function.
 _INITIALIZERS: dict[tuple, Any] = {}
 _INITIALIZERS_LOCK = threading.Lock()
 
@@ -68,12 +68,10 @@ def random_variables(arch: str, seed: int = 0, *, dtype=jnp.float32, options: di
 _EXECUTABLES: dict[tuple, Any] = {}
 _EXECUTABLES_LOCK = threading.Lock()
 # Programs being compiled in the background (`Predictor.compile_programs(..., wait=False)`), by the same key.
-# One compiler thread, one program at a time: on a 2-core host two XLA:CPU compilations side by side took
-# longer than the same two one after the other (ResNet-34 HYBRID at 1080x1620: 9.4-9.7 s against 8.1-8.7 s),
-# since each already spreads its code generation over the cores. Tracing and lowering (Python, about 1 s for
-# ResNet-34) run on a thread of their own, so that the next program lowers while the one before it compiles:
-# XLA's compiler mostly keeps one core busy and releases the GIL. ResNet-34's cold first HYBRID image at
-# 1080x1620, old and new alternating: 13.9 -> 13.4 s and 15.7 -> 15.2 s (Swin-T: 26.5 -> 24.2 s, 25.0 -> 25.2 s).
+# One compiler thread, one program at a time: two XLA:CPU compilations side by side took longer than the
+# same two one after the other, since each already spreads its code generation over the cores. Tracing and
+# lowering (Python) run on a thread of their own, so that the next program lowers while the one before it
+# compiles: XLA's compiler mostly keeps one core busy and releases the GIL.
 _PENDING: dict[tuple, concurrent.futures.Future] = {}
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-compile")
 _LOWERER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-lower")

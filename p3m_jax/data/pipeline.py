@@ -76,10 +76,10 @@ class EpochShuffleDataset(grain.MapDataset):
     """Index i of epoch e = i // n reads element perm_e[i % n] (+ e n, for `repeat`), perm_e a seeded
     permutation of the parent's n elements, new each epoch.
 
-    Replaces `grain.MapDataset.shuffle`, whose per-index Feistel shuffle costs 6.7 ms per element on a
-    3-example split and 0.37 ms on 100 (it walks cycles over a large fixed domain), more than the
-    transform of a small synthetic example; here one `permutation` per epoch is cached (about 0.1 ms for
-    10k elements), so an element costs an array lookup whatever the split's size.
+    Replaces `grain.MapDataset.shuffle`, whose per-index Feistel shuffle walks cycles over a large fixed
+    domain and costs more per element than the transform of a small synthetic example on small splits;
+    here one `permutation` per epoch is cached, so an element costs an array lookup whatever the split's
+    size.
     """
 
     def __init__(self, parent: grain.MapDataset, seed: int):

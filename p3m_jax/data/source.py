@@ -1,9 +1,8 @@
 """Raw access to the TFDS `p3m10k` build: encoded bytes per feature, decoded on demand.
 
-`tfds.data_source` decodes every image feature of an example (about 27 examples/s for 1080p P3M-10k
-records on one core), although training needs only the JPEG and the alpha PNG. Here the ArrayRecord
-records are read with `tfds.decode.SkipDecoding` for every image feature (0.5 ms per record, no
-TensorFlow), and `decode_*` below turn only the bytes the caller needs into arrays with OpenCV,
+`tfds.data_source` decodes every image feature of an example, although training needs only the JPEG
+and the alpha PNG. Here the ArrayRecord records are read with `tfds.decode.SkipDecoding` for every
+image feature (no TensorFlow), and `decode_*` below turn only the bytes the caller needs into arrays with OpenCV,
 optionally at a reduced JPEG DCT scale.
 
 Also here: the builder lookup / on-demand synthetic build (`ensure_dataset`), the validation slice of

@@ -53,11 +53,7 @@ class LayerNorm(nn.Module):
 
     Written with its own backward pass (`_layer_norm`), which keeps only the input and the
     per-token mean and 1/std: autodiff of Flax's ``nn.LayerNorm`` kept full-size broadcasts of
-    ``scale * rsqrt(var)`` and ``rsqrt(var)`` as residuals, which XLA:CPU materialised (5-9 ms
-    per LayerNorm on ViTAE-S's 128x128x64 tokens). With `gelu`, interleaved A/B of the float32
-    train step at 512x512, batch 1 (2-core AVX2 CPU): ViTAE-S 7.02 -> 6.86 s and 6.97 -> 6.86 s
-    (medians of 8 and 6 steps), compiling in 60-62 s instead of 76 s; Swin-T unchanged (6.79
-    vs 6.80 s).
+    ``scale * rsqrt(var)`` and ``rsqrt(var)`` as residuals, which XLA:CPU materialised.
     """
 
     epsilon: float
@@ -173,7 +169,7 @@ def _softmax_attention(q, k, v):
     keys and values, with a hand-written backward pass.
 
     Written out rather than through `jax.nn.dot_product_attention`, whose XLA:CPU program made
-    ViTAE-S's 512x512 train step 1.4 s slower and 0.9 GB larger: it keeps several logits-sized
+    ViTAE-S's train step slower and larger: it keeps several logits-sized
     arrays for the backward pass (this keeps only the probabilities, and the output) and
     multiplies the logits by a materialised logits-sized broadcast of the scale. The 1/sqrt(d)
     scale goes on the queries instead; for head_dim 64 (every ViTAE-S stage) it is 1/8, a power
@@ -182,15 +178,14 @@ def _softmax_attention(q, k, v):
     Every matmul is written head-major with the logits-sized operand in the layout XLA's
     batched dot takes as it is, and the key/value gradients are computed transposed
     (d x S): autodiff's form contracted the probabilities over their query axis, and XLA:CPU
-    then copied the transposed 4096 x 4096 probabilities and logit gradients (60-70 ms each in
-    ViTAE-S's stage 2 at 512x512). Only the small (tokens x d) arrays are transposed here; the
-    forward pass at 4096 tokens takes 110-130 ms against 230-300 ms before.
+    then copied the transposed logits-sized probabilities and logit gradients. Only the small
+    (tokens x d) arrays are transposed here.
 
     The softmax backward's row sums ``sum_s g_probs * probs`` are taken as ``<g, out>`` per
     query instead (equal, since ``out = probs v`` and ``g_probs = g v^T``; FlashAttention's
     "D"), from the output kept as a residual: XLA:CPU fused the logits-sized product and its
-    row reduction into the dot that makes ``g_probs``, and that YNNPACK fusion ran 3x slower
-    than its parts (forward + backward at 4096 tokens x 2 heads: 600 -> 360 ms).
+    row reduction into the dot that makes ``g_probs``, and that YNNPACK fusion ran slower than
+    its parts.
     """
     return _softmax_attention_fwd(q, k, v)[0]
 

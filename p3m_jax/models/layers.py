@@ -80,17 +80,15 @@ _MAX_UNROLLED_PRODUCTS = 64
 def _small_group_conv(x, kernel, groups):
     """A grouped 'same' convolution with few channels per group, as fused multiply-adds.
 
-    XLA:CPU runs such convolutions at about 1 GFLOP/s (ViTAE-S's 512 -> 128 channels in 32
-    groups at 64x64: 66 ms, PyTorch 2 ms). Here the channels are reordered group-minor,
-    (..., channel in group, group), so that every product is a multiply-add over a contiguous
-    run of groups, which vectorises, and XLA fuses the sum over taps and channels into one
-    loop (about 12 ms for that example; 3-5x faster than XLA for 4 -> 4 channels per group).
+    XLA:CPU runs such convolutions far below the machine's speed. Here the channels are
+    reordered group-minor, (..., channel in group, group), so that every product is a
+    multiply-add over a contiguous run of groups, which vectorises, and XLA fuses the sum over
+    taps and channels into one loop.
 
     The sum is materialised behind an optimization barrier: a plain fused expression would be
     fused into, and recomputed by, each of its elementwise consumers (the bias, BatchNorm's
-    statistics, the activation). The barrier replaces a loop over blocks of rows that did the
-    same at a cost in compile time: ViTAE-S's two HYBRID programs at 1080x1620 compile in
-    12.1 s instead of 16.7 s, and run as fast. Computed in float32 whatever the input dtype.
+    statistics, the activation). The barrier does what a loop over blocks of rows did, with less
+    to compile. Computed in float32 whatever the input dtype.
     """
     n, h, w, cin = x.shape
     kh, kw, cin_group, cout = kernel.shape
@@ -141,11 +139,8 @@ def _stacked_taps_conv(x, kernel):
     """A stride-1 'same' convolution as one matmul: the kh * kw shifted windows of the zero-padded
     input stacked as (N, H, W, kh * kw, Cin) against the kernel as (kh * kw, Cin, Cout); products
     accumulate in float32. For small images (the deep stages, and every stage of a small training
-    crop). A 3x3 convolution from 512 to 512 channels on a batch of 8 2x2 images, forward and both
-    gradients, as XLA:CPU's convolution and its gradients (YNNPACK refuses a kernel larger than the
-    image, and XLA's own convolution is slow there) against this matmul: 184 vs 6.5 ms with the taps
-    merged into the channel axis, 369 vs 18 ms in this form beside another process (2-core AVX2
-    CPU). The quickstart's 64x64 ResNet-34 step, batch 8: 0.98 s instead of 3.07 s."""
+    crop), where YNNPACK refuses a kernel larger than the image and XLA's own convolution is
+    slow."""
     kh, kw, cin, cout = kernel.shape
     h, w = x.shape[1], x.shape[2]
     xp = _pad_same(x, kh, kw)
@@ -195,12 +190,9 @@ def _padded_input_kernel_grad(x, g, kernel_shape, kernel_dtype):
     """The kernel gradient of an ungrouped stride-1 'same' convolution: XLA's gradient of the
     'valid' convolution of the input zero-padded beforehand, in float32 whatever the input dtype.
 
-    XLA:CPU's kernel gradient of the convolution with its padding inside is 1.5-3x slower than of
-    the same convolution on the padded input (2-core AVX2 CPU, one image: 64 -> 64 channels at
-    256x256 170 ms vs 55-64 ms; 512 -> 512 at 32x32 62-80 vs 34-59 ms; the 7x7 stem from 3 to 64
-    channels at 512x512 190 vs 74-84 ms), and faster, from 16 output channels, than the matmul
-    forms this project used before (blocked matmuls over the stacked taps: 81 ms, 59-85 ms and,
-    one matmul per kernel row for the stem, 234 ms).
+    XLA:CPU's kernel gradient of the convolution with its padding inside is several times slower
+    than of the same convolution on the padded input, and from 16 output channels this is also
+    faster than matmul forms over the stacked taps.
     """
     kh, kw = kernel_shape[0], kernel_shape[1]
     xp = _pad_same(x, kh, kw).astype(jnp.float32)
@@ -220,9 +212,9 @@ def _stacked_cotangent_kernel_grad(x, g, kernel_shape, kernel_dtype):
     On the rows of the zero-padded (H + kh - 1) x (W + kw - 1) grid (`_padded_grid_rows`),
     tap t = (dy, dx) is sum_r xp[r] * gp[r - s_t] with s_t = dy * (W + kw - 1) + dx: the kh * kw
     shifted copies of the cotangent, stacked as the columns of one (rows, kh * kw * Cout) matrix,
-    meet the padded input in a single matmul that reads the input once. XLA:CPU's own gradient of
-    a 64 -> 1 convolution at 512x512 takes 260 ms (100-120 ms on the input padded beforehand, as
-    `_padded_input_kernel_grad`), this form 52-64 ms; 64 -> 3 at 256x256, 96 (23-26) -> 9-11 ms.
+    meet the padded input in a single matmul that reads the input once: for the output heads
+    (64 -> 1 and 64 -> 3) this is faster than XLA:CPU's gradient, with or without the padding
+    done beforehand.
     Shifted rows that fall before the first row, or into the previous row's or image's padding,
     are zeros of the cotangent. Products accumulate in float32 whatever the input dtype.
     """
@@ -268,8 +260,8 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
       most 16 channels per group to as many or fewer (ViTAE-S's 16 -> 4 and 4 -> 4, and as
       input gradients of its 4 -> 16) are `_small_group_conv`'s fused multiply-adds, 3-5x
       faster than XLA's with BatchNorm after them; the kernel gradient is that of an
-      equivalent per-tap batched-matmul formulation (XLA's was ~100x slower than the forward
-      pass: 1.4 s vs 11 ms for 128 -> 512 channels, 32 groups, 64x64);
+      equivalent per-tap batched-matmul formulation (XLA's was about 100x slower than the
+      forward pass);
     - ungrouped on larger images: XLA's input gradient (as fast as the forward pass) and, from 16
       output channels, XLA's kernel gradient of the convolution of the input padded beforehand
       (`_padded_input_kernel_grad`: with the padding inside the convolution XLA's kernel gradient
@@ -408,15 +400,13 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     Written as one strided slice per window offset and a strict ">" select chain rather than
     XLA's reduce-window: the gradient then goes, like PyTorch's, to the first maximum of each
     window (ties are common after a ReLU), and on XLA:CPU it costs a few slices instead of
-    the full-resolution index arrays that reduce-window's gradient builds (about 8 % of a
-    ResNet-34 training step at 512x512).
+    the full-resolution index arrays that reduce-window's gradient builds.
 
     Where windows do not overlap (``stride >= window``: sBFI's 2x2 poolings at strides 2, 4
     and 8) the gradient is assembled from each window's argmax (`_disjoint_max_pool_grad`)
     instead of by differentiating the select chain. The differentiated chain pads each window
-    offset's cotangent back to full resolution: on an H200, ResNet-34's three sBFI poolings of
-    its 512x512x64 stem feature at batch 32 made one backward fusion of 9.0 ms, 11 % of the
-    82.5 ms step.
+    offset's cotangent back to full resolution, a large backward fusion on the 512x512 stem
+    feature of ResNet-34's sBFIs.
     """
     if stride >= window:
         return _disjoint_max_pool(x, window, stride, x.shape[1:3])
@@ -501,13 +491,11 @@ def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int
 
     The encoders hand ``argmax`` to `max_unpool_2x2` rather than flat indices: unpooling and the
     pooling gradient then compare it with constants instead of with a map of flat positions
-    built from iotas (ResNet-34's first 512x512 pooling and its unpooling, forward and
-    backward, on this 2-core CPU: 214-230 ms with flat indices, 140-143 ms with offsets).
+    built from iotas, which is cheaper at full resolution.
 
     The gradient goes to each window's argmax, as PyTorch's. For stride 2 (every pooling in the
     three encoders) it is assembled from ``argmax`` (`_max_pool_grad_stride2`) rather than by
-    differentiating the comparisons: in ResNet-34's 512x512 CPU train step, the fused backward
-    of its first pooling took 0.18 s that way and 0.05 s assembled from the winners.
+    differentiating the comparisons, whose fused backward is several times slower.
     """
     if stride == 2 and window <= 4:
         return _max_pool_with_argmax_stride2(x, window, padding, x.shape[1:3])

@@ -460,8 +460,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         return means
 
     if step < config.num_train_steps:
-        # Said before the long silence: XLA:GPU took 2 minutes to compile and autotune ResNet-34's
-        # step at batch 32 on an H200, longer for Swin-T and ViTAE-S.
+        # Said before the long silence: XLA:GPU's compile and autotuning of a real step takes minutes.
         _log("compiling the train step on the first batch (minutes on a GPU; persistent compilation cache: "
              f"{jax.config.jax_compilation_cache_dir or 'off'})")
     try:
