@@ -18,13 +18,19 @@ import numpy as np
 
 from device_turns import wait_for_device_turn
 
+
 def host_batch(batch: int, size: int, seed: int = 0) -> dict:
     """A random uint8 batch of the pipeline's host contract."""
     rng = np.random.default_rng(seed)
     u8 = lambda c: rng.integers(0, 256, (batch, size, size, c), dtype=np.uint8)
-    return {"image": u8(3), "fg": u8(3), "bg": u8(3), "alpha": u8(1),
-            "trimap": rng.choice(np.array([0, 128, 255], np.uint8), (batch, size, size, 1)),
-            "has_fg_bg": np.ones(batch, bool)}
+    return {
+        "image": u8(3),
+        "fg": u8(3),
+        "bg": u8(3),
+        "alpha": u8(1),
+        "trimap": rng.choice(np.array([0, 128, 255], np.uint8), (batch, size, size, 1)),
+        "has_fg_bg": np.ones(batch, bool),
+    }
 
 
 def install_timm_stand_in():
@@ -39,6 +45,7 @@ def install_timm_stand_in():
         sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms})
     try:
         import timm  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -70,20 +77,22 @@ def install_timm_stand_in():
     models.layers, models.registry = layers, registry
     timm = types.ModuleType("timm")
     timm.models = models
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
-                        "timm.models.registry": registry})
+    sys.modules.update(
+        {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+    )
 
 
 def _torch_loss(outputs, image, fg, bg, alpha, trimap):
     """docs/design.md section 4's loss in PyTorch (NCHW), for a like-for-like step."""
     import torch
     import torch.nn.functional as F
+
     glob, local, fusion, s2, s1, s0 = outputs
     labels = torch.where(trimap == 0, 0, torch.where(trimap == 255, 2, 1)).long()[:, 0]
     ce = lambda logits: F.cross_entropy(logits, labels)
     l_global = ce(s2) + ce(s1) + ce(s0) + 3 * ce(glob)
-    g = torch.exp(-(torch.arange(5.0, device=alpha.device) - 2) ** 2)
-    k = (g[:, None] + g[None, :])
+    g = torch.exp(-((torch.arange(5.0, device=alpha.device) - 2) ** 2))
+    k = g[:, None] + g[None, :]
     k = (k / k.sum())[None, None]
 
     def pyramid(x):
@@ -98,16 +107,16 @@ def _torch_loss(outputs, image, fg, bg, alpha, trimap):
         return sum(F.l1_loss(u, v) for u, v in zip(pyramid(p), pyramid(a)))
 
     w = (trimap == 128).float()
-    l_local = (torch.sqrt(((local - alpha) * w) ** 2 + 1e-12).sum() / (w.sum() + 1)
-               + lap(local * w, alpha * w))
+    l_local = torch.sqrt(((local - alpha) * w) ** 2 + 1e-12).sum() / (w.sum() + 1) + lap(local * w, alpha * w)
     l_fusion = torch.sqrt((fusion - alpha) ** 2 + 1e-12).mean() + lap(fusion, alpha)
     comp = fusion * fg + (1 - fusion) * bg
     l_comp = torch.sqrt((comp - image) ** 2 + 1e-12).sum() / fusion[:, 0].numel()
     return l_global / 6 + 2 * l_local + 3 * l_fusion + l_comp
 
 
-def make_torch_step(arch: str, size: int, batch: int, authors_repo: str, device: str = "cpu",
-                    precision: str = "float32"):
+def make_torch_step(
+    arch: str, size: int, batch: int, authors_repo: str, device: str = "cpu", precision: str = "float32"
+):
     """One training step (forward, the section-4 loss, backward, Adam) of the authors' public
     PyTorch P3M-Net, as a callable returning the loss.
 
@@ -116,16 +125,20 @@ def make_torch_step(arch: str, size: int, batch: int, authors_repo: str, device:
     bfloat16 step does; "float32" is the authors' own setting. On CUDA, cuDNN picks its
     algorithms by benchmark (``cudnn.benchmark``), as XLA:GPU autotunes ours."""
     import torch
+
     if precision not in ("float32", "float16"):
         raise ValueError(f"torch precision must be float32 or float16, got {precision!r}")
     core = str(pathlib.Path(authors_repo) / "core")
     if not pathlib.Path(core, "network").is_dir():
-        raise FileNotFoundError(f"--authors_repo {authors_repo}: no core/network folder (a checkout of "
-                                "github.com/ViTAE-Transformer/P3M-Net is expected)")
+        raise FileNotFoundError(
+            f"--authors_repo {authors_repo}: no core/network folder (a checkout of "
+            "github.com/ViTAE-Transformer/P3M-Net is expected)"
+        )
     if core not in sys.path:
         sys.path.insert(0, core)
     install_timm_stand_in()
     from network import build_model as authors_build_model  # the authors' code, at run time
+
     name = {"resnet34": "r34", "swin_t": "swin", "vitae_s": "vitae"}[arch]
     kwargs = {"img_size": size} if arch == "swin_t" else {}
     # XLA:CPU flushes denormals to zero; PyTorch does not by default, and a randomly
@@ -159,15 +172,14 @@ def make_torch_step(arch: str, size: int, batch: int, authors_repo: str, device:
     return step
 
 
-def bench_torch(arch: str, size: int, batch: int, repeats: int, authors_repo: str, device: str,
-                precision: str) -> dict:
+def bench_torch(arch: str, size: int, batch: int, repeats: int, authors_repo: str, device: str, precision: str) -> dict:
     """Times the authors' step alone (``--torch_only``): median of ``repeats`` after two warm-ups,
     images/s and, on CUDA, the peak memory PyTorch allocated."""
     import torch
+
     wait_for_device_turn()  # before the model takes device memory
     step = make_torch_step(arch, size, batch, authors_repo, device, precision)
-    row = {"arch": arch, "impl": "authors_pytorch", "device": device, "precision": precision,
-           "batch": batch}
+    row = {"arch": arch, "impl": "authors_pytorch", "device": device, "precision": precision, "batch": batch}
     try:
         for _ in range(2):
             step()
@@ -179,8 +191,7 @@ def bench_torch(arch: str, size: int, batch: int, repeats: int, authors_repo: st
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
         return row
-    row.update(step_s=statistics.median(times), loss=loss,
-               images_per_s=batch / statistics.median(times))
+    row.update(step_s=statistics.median(times), loss=loss, images_per_s=batch / statistics.median(times))
     if device == "cuda":
         row["peak_memory"] = int(torch.cuda.max_memory_allocated())
     return row

@@ -39,8 +39,14 @@ def portrait_example(seed: int, height: int, width: int, name: str) -> dict:
     from tfds_p3m10k import synthetic
 
     portrait = synthetic.render_portrait(seed, height, width)
-    return {"name": name, "image": portrait.image, "alpha": portrait.alpha, "trimap": portrait.trimap,
-            "facemask": portrait.facemask, "has_facemask": True}
+    return {
+        "name": name,
+        "image": portrait.image,
+        "alpha": portrait.alpha,
+        "trimap": portrait.trimap,
+        "facemask": portrait.facemask,
+        "has_facemask": True,
+    }
 
 
 def main():
@@ -64,16 +70,27 @@ def main():
     results = {}
     for mode in ("bucketed", "exact"):
         start = time.perf_counter()
-        results[mode] = evaluate.evaluate(predictor, examples, args.strategy, mode=mode, bucket=args.bucket,
-                                          metric_bucket=args.metric_bucket, progress=False)
+        results[mode] = evaluate.evaluate(
+            predictor,
+            examples,
+            args.strategy,
+            mode=mode,
+            bucket=args.bucket,
+            metric_bucket=args.metric_bucket,
+            progress=False,
+        )
         results[mode]["total"] = time.perf_counter() - start
-    print(f"{args.images} synthetic images, {len(sizes)} sizes, {args.arch} (random weights), "
-          f"{args.strategy.upper()}, cache {'on: ' + args.cache_dir if args.cache_dir else 'off'}")
+    print(
+        f"{args.images} synthetic images, {len(sizes)} sizes, {args.arch} (random weights), "
+        f"{args.strategy.upper()}, cache {'on: ' + args.cache_dir if args.cache_dir else 'off'}"
+    )
     print("| mode | network shapes | metric shapes | XLA compiles | cache hits | compile s | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, r in results.items():
-        print(f"| {mode} | {r['network_shapes']} | {r['metric_shapes']} | {r['compiles']} | {r['cache_hits']} | "
-              f"{r['compile_seconds']:.1f} | {r['total']:.1f} |")
+        print(
+            f"| {mode} | {r['network_shapes']} | {r['metric_shapes']} | {r['compiles']} | {r['cache_hits']} | "
+            f"{r['compile_seconds']:.1f} | {r['total']:.1f} |"
+        )
     exact, bucketed = results["exact"], results["bucketed"]
     print("| metric | exact mean | bucketed mean | relative change | max per-image abs change |")
     print("| --- | --- | --- | --- | --- |")

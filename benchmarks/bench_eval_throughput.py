@@ -56,10 +56,16 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)  # the first pass is a cold start
     device = jax.devices()[0]
     examples = synthetic_split(args.images, args.height, args.width)
-    print(f"# {device.platform} {device.device_kind}; {args.images} synthetic portraits {args.height}x{args.width}, "
-          f"{args.strategy.upper()}, bucket {args.bucket}, random weights", flush=True)
-    print("arch | dtype | first pass | steady pass | images/s (steady) | " + " | ".join(
-        ("SAD", "MSE", "change vs " + args.dtype[0])), flush=True)
+    print(
+        f"# {device.platform} {device.device_kind}; {args.images} synthetic portraits {args.height}x{args.width}, "
+        f"{args.strategy.upper()}, bucket {args.bucket}, random weights",
+        flush=True,
+    )
+    print(
+        "arch | dtype | first pass | steady pass | images/s (steady) | "
+        + " | ".join(("SAD", "MSE", "change vs " + args.dtype[0])),
+        flush=True,
+    )
     # Every first pass (compilation included) runs before any steady pass, so that under
     # benchmarks/device_suite.py the steady passes run alone on the device (`wait_for_device_turn`).
     runs = []
@@ -76,8 +82,16 @@ def main(argv=None) -> int:
         result = evaluate.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
         steady_s = time.perf_counter() - start
         mean = result["mean"]
-        row = {"arch": arch, "dtype": dtype_name, "device_kind": device.device_kind, "images": args.images,
-               "first_s": first_s, "steady_s": steady_s, "images_per_s": args.images / steady_s, "mean": mean}
+        row = {
+            "arch": arch,
+            "dtype": dtype_name,
+            "device_kind": device.device_kind,
+            "images": args.images,
+            "first_s": first_s,
+            "steady_s": steady_s,
+            "images_per_s": args.images / steady_s,
+            "mean": mean,
+        }
         reference = references.setdefault(arch, mean)
         if reference is mean:
             change = "-"
@@ -85,8 +99,11 @@ def main(argv=None) -> int:
             row["relative_change"] = {k: abs(mean[k] - v) / max(abs(v), 1e-12) for k, v in reference.items()}
             change = ", ".join(f"{k} {row['relative_change'][k]:.1e}" for k in MAIN_METRICS)
         rows.append(row)
-        print(f"{arch} | {dtype_name} | {first_s:.2f}s | {steady_s:.2f}s | {row['images_per_s']:.2f} | "
-              f"{mean['SAD']:.4g} | {mean['MSE']:.4g} | {change}", flush=True)
+        print(
+            f"{arch} | {dtype_name} | {first_s:.2f}s | {steady_s:.2f}s | {row['images_per_s']:.2f} | "
+            f"{mean['SAD']:.4g} | {mean['MSE']:.4g} | {change}",
+            flush=True,
+        )
     end_device_turn()
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))

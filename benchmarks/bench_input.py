@@ -64,8 +64,9 @@ def throughput(config, workers: int, seconds: float, batch_size: int) -> float:
     """Examples/s of the host pipeline with `workers` grain processes (0 = in this process)."""
     from p3m_jax import data
 
-    it = data.create_host_iterator(config, seed=0, batch_size=batch_size, process_index=0, process_count=1,
-                                   num_workers=workers)
+    it = data.create_host_iterator(
+        config, seed=0, batch_size=batch_size, process_index=0, process_count=1, num_workers=workers
+    )
     for _ in range(max(2, 2 * workers)):  # warm-up: worker start, first batches
         next(it)
     count, start = 0, time.perf_counter()
@@ -78,8 +79,12 @@ def throughput(config, workers: int, seconds: float, batch_size: int) -> float:
 
 
 def build_sample(sample_dir: str, data_dir: str) -> None:
-    subprocess.run([sys.executable, "-m", "tfds_p3m10k.build", f"--manual_dir={sample_dir}",
-                    f"--data_dir={data_dir}"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "tfds_p3m10k.build", f"--manual_dir={sample_dir}", f"--data_dir={data_dir}"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
 
 
 def main() -> int:
@@ -115,21 +120,35 @@ def main() -> int:
         data_dir = os.path.join(tmp, "sample")
         build_sample(args.sample_dir, data_dir)
         config = default.get_config().data
-        config.update(dict(tfds_name="p3m10k/default", data_dir=data_dir, build_synthetic=False, image_size=512,
-                           crop_sizes=(512, 768, 1024), trimap_kernel_range=(15, 30), validation_count=0,
-                           reduced_dct_decode=not args.no_reduced_dct))
+        config.update(
+            dict(
+                tfds_name="p3m10k/default",
+                data_dir=data_dir,
+                build_synthetic=False,
+                image_size=512,
+                crop_sizes=(512, 768, 1024),
+                trimap_kernel_range=(15, 30),
+                validation_count=0,
+                reduced_dct_decode=not args.no_reduced_dct,
+            )
+        )
         datasets.append(("sample (release JPEGs, paper settings)", config))
 
     for label, config in datasets:
         split = source.open_split(config, "train")
         first = source.decode_grey(source.RawSource(split)[0]["alpha"])
-        print(f"\n== {label}: {len(split)} train examples, first {first.shape[0]}x{first.shape[1]}, "
-              f"output {config.image_size}, crops {tuple(config.crop_sizes)}, kernel "
-              f"{tuple(config.trimap_kernel_range)}, reduced DCT {config.reduced_dct_decode}")
+        print(
+            f"\n== {label}: {len(split)} train examples, first {first.shape[0]}x{first.shape[1]}, "
+            f"output {config.image_size}, crops {tuple(config.crop_sizes)}, kernel "
+            f"{tuple(config.trimap_kernel_range)}, reduced DCT {config.reduced_dct_decode}"
+        )
         stages, rate, cpu_rate = stage_times(config)
         total = sum(stages.values())
-        print("per-stage ms (1 core, in-process): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
-              + f"; total {total:.2f} ms -> {rate:.1f} examples/s ({cpu_rate:.1f} per CPU-second)")
+        print(
+            "per-stage ms (1 core, in-process): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+            + f"; total {total:.2f} ms -> {rate:.1f} examples/s ({cpu_rate:.1f} per CPU-second)"
+        )
         print(f"{'workers':>8} {'examples/s':>11} {'per worker':>11} {'vs linear':>10}")
         base = None
         for workers in [0] + [w for w in worker_counts if w > 0]:

@@ -113,8 +113,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="batch size of the batched JAX row")
     parser.add_argument("--authors-edt", action="store_true", help="add the authors' unused distance transform")
-    parser.add_argument("--sample_dir", type=pathlib.Path, default=SAMPLE,
-                        help="P3M-500-P folder whose first mask/*.png is the ground truth (synthetic if absent)")
+    parser.add_argument(
+        "--sample_dir",
+        type=pathlib.Path,
+        default=SAMPLE,
+        help="P3M-500-P folder whose first mask/*.png is the ground truth (synthetic if absent)",
+    )
     args = parser.parse_args()
     height, width = args.size
     pred, gt, trimap, source = make_pair(height, width, sample_dir=args.sample_dir)
@@ -139,8 +143,10 @@ def main():
     t_single = median_time(jax_single, args.repeats)
     t_batch = median_time(jax_batch, args.repeats) / args.batch
 
-    print(f"matting metrics, one {height}x{width} image, {jax.devices()[0].platform} "
-          f"({jax.device_count()} device), median of {args.repeats}")
+    print(
+        f"matting metrics, one {height}x{width} image, {jax.devices()[0].platform} "
+        f"({jax.device_count()} device), median of {args.repeats}"
+    )
     print(f"ground truth: {source}")
     print(f"max relative difference JAX vs NumPy over all metrics: {worst:.2e}")
     print(f"JAX first call (compile + run): {first_call:.2f} s")

@@ -63,10 +63,11 @@ def bench(arch: str, size: int, repeats: int, dtype) -> dict:
     def train_step(params, rest, opt_state, x):
         def loss_fn(p):
             # The dropout key drives Swin-T's stochastic depth; the others ignore it.
-            out, updates = model.apply({"params": p, **rest}, x, train=True,
-                                       mutable=["batch_stats"],
-                                       rngs={"dropout": jax.random.key(1)})
+            out, updates = model.apply(
+                {"params": p, **rest}, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}
+            )
             return sum(jnp.mean(v) for v in out.values()), updates
+
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         upd, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, upd), {**rest, **updates}, opt_state, loss
@@ -82,30 +83,42 @@ def bench(arch: str, size: int, repeats: int, dtype) -> dict:
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     flops = flops_of(compiled_fwd)
-    return {"arch": arch, "fwd_compile_s": fwd_compile, "fwd_s": fwd_time,
-            "step_compile_s": step_compile, "step_s": statistics.median(times),
-            "fwd_gflop": flops / 1e9, "fwd_gflops_per_s": flops / 1e9 / fwd_time}
+    return {
+        "arch": arch,
+        "fwd_compile_s": fwd_compile,
+        "fwd_s": fwd_time,
+        "step_compile_s": step_compile,
+        "step_s": statistics.median(times),
+        "fwd_gflop": flops / 1e9,
+        "fwd_gflops_per_s": flops / 1e9 / fwd_time,
+    }
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 compute")
     args = parser.parse_args()
     dtype = jnp.bfloat16 if args.bfloat16 else jnp.float32
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"{args.size}x{args.size}, batch 1, {jnp.dtype(dtype).name}, median of {args.repeats}")
-    header = (f"{'arch':9s} {'fwd compile':>11s} {'forward':>9s} {'step compile':>12s} "
-              f"{'train step':>10s} {'fwd GFLOP':>9s} {'GFLOP/s':>8s}")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"{args.size}x{args.size}, batch 1, {jnp.dtype(dtype).name}, median of {args.repeats}"
+    )
+    header = (
+        f"{'arch':9s} {'fwd compile':>11s} {'forward':>9s} {'step compile':>12s} "
+        f"{'train step':>10s} {'fwd GFLOP':>9s} {'GFLOP/s':>8s}"
+    )
     print(header)
     for arch in args.arch:
         r = bench(arch, args.size, args.repeats, dtype)
-        print(f"{r['arch']:9s} {r['fwd_compile_s']:10.1f}s {r['fwd_s']:8.2f}s "
-              f"{r['step_compile_s']:11.1f}s {r['step_s']:9.2f}s {r['fwd_gflop']:9.1f} "
-              f"{r['fwd_gflops_per_s']:8.1f}", flush=True)
+        print(
+            f"{r['arch']:9s} {r['fwd_compile_s']:10.1f}s {r['fwd_s']:8.2f}s "
+            f"{r['step_compile_s']:11.1f}s {r['step_s']:9.2f}s {r['fwd_gflop']:9.1f} "
+            f"{r['fwd_gflops_per_s']:8.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -170,14 +170,19 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--width", type=int, default=1620)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bucket", type=int, default=0, help="NetworkRunner bucket (0: exact shapes, the "
-                        "`predict` default)")
+    parser.add_argument(
+        "--bucket", type=int, default=0, help="NetworkRunner bucket (0: exact shapes, the `predict` default)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--torch", action="store_true", help="time the authors' PyTorch inference side by side")
     parser.add_argument("--authors_repo", default="/tmp/p3m_authors")
     parser.add_argument("--no_breakdown", action="store_true")
-    parser.add_argument("--cache_dir", default=None, help="use JAX's persistent compilation cache here (run twice: "
-                        "the second run's 'first' is a first image with a warm cache, as `predict` has by default)")
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="use JAX's persistent compilation cache here (run twice: "
+        "the second run's 'first' is a first image with a warm cache, as `predict` has by default)",
+    )
     args = parser.parse_args()
 
     import jax
@@ -194,9 +199,11 @@ def main() -> int:
 
     image = load_photo(args.image, args.height, args.width)
     device = jax.devices()[0]
-    print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; jax {jax.__version__} "
-          f"on {device.platform} ({device.device_kind}); image {args.image} at {args.height}x{args.width}; "
-          f"bucket {args.bucket}; ours {args.dtype}" + ("; theirs PyTorch float32" if args.torch else ""))
+    print(
+        f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; jax {jax.__version__} "
+        f"on {device.platform} ({device.device_kind}); image {args.image} at {args.height}x{args.width}; "
+        f"bucket {args.bucket}; ours {args.dtype}" + ("; theirs PyTorch float32" if args.torch else "")
+    )
     rows = []
     for arch in args.arch:
         predictor = Predictor.random(arch, dtype=jnp.dtype(args.dtype))
@@ -214,9 +221,16 @@ def main() -> int:
             their_steady = statistics.median(theirs) if theirs else None
             shapes = ", ".join(f"{h}x{w}" for h, w in runner.input_shapes)
             rows.append((arch, strategy, first, steady, their_first, their_steady, shapes))
-            print(f"{arch} {strategy}: ours first {first:.2f}s steady {steady:.2f}s (inputs {shapes})"
-                  + (f"; theirs first {their_first:.2f}s steady {their_steady:.2f}s, ours/theirs "
-                     f"{steady / their_steady:.2f}" if authors else ""), flush=True)
+            print(
+                f"{arch} {strategy}: ours first {first:.2f}s steady {steady:.2f}s (inputs {shapes})"
+                + (
+                    f"; theirs first {their_first:.2f}s steady {their_steady:.2f}s, ours/theirs "
+                    f"{steady / their_steady:.2f}"
+                    if authors
+                    else ""
+                ),
+                flush=True,
+            )
             if not args.no_breakdown:
                 parts = OurBreakdown(predictor, args.bucket)(image, strategy)
                 text = ", ".join(f"{k.strip()} {v:.2f}s" for k, v in parts.items())
@@ -229,8 +243,10 @@ def main() -> int:
                 print("  steady-state parts: " + text, flush=True)
         del predictor, authors
 
-    print("\narch | strategy | ours first | ours steady | first/steady" + (" | theirs first | theirs steady | "
-                                                                        "ours/theirs steady" if args.torch else ""))
+    print(
+        "\narch | strategy | ours first | ours steady | first/steady"
+        + (" | theirs first | theirs steady | ours/theirs steady" if args.torch else "")
+    )
     for arch, strategy, first, steady, their_first, their_steady, _ in rows:
         line = f"{arch} | {strategy} | {first:.2f}s | {steady:.2f}s | {first / steady:.2f}"
         if args.torch:

@@ -69,7 +69,6 @@ PEAK_FLOPS = (
 )
 
 
-
 def peak_flops(device_kind: str, dtype) -> float | None:
     """Nominal per-device peak FLOP/s for ``dtype`` on ``device_kind``; None when unknown."""
     kind = device_kind.lower()
@@ -110,6 +109,7 @@ def _host_cost_analysis(lowered) -> dict | None:
     (a private one: ``Lowered.cost_analysis`` does the same with the running backend)."""
     try:
         from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+
         module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
         return _jax.hlo_module_cost_analysis(jax.local_devices(backend="cpu")[0].client, module)
     except Exception as err:  # pylint: disable=broad-except
@@ -122,21 +122,40 @@ def _memory(compiled) -> dict:
     if m is None:
         return {}
     get = lambda name: int(getattr(m, name, 0) or 0)
-    out = {"argument": get("argument_size_in_bytes"), "output": get("output_size_in_bytes"),
-           "temp": get("temp_size_in_bytes"), "alias": get("alias_size_in_bytes")}
+    out = {
+        "argument": get("argument_size_in_bytes"),
+        "output": get("output_size_in_bytes"),
+        "temp": get("temp_size_in_bytes"),
+        "alias": get("alias_size_in_bytes"),
+    }
     out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out
 
 
-def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool,
-              param_sharding: str, memory_only: bool, profile_dir: str | None,
-              other_step=None) -> dict:
+def bench_jax(
+    arch: str,
+    dtype,
+    size: int,
+    batch: int,
+    repeats: int,
+    remat: bool,
+    param_sharding: str,
+    memory_only: bool,
+    profile_dir: str | None,
+    other_step=None,
+) -> dict:
     """Compiles and times our train step. With ``other_step`` (a callable running one step
     of another implementation), it is timed interleaved with ours, so both see the same
     machine load; its median lands in ``other_step_s``."""
     from p3m_jax.models import build_model
-    from p3m_jax.train import (batch_sharding, create_train_state, make_mesh, make_optimizer,
-                               make_train_step, state_shardings)
+    from p3m_jax.train import (
+        batch_sharding,
+        create_train_state,
+        make_mesh,
+        make_optimizer,
+        make_train_step,
+        state_shardings,
+    )
 
     mesh = make_mesh()
     n_dev = mesh.size
@@ -149,16 +168,24 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
     hb = host_batch(batch * n_dev, size)
     bsh = batch_sharding(mesh)
     abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh)
-                      for k, v in hb.items()}
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in hb.items()}
     t0 = time.perf_counter()
     compiled = step.lower(abstract_state, abstract_batch).compile()
     compile_s = time.perf_counter() - t0
     flops = step_flops(step, abstract_state, abstract_batch, n_dev)
-    row = {"arch": arch, "dtype": jnp.dtype(dtype).name, "remat": remat, "devices": n_dev,
-           "device_kind": jax.devices()[0].device_kind, "global_batch": batch * n_dev,
-           "compile_s": compile_s, "flops": flops, "memory": _memory(compiled)}
+    row = {
+        "arch": arch,
+        "dtype": jnp.dtype(dtype).name,
+        "remat": remat,
+        "devices": n_dev,
+        "device_kind": jax.devices()[0].device_kind,
+        "global_batch": batch * n_dev,
+        "compile_s": compile_s,
+        "flops": flops,
+        "memory": _memory(compiled),
+    }
     if memory_only:
         return row
     # Compiled before the device turn, so that a turn holds only the device work.
@@ -202,9 +229,13 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
         row["peak_memory"] = int(stats["peak_bytes_in_use"])
         row["device_memory"] = int(stats.get("bytes_limit", 0))
     step_s = statistics.median(times)
-    row.update(step_s=step_s, loss=float(metrics["loss"]),
-               images_per_s=batch * n_dev / step_s, images_per_s_per_device=batch / step_s,
-               tflops=row["flops"] / step_s / 1e12)
+    row.update(
+        step_s=step_s,
+        loss=float(metrics["loss"]),
+        images_per_s=batch * n_dev / step_s,
+        images_per_s_per_device=batch / step_s,
+        tflops=row["flops"] / step_s / 1e12,
+    )
     peak = peak_flops(row["device_kind"], dtype)
     row["mfu"] = row["flops"] / step_s / peak if peak else None
     return row
@@ -212,52 +243,81 @@ def bench_jax(arch: str, dtype, size: int, batch: int, repeats: int, remat: bool
 
 # ------------------------------------------------------------------ CLI
 
+
 def _fmt_bytes(n):
     return f"{n / 2**30:.2f}G" if n else "-"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="per-device batch")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat", action="store_true", help="rematerialise encoder stages")
-    parser.add_argument("--param_sharding", default="replicated",
-                        choices=["replicated", "fsdp"])
-    parser.add_argument("--memory_only", action="store_true",
-                        help="compile only; report compile time, FLOPs and memory")
-    parser.add_argument("--torch", action="store_true",
-                        help="time the authors' PyTorch train step side by side, interleaved with ours "
-                        "(on --torch_device at the first --torch_precision; float32 on the CPU by default)")
-    parser.add_argument("--torch_only", action="store_true",
-                        help="time only the authors' step (no JAX program), on --torch_device at each "
-                        "--torch_precision: on a GPU, run it in its own process so that the two "
-                        "frameworks' allocators do not share the card")
+    parser.add_argument("--param_sharding", default="replicated", choices=["replicated", "fsdp"])
+    parser.add_argument(
+        "--memory_only", action="store_true", help="compile only; report compile time, FLOPs and memory"
+    )
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="time the authors' PyTorch train step side by side, interleaved with ours "
+        "(on --torch_device at the first --torch_precision; float32 on the CPU by default)",
+    )
+    parser.add_argument(
+        "--torch_only",
+        action="store_true",
+        help="time only the authors' step (no JAX program), on --torch_device at each "
+        "--torch_precision: on a GPU, run it in its own process so that the two "
+        "frameworks' allocators do not share the card",
+    )
     parser.add_argument("--torch_device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--torch_precision", nargs="+", default=["float32"],
-                        choices=["float32", "float16"],
-                        help="float16: the authors' network under torch.autocast (loss in float32)")
-    parser.add_argument("--authors_repo", default="/tmp/p3m_authors",
-                        help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch)")
-    parser.add_argument("--profile", default="",
-                        help="write a jax.profiler trace of one step here and print top ops")
+    parser.add_argument(
+        "--torch_precision",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "float16"],
+        help="float16: the authors' network under torch.autocast (loss in float32)",
+    )
+    parser.add_argument(
+        "--authors_repo",
+        default="/tmp/p3m_authors",
+        help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch)",
+    )
+    parser.add_argument("--profile", default="", help="write a jax.profiler trace of one step here and print top ops")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
     if args.torch_only:
         return _main_torch_only(args)
     from p3m_jax.train.mesh import initialize_distributed_if_needed
+
     initialize_distributed_if_needed()
     dev = jax.devices()[0]
-    print(f"# {dev.platform} {dev.device_kind} x{jax.device_count()} "
-          f"({jax.process_count()} process(es)), {args.size}x{args.size}, per-device batch "
-          f"{args.batch}, remat={args.remat}, params {args.param_sharding}, "
-          f"median of {args.repeats}", flush=True)
-    cols = ("arch", "dtype", "compile", "step", "img/s", "img/s/dev", "TFLOP/step", "TFLOP/s",
-            "MFU", "mem total", "mem temp", "torch step", "ours/torch")
+    print(
+        f"# {dev.platform} {dev.device_kind} x{jax.device_count()} "
+        f"({jax.process_count()} process(es)), {args.size}x{args.size}, per-device batch "
+        f"{args.batch}, remat={args.remat}, params {args.param_sharding}, "
+        f"median of {args.repeats}",
+        flush=True,
+    )
+    cols = (
+        "arch",
+        "dtype",
+        "compile",
+        "step",
+        "img/s",
+        "img/s/dev",
+        "TFLOP/step",
+        "TFLOP/s",
+        "MFU",
+        "mem total",
+        "mem temp",
+        "torch step",
+        "ours/torch",
+    )
     print(" | ".join(cols), flush=True)
     rows = []
     torch_cache = {}
@@ -267,29 +327,50 @@ def main(argv=None):
             other = None
             if args.torch and not args.memory_only:
                 if arch not in torch_cache:
-                    torch_cache[arch] = make_torch_step(arch, args.size, args.batch,
-                                                        args.authors_repo, args.torch_device,
-                                                        args.torch_precision[0])
+                    torch_cache[arch] = make_torch_step(
+                        arch, args.size, args.batch, args.authors_repo, args.torch_device, args.torch_precision[0]
+                    )
                 other = torch_cache[arch]
-            r = bench_jax(arch, dtype, args.size, args.batch, args.repeats, args.remat,
-                          args.param_sharding, args.memory_only,
-                          os.path.join(args.profile, f"{arch}_{dtype_name}")
-                          if args.profile else None, other_step=other)
+            r = bench_jax(
+                arch,
+                dtype,
+                args.size,
+                args.batch,
+                args.repeats,
+                args.remat,
+                args.param_sharding,
+                args.memory_only,
+                os.path.join(args.profile, f"{arch}_{dtype_name}") if args.profile else None,
+                other_step=other,
+            )
             if "other_step_s" in r:
                 r["torch_step_s"] = r.pop("other_step_s")
                 r["ratio_vs_torch"] = r["step_s"] / r["torch_step_s"]
             rows.append(r)
             mem = r["memory"]
             fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) and v == v else "-"
-            print(" | ".join([
-                arch, dtype_name, f"{r['compile_s']:.1f}s", fmt(r.get("step_s"), "%.3fs"),
-                fmt(r.get("images_per_s"), "%.2f"), fmt(r.get("images_per_s_per_device"), "%.2f"),
-                fmt(r["flops"] / 1e12, "%.3f"), fmt(r.get("tflops"), "%.3f"),
-                ("unknown" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%")
-                if not args.memory_only else "-",
-                _fmt_bytes(mem.get("total")), _fmt_bytes(mem.get("temp")),
-                fmt(r.get("torch_step_s"), "%.3fs"), fmt(r.get("ratio_vs_torch"), "%.2f")]),
-                flush=True)
+            print(
+                " | ".join(
+                    [
+                        arch,
+                        dtype_name,
+                        f"{r['compile_s']:.1f}s",
+                        fmt(r.get("step_s"), "%.3fs"),
+                        fmt(r.get("images_per_s"), "%.2f"),
+                        fmt(r.get("images_per_s_per_device"), "%.2f"),
+                        fmt(r["flops"] / 1e12, "%.3f"),
+                        fmt(r.get("tflops"), "%.3f"),
+                        ("unknown" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%")
+                        if not args.memory_only
+                        else "-",
+                        _fmt_bytes(mem.get("total")),
+                        _fmt_bytes(mem.get("temp")),
+                        fmt(r.get("torch_step_s"), "%.3fs"),
+                        fmt(r.get("ratio_vs_torch"), "%.2f"),
+                    ]
+                ),
+                flush=True,
+            )
             for op, sec in r.get("profile", []):
                 print(f"#   {op:40s} {sec:8.3f}s")
             _print_time_by_part(r.get("profile_by_part"))
@@ -302,8 +383,10 @@ def _print_time_by_part(by_part, top_parts: int = 16):
     if not by_part or not by_part["parts"]:
         return
     total = sum(t for _, _, t in by_part["parts"])
-    print(f"#   where the profiled step's op time went ({total:.3f}s summed over ops; ops that run "
-          "side by side both count):")
+    print(
+        f"#   where the profiled step's op time went ({total:.3f}s summed over ops; ops that run "
+        "side by side both count):"
+    )
     for direction, part, sec in by_part["parts"][:top_parts]:
         print(f"#     {direction:8s} {part:32s} {sec:7.3f}s {100 * sec / total:5.1f}%")
     print("#   largest HLO ops:")
@@ -314,21 +397,27 @@ def _print_time_by_part(by_part, top_parts: int = 16):
 
 def _main_torch_only(args):
     import torch
+
     name = torch.cuda.get_device_name() if args.torch_device == "cuda" else "cpu"
-    print(f"# authors' PyTorch {torch.__version__} on {name}, {args.size}x{args.size}, batch "
-          f"{args.batch}, median of {args.repeats}", flush=True)
+    print(
+        f"# authors' PyTorch {torch.__version__} on {name}, {args.size}x{args.size}, batch "
+        f"{args.batch}, median of {args.repeats}",
+        flush=True,
+    )
     print("arch | precision | step | img/s | peak memory", flush=True)
     rows = []
     for arch in args.arch:
         for precision in args.torch_precision:
-            r = bench_torch(arch, args.size, args.batch, args.repeats, args.authors_repo,
-                            args.torch_device, precision)
+            r = bench_torch(arch, args.size, args.batch, args.repeats, args.authors_repo, args.torch_device, precision)
             rows.append(r)
             if "error" in r:
                 print(f"{arch} | {precision} | {r['error']}", flush=True)
             else:
-                print(f"{arch} | {precision} | {r['step_s']:.4f}s | {r['images_per_s']:.2f} | "
-                      f"{_fmt_bytes(r.get('peak_memory'))}", flush=True)
+                print(
+                    f"{arch} | {precision} | {r['step_s']:.4f}s | {r['images_per_s']:.2f} | "
+                    f"{_fmt_bytes(r.get('peak_memory'))}",
+                    flush=True,
+                )
             if args.torch_device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

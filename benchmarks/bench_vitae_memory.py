@@ -24,12 +24,11 @@ from p3m_jax.models import build_model, init_variables
 
 def peak_rss_gib() -> float:
     # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vitae_s")
     parser.add_argument("--height", type=int, default=1088)
     parser.add_argument("--width", type=int, default=1600)
@@ -38,8 +37,7 @@ def main(argv=None) -> int:
     variables = jax.jit(lambda r: init_variables(model, r))(jax.random.key(0))
     jax.block_until_ready(variables)
     print(f"{args.arch}: peak RSS after init: {peak_rss_gib():.2f} GiB", flush=True)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, args.height, args.width, 3)),
-                    jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, args.height, args.width, 3)), jnp.float32)
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     start = time.perf_counter()
     out = jax.block_until_ready(forward(variables, x))
@@ -48,8 +46,10 @@ def main(argv=None) -> int:
     out = jax.block_until_ready(forward(variables, x))
     second = time.perf_counter() - start
     finite = all(bool(jnp.isfinite(v).all()) for v in out.values())
-    print(f"{args.arch} {args.height}x{args.width} forward: first call (with compile) "
-          f"{first:.1f} s, second call {second:.1f} s, outputs finite: {finite}")
+    print(
+        f"{args.arch} {args.height}x{args.width} forward: first call (with compile) "
+        f"{first:.1f} s, second call {second:.1f} s, outputs finite: {finite}"
+    )
     print(f"peak RSS: {peak_rss_gib():.2f} GiB")
     return 0
 

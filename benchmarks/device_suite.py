@@ -70,8 +70,9 @@ class Suite:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, name: str, cmd: list[str], limit: float, env: dict | None = None, json_path=None,
-            min_left: float = 30) -> bool:
+    def run(
+        self, name: str, cmd: list[str], limit: float, env: dict | None = None, json_path=None, min_left: float = 30
+    ) -> bool:
         """Runs one job; True when it exited 0. Skipped when less than `min_left` seconds remain."""
         limit = min(limit, self.left())
         if limit < min_left:
@@ -84,8 +85,15 @@ class Suite:
             log.write(f"\n== {name}: {' '.join(cmd)}\n")
             log.flush()
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=limit)
+                proc = subprocess.run(
+                    cmd,
+                    cwd=REPO,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    timeout=limit,
+                )
                 text, code = proc.stdout, proc.returncode
             except subprocess.TimeoutExpired as err:
                 text = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
@@ -124,12 +132,29 @@ class TurnGroup:
         folder.mkdir(parents=True)
         self.jobs: list[dict] = []
 
-    def add(self, name: str, cmd: list[str], env: dict, json_path: pathlib.Path, compiles: bool = True,
-            niceness: int = 0, turn_limit: float = 90) -> None:
+    def add(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict,
+        json_path: pathlib.Path,
+        compiles: bool = True,
+        niceness: int = 0,
+        turn_limit: float = 90,
+    ) -> None:
         """A job; `compiles` False for one that only waits for its turn (the authors' PyTorch steps),
         `niceness` for the host's scheduler (lower-priority jobs should not slow the first ones' compiles)."""
-        self.jobs.append({"name": name, "cmd": cmd, "env": env, "json": json_path, "compiles": compiles,
-                          "niceness": niceness, "turn_limit": turn_limit})
+        self.jobs.append(
+            {
+                "name": name,
+                "cmd": cmd,
+                "env": env,
+                "json": json_path,
+                "compiles": compiles,
+                "niceness": niceness,
+                "turn_limit": turn_limit,
+            }
+        )
 
     def _marker(self, kind: str, job: dict) -> pathlib.Path:
         return self.folder / f"{kind}.{job['proc'].pid}"
@@ -163,14 +188,20 @@ class TurnGroup:
         print(f"== {job['name']} (started; nice {job['niceness']}): {' '.join(job['cmd'])}", flush=True)
         with open(job["log"], "w") as log:
             job["proc"] = subprocess.Popen(
-                ["nice", "-n", str(job["niceness"])] + job["cmd"], cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT, text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "P3M_BENCH_TURN_DIR": str(self.folder),
-                     **job["env"]})
+                ["nice", "-n", str(job["niceness"])] + job["cmd"],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "P3M_BENCH_TURN_DIR": str(self.folder), **job["env"]},
+            )
 
     def _compiling(self) -> list[dict]:
-        return [j for j in self.jobs if j["compiles"] and "proc" in j and j["proc"].poll() is None
-                and not self._marker("ready", j).exists()]
+        return [
+            j
+            for j in self.jobs
+            if j["compiles"] and "proc" in j and j["proc"].poll() is None and not self._marker("ready", j).exists()
+        ]
 
     def _compile_phase(self, end: float, parallel_compiles: int) -> None:
         # Too many compilations at once starve each other of the host's cores (eight on 16
@@ -253,26 +284,43 @@ def main() -> int:
     parser.add_argument("--authors_repo", default=str(REPO / ".devrun/authors"))
     parser.add_argument("--image", default=str(REPO / ".devrun/photo.jpg"))
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS, help="variants, in this order")
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS,
-                        help="which jobs (always in the order of the list above)")
-    parser.add_argument("--autotune_cache", default="/tmp/xla_autotune",
-                        help="XLA:GPU's per-fusion autotuning results go here, packed into "
-                        "OUT/xla_autotune.tgz after every job; a .devrun/xla_autotune.tgz carried from an "
-                        "earlier lease is unpacked here first ('' for none)")
-    parser.add_argument("--xla_flags", default="",
-                        help="more XLA_FLAGS for our processes, for an A/B against a plain run, e.g. "
-                        "--xla_flags=--xla_gpu_enable_triton_gemm=false (the flags are tried first; compare "
-                        "compile times with --autotune_cache '' on both sides)")
-    parser.add_argument("--compile_limit", type=float, default=330,
-                        help="seconds for the train, torch and evaluate jobs to compile side by side before "
-                        "their turns on the device begin (those still compiling are stopped)")
-    parser.add_argument("--parallel_compiles", type=int, default=3,
-                        help="at most this many of our benchmark processes compile at once")
-    parser.add_argument("--torch_arch", nargs="+", choices=ARCHS,
-                        help="the variants whose authors' steps run (default: --arch)")
-    parser.add_argument("--focus_arch", default="resnet34", choices=ARCHS,
-                        help="the variant whose train step also runs at 4x --batch (job 'bigger') and whose "
-                        "bfloat16 profile trace and compiled HLO are copied to OUT")
+    parser.add_argument(
+        "--jobs", nargs="+", default=list(JOBS), choices=JOBS, help="which jobs (always in the order of the list above)"
+    )
+    parser.add_argument(
+        "--autotune_cache",
+        default="/tmp/xla_autotune",
+        help="XLA:GPU's per-fusion autotuning results go here, packed into "
+        "OUT/xla_autotune.tgz after every job; a .devrun/xla_autotune.tgz carried from an "
+        "earlier lease is unpacked here first ('' for none)",
+    )
+    parser.add_argument(
+        "--xla_flags",
+        default="",
+        help="more XLA_FLAGS for our processes, for an A/B against a plain run, e.g. "
+        "--xla_flags=--xla_gpu_enable_triton_gemm=false (the flags are tried first; compare "
+        "compile times with --autotune_cache '' on both sides)",
+    )
+    parser.add_argument(
+        "--compile_limit",
+        type=float,
+        default=330,
+        help="seconds for the train, torch and evaluate jobs to compile side by side before "
+        "their turns on the device begin (those still compiling are stopped)",
+    )
+    parser.add_argument(
+        "--parallel_compiles", type=int, default=3, help="at most this many of our benchmark processes compile at once"
+    )
+    parser.add_argument(
+        "--torch_arch", nargs="+", choices=ARCHS, help="the variants whose authors' steps run (default: --arch)"
+    )
+    parser.add_argument(
+        "--focus_arch",
+        default="resnet34",
+        choices=ARCHS,
+        help="the variant whose train step also runs at 4x --batch (job 'bigger') and whose "
+        "bfloat16 profile trace and compiled HLO are copied to OUT",
+    )
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,10 +347,19 @@ def main() -> int:
     height, width = args.predict_size.split("x")
     jobs = set(args.jobs)
 
-    suite.run("env", ["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm "
-                      "--format=csv; " + py + " -c 'import jax, flax, optax, torch; print(\"jax\", jax.__version__, "
-                      "\"flax\", flax.__version__, \"optax\", optax.__version__, \"torch\", torch.__version__, "
-                      "jax.devices())'"], 60, min_left=5)
+    suite.run(
+        "env",
+        [
+            "bash",
+            "-c",
+            "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm "
+            "--format=csv; " + py + ' -c \'import jax, flax, optax, torch; print("jax", jax.__version__, '
+            '"flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__, '
+            "jax.devices())'",
+        ],
+        60,
+        min_left=5,
+    )
 
     # Train, torch and evaluate jobs: compiled side by side, timed one at a time (TurnGroup).
     group = TurnGroup(suite, scratch / "turns")
@@ -311,25 +368,71 @@ def main() -> int:
     def train(arch, dtype, batch, profile=False, niceness=0):
         path = scratch / f"train_{arch}_{dtype}_{batch}.json"
         extra = ["--profile", str(scratch / "profile")] if profile else []
-        group.add(f"train {arch} {dtype} b{batch}", bench + [
-            "--arch", arch, "--batch", str(batch), "--dtype", dtype, "--repeats", "10",
-            "--json", str(path)] + extra, group_env, path, niceness=niceness, turn_limit=90)
+        group.add(
+            f"train {arch} {dtype} b{batch}",
+            bench
+            + ["--arch", arch, "--batch", str(batch), "--dtype", dtype, "--repeats", "10", "--json", str(path)]
+            + extra,
+            group_env,
+            path,
+            niceness=niceness,
+            turn_limit=90,
+        )
 
     for arch in args.arch:
         if "train" in jobs:
             train(arch, "bfloat16", args.batch, profile=True)
         if "torch" in jobs and arch in (args.torch_arch or args.arch):
             path = scratch / f"torch_{arch}_{args.batch}.json"
-            group.add(f"torch {arch} b{args.batch}", bench + [
-                "--torch_only", "--torch_device", args.torch_device, "--torch_precision", "float32", "float16",
-                "--arch", arch, "--batch", str(args.batch), "--repeats", "10", "--authors_repo",
-                args.authors_repo, "--json", str(path)], {}, path, compiles=False, turn_limit=150)
+            group.add(
+                f"torch {arch} b{args.batch}",
+                bench
+                + [
+                    "--torch_only",
+                    "--torch_device",
+                    args.torch_device,
+                    "--torch_precision",
+                    "float32",
+                    "float16",
+                    "--arch",
+                    arch,
+                    "--batch",
+                    str(args.batch),
+                    "--repeats",
+                    "10",
+                    "--authors_repo",
+                    args.authors_repo,
+                    "--json",
+                    str(path),
+                ],
+                {},
+                path,
+                compiles=False,
+                turn_limit=150,
+            )
     if "evaluate" in jobs:
         path = scratch / "evaluate.json"
-        group.add("evaluate", [py, "benchmarks/bench_eval_throughput.py", "--arch", *args.arch,
-                               "--images", str(args.eval_images), "--height", str(args.eval_size),
-                               "--width", str(args.eval_size), "--json", str(path)],
-                  group_env, path, niceness=10, turn_limit=120)
+        group.add(
+            "evaluate",
+            [
+                py,
+                "benchmarks/bench_eval_throughput.py",
+                "--arch",
+                *args.arch,
+                "--images",
+                str(args.eval_images),
+                "--height",
+                str(args.eval_size),
+                "--width",
+                str(args.eval_size),
+                "--json",
+                str(path),
+            ],
+            group_env,
+            path,
+            niceness=10,
+            turn_limit=120,
+        )
     if "fp32" in jobs:
         for arch in args.arch:
             train(arch, "float32", args.batch, niceness=10)
@@ -343,12 +446,31 @@ def main() -> int:
         if (profile / "compiled_hlo.txt.gz").exists():
             shutil.copy(profile / "compiled_hlo.txt.gz", out / f"hlo_{args.focus_arch}_bfloat16.txt.gz")
 
-    predict = [py, "benchmarks/bench_predict.py", "--arch", *args.arch, "--strategy", "hybrid", "--repeats", "3",
-               "--image", args.image, "--height", height, "--width", width, "--no_breakdown"]
+    predict = [
+        py,
+        "benchmarks/bench_predict.py",
+        "--arch",
+        *args.arch,
+        "--strategy",
+        "hybrid",
+        "--repeats",
+        "3",
+        "--image",
+        args.image,
+        "--height",
+        height,
+        "--width",
+        width,
+        "--no_breakdown",
+    ]
     predict_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # PyTorch shares the card in this process
     if "predict" in jobs:
-        suite.run("predict bfloat16 (theirs float32)", predict + [
-            "--dtype", "bfloat16", "--torch", "--authors_repo", args.authors_repo], 300, predict_env)
+        suite.run(
+            "predict bfloat16 (theirs float32)",
+            predict + ["--dtype", "bfloat16", "--torch", "--authors_repo", args.authors_repo],
+            300,
+            predict_env,
+        )
         suite.run("predict float32", predict + ["--dtype", "float32"], 300, predict_env)
     print("\n# job status")
     for name, state in suite.status:
@@ -386,8 +508,13 @@ def use_autotune_cache(folder: str, python: str) -> bool:
 
 def xla_flags_accepted(flags: str, python: str) -> bool:
     """Whether a process starts with XLA_FLAGS=`flags` (XLA aborts on a flag it does not know)."""
-    probe = subprocess.run([python, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
-                           env={**os.environ, "XLA_FLAGS": flags}, capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [python, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"],
+        env={**os.environ, "XLA_FLAGS": flags},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return probe.returncode == 0
 
 
@@ -410,15 +537,22 @@ def print_train_table(results: dict, size: int) -> None:
             continue
         for r in rows:
             if "impl" in r:  # the authors'
-                timing = r["error"] if "error" in r else (
-                    f"{r['step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | - | - | - | "
-                    f"- / {r.get('peak_memory', 0) / 2**30:.1f}G")
+                timing = (
+                    r["error"]
+                    if "error" in r
+                    else (
+                        f"{r['step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | - | - | - | "
+                        f"- / {r.get('peak_memory', 0) / 2**30:.1f}G"
+                    )
+                )
                 line = f"{r['arch']} | PyTorch | {r['precision']} | {r['batch']} | {timing}"
             else:
                 mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-                line = (f"{r['arch']} | ours | {r['dtype']} | {r['global_batch']} | {r['step_s'] * 1e3:.1f} ms | "
-                        f"{r['images_per_s']:.1f} | {r['tflops']:.1f} | {mfu} | {r['compile_s']:.0f}s | "
-                        f"{r['memory'].get('total', 0) / 2**30:.1f}G / {r.get('peak_memory', 0) / 2**30:.1f}G")
+                line = (
+                    f"{r['arch']} | ours | {r['dtype']} | {r['global_batch']} | {r['step_s'] * 1e3:.1f} ms | "
+                    f"{r['images_per_s']:.1f} | {r['tflops']:.1f} | {mfu} | {r['compile_s']:.0f}s | "
+                    f"{r['memory'].get('total', 0) / 2**30:.1f}G / {r.get('peak_memory', 0) / 2**30:.1f}G"
+                )
             print(line)
 
 

@@ -30,8 +30,10 @@ def wait_for_device_turn(poll_s: float = 0.2) -> None:
     start = time.monotonic()
     while not turn.exists():
         time.sleep(poll_s)
-    print(f"# waited {time.monotonic() - start:.0f}s for the device (other benchmarks were compiling "
-          "or timing)", flush=True)
+    print(
+        f"# waited {time.monotonic() - start:.0f}s for the device (other benchmarks were compiling or timing)",
+        flush=True,
+    )
 
 
 def end_device_turn() -> None:
@@ -39,4 +41,3 @@ def end_device_turn() -> None:
     folder = os.environ.get(TURN_DIR_ENV)
     if folder:
         (pathlib.Path(folder) / f"done.{os.getpid()}").touch()
-

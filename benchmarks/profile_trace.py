@@ -10,11 +10,11 @@ import json
 import pathlib
 import re
 
+
 def _trace_events(profile_dir: str) -> tuple[list[dict], dict]:
     """The duration events of the newest trace in ``profile_dir`` and its ``{pid: process
     name}`` (e.g. "/host:CPU", "/device:GPU:0"); empty if there is no trace."""
-    paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"),
-                   key=lambda p: p.stat().st_mtime)
+    paths = sorted(pathlib.Path(profile_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     return _load_trace(str(paths[-1])) if paths else ([], {})
 
 
@@ -23,8 +23,11 @@ def _load_trace(path: str) -> tuple[list[dict], dict]:
     # Cached: both summaries of one profiled step read the same (tens of MB) trace.
     events = json.load(gzip.open(path)).get("traceEvents", [])
     durations = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    names = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e.get("pid"): str((e.get("args") or {}).get("name", ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     return durations, names
 
 
@@ -42,8 +45,20 @@ def top_ops_from_trace(profile_dir: str, top: int = 12) -> list[tuple[str, float
 
 _HLO_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', re.M)
 # Call-path components that say how an op was produced, not where in the network it is.
-_TRANSFORM_PREFIXES = ("jit(", "jvp(", "transpose(", "vmap(", "remat", "checkpoint", "cond",
-                       "branch_", "while", "body", "closed_call", "pjit")
+_TRANSFORM_PREFIXES = (
+    "jit(",
+    "jvp(",
+    "transpose(",
+    "vmap(",
+    "remat",
+    "checkpoint",
+    "cond",
+    "branch_",
+    "while",
+    "body",
+    "closed_call",
+    "pjit",
+)
 
 
 def network_part(op_name: str) -> tuple[str, str]:
@@ -91,14 +106,20 @@ def time_by_network_part(profile_dir: str, hlo_text: str, top_ops: int = 10) -> 
     located = {}
     for op, sec in ops.items():
         name = op_names.get(op)
-        where = (network_part(name) if name else
-                 ("-", "library kernels in command buffers") if op in library_kernels else
-                 ("-", "no metadata (made by XLA)"))
+        where = (
+            network_part(name)
+            if name
+            else ("-", "library kernels in command buffers")
+            if op in library_kernels
+            else ("-", "no metadata (made by XLA)")
+        )
         located[op] = (*where, name.rsplit("/", 1)[-1] if name else "-")
         parts[where] += sec
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:top_ops]
-    return {"parts": sorted(((d, p, t) for (d, p), t in parts.items()), key=lambda r: -r[2]),
-            "ops": [(op, sec, *located[op]) for op, sec in top]}
+    return {
+        "parts": sorted(((d, p, t) for (d, p), t in parts.items()), key=lambda r: -r[2]),
+        "ops": [(op, sec, *located[op]) for op, sec in top],
+    }
 
 
 def _hlo_op_of(event: dict, op_names: dict) -> str | None:

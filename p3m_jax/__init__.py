@@ -8,6 +8,13 @@ Public API:
 from p3m_jax.models import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAMES, build_model, init_variables
 from p3m_jax.predictor import Predictor, load_pretrained
 
-__all__ = ["build_model", "init_variables", "load_pretrained", "Predictor", "OUTPUT_NAMES",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "build_model",
+    "init_variables",
+    "load_pretrained",
+    "Predictor",
+    "OUTPUT_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 __version__ = "0.1.0"

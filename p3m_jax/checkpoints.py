@@ -33,8 +33,9 @@ def is_model_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MODEL_META_FILE))
 
 
-def save_model_checkpoint(path: str | os.PathLike, arch: str, variables: Any, *,
-                          options: dict | None = None, overwrite: bool = False) -> str:
+def save_model_checkpoint(
+    path: str | os.PathLike, arch: str, variables: Any, *, options: dict | None = None, overwrite: bool = False
+) -> str:
     """Saves model variables with their architecture name; returns the absolute path."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 

@@ -11,8 +11,9 @@ import numpy as np
 # for matmuls and reductions and compiles convolutions with its own (Eigen) kernels, which are
 # faster for this network's convolutions (docs/performance.md). The CPU's bfloat16 convolutions
 # never go to YNNPACK, so they are unaffected.
-CPU_CONVOLUTION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_CONVOLUTION_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 
 @functools.cache

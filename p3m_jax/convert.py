@@ -18,23 +18,25 @@ from p3m_jax.weights.torch_import import CheckpointImportError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p3m_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m p3m_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
     parser.add_argument("--torch-checkpoint", required=True, help="authors' .pth / .pth.tar")
     parser.add_argument("--output", required=True, help="directory to write (must not exist)")
-    parser.add_argument("--backbone-only", action="store_true",
-                        help="the file is an ImageNet-pretrained backbone: load the encoder, "
-                             "initialize the decoder")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="init seed for what the checkpoint does not hold")
+    parser.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="the file is an ImageNet-pretrained backbone: load the encoder, initialize the decoder",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="init seed for what the checkpoint does not hold")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     try:
-        variables, report = variables_from_torch(args.torch_checkpoint, args.arch,
-                                                 backbone_only=args.backbone_only, seed=args.seed)
-        out = checkpoints.save_model_checkpoint(args.output, args.arch, variables,
-                                                overwrite=args.overwrite)
+        variables, report = variables_from_torch(
+            args.torch_checkpoint, args.arch, backbone_only=args.backbone_only, seed=args.seed
+        )
+        out = checkpoints.save_model_checkpoint(args.output, args.arch, variables, overwrite=args.overwrite)
     except (CheckpointImportError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,8 +25,9 @@ from p3m_jax.predictor import Predictor, load_pretrained
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p3m_jax.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m p3m_jax.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="demo_out", help="folder for the PNGs")
     parser.add_argument("--arch", default="resnet34", choices=sorted(ARCHITECTURES))
     parser.add_argument("--checkpoint", help="p3m-jax checkpoint dir or authors' .pth")
@@ -57,15 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output, exist_ok=True)
     Image.fromarray(sample.image).save(os.path.join(args.output, "image.png"))
     Image.fromarray(sample.alpha).save(os.path.join(args.output, "alpha_true.png"))
-    Image.fromarray(np.round(alpha * 255).astype(np.uint8)).save(
-        os.path.join(args.output, "alpha_pred.png"))
+    Image.fromarray(np.round(alpha * 255).astype(np.uint8)).save(os.path.join(args.output, "alpha_pred.png"))
     classes = np.bincount(out["global"][0].argmax(-1).ravel(), minlength=3) / alpha.size
     sad = np.abs(alpha - sample.alpha / 255.0).sum() / 1000
     print("outputs: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
-    print(f"global decision: background {classes[0]:.1%}, transition {classes[1]:.1%}, "
-          f"foreground {classes[2]:.1%}; SAD vs true alpha {sad:.2f}")
-    print(f"model setup {t1 - t0:.1f} s, first call (compiles) {t2 - t1:.1f} s, "
-          f"second call {t3 - t2:.2f} s")
+    print(
+        f"global decision: background {classes[0]:.1%}, transition {classes[1]:.1%}, "
+        f"foreground {classes[2]:.1%}; SAD vs true alpha {sad:.2f}"
+    )
+    print(f"model setup {t1 - t0:.1f} s, first call (compiles) {t2 - t1:.1f} s, second call {t3 - t2:.2f} s")
     print(f"wrote {args.output}/image.png, alpha_true.png, alpha_pred.png")
     return 0
 

@@ -99,8 +99,9 @@ def _find_split_folder(root: pathlib.Path, split: str) -> pathlib.Path:
     for candidate in candidates:
         if (candidate / SPLITS[split][1]).is_dir() and (candidate / "mask").is_dir():
             return candidate
-    raise FileNotFoundError(f"{root}: no {relative} folder with {SPLITS[split][1]}/ and mask/ "
-                            f"(expected the P3M-10k release layout)")
+    raise FileNotFoundError(
+        f"{root}: no {relative} folder with {SPLITS[split][1]}/ and mask/ (expected the P3M-10k release layout)"
+    )
 
 
 def open_dataset(split: str, *, data_dir=None, tfds_data_dir=None, tfds_config: str = "default"):
@@ -117,9 +118,11 @@ def open_dataset(split: str, *, data_dir=None, tfds_data_dir=None, tfds_config: 
     # Without this check TFDS would try to build the dataset here and fail on its manual download folder.
     builder = tfds.builder(name, data_dir=tfds_data_dir)
     if not builder.is_prepared():
-        raise FileNotFoundError(f"{name} is not built in {tfds_data_dir}: build it there with python -m "
-                                f"tfds_p3m10k.build --data_dir={tfds_data_dir} ... (tfds_p3m10k/README.md), or "
-                                f"evaluate the extracted P3M-10k release folder instead (--data_dir)")
+        raise FileNotFoundError(
+            f"{name} is not built in {tfds_data_dir}: build it there with python -m "
+            f"tfds_p3m10k.build --data_dir={tfds_data_dir} ... (tfds_p3m10k/README.md), or "
+            f"evaluate the extracted P3M-10k release folder instead (--data_dir)"
+        )
     return builder.as_data_source(split=split)
 
 
@@ -128,8 +131,12 @@ def _plain(example) -> dict:
     squeeze = lambda x: np.asarray(x)[..., 0] if np.ndim(x) == 3 else np.asarray(x)  # noqa: E731
     name = example.get("name", "")
     name = name.decode() if isinstance(name, bytes) else str(name)
-    out = {"name": name, "image": np.asarray(example["image"]), "alpha": squeeze(example["alpha"]),
-           "trimap": squeeze(example["trimap"])}
+    out = {
+        "name": name,
+        "image": np.asarray(example["image"]),
+        "alpha": squeeze(example["alpha"]),
+        "trimap": squeeze(example["trimap"]),
+    }
     has_facemask = bool(example.get("has_facemask", "facemask" in example))
     if has_facemask and "facemask" in example:
         facemask = squeeze(example["facemask"])
@@ -138,8 +145,10 @@ def _plain(example) -> dict:
     if out["image"].ndim == 2:
         out["image"] = np.repeat(out["image"][..., None], 3, axis=2)
     if out["image"].shape[:2] != out["alpha"].shape or out["trimap"].shape != out["alpha"].shape:
-        raise ValueError(f"{name}: image {out['image'].shape}, alpha {out['alpha'].shape} and trimap "
-                         f"{out['trimap'].shape} differ in size")
+        raise ValueError(
+            f"{name}: image {out['image'].shape}, alpha {out['alpha'].shape} and trimap "
+            f"{out['trimap'].shape} differ in size"
+        )
     return out
 
 
@@ -216,14 +225,24 @@ def score(pred_u8, alpha_u8, trimap, facemask=None, metric_bucket: int | None = 
         maps = [_pad_to(m, shape) for m in maps]
         sizes = [[height, width]]
     maps = [m[None] for m in maps]
-    result = metrics.matting_metrics(maps[0], maps[1], maps[2], facemask=maps[3] if facemask is not None else None,
-                             sizes=sizes)
+    result = metrics.matting_metrics(
+        maps[0], maps[1], maps[2], facemask=maps[3] if facemask is not None else None, sizes=sizes
+    )
     return {k: float(v[0]) for k, v in result.items()}
 
 
-def evaluate(predictor, dataset: Sequence | Iterable, strategy: str = "hybrid", *, mode: str = "bucketed",
-             bucket: int = 128, metric_bucket: int = 256, save_png_dir=None, limit: int | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    predictor,
+    dataset: Sequence | Iterable,
+    strategy: str = "hybrid",
+    *,
+    mode: str = "bucketed",
+    bucket: int = 128,
+    metric_bucket: int = 256,
+    save_png_dir=None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Scores `predictor` on every example of `dataset` with a test strategy.
 
     Args:
@@ -262,9 +281,12 @@ def evaluate(predictor, dataset: Sequence | Iterable, strategy: str = "hybrid", 
                 image_io.save_png(pathlib.Path(save_png_dir) / f"{example['name'] or index}.png", pred_u8)
             shape = example["alpha"].shape
             metric_shapes[inference.bucket_shape(*shape, metric_pad) if metric_pad else shape] += 1
-            per_image.append({"name": example["name"],
-                              **score(pred_u8, example["alpha"], example["trimap"], example.get("facemask"),
-                                      metric_pad)})
+            per_image.append(
+                {
+                    "name": example["name"],
+                    **score(pred_u8, example["alpha"], example["trimap"], example.get("facemask"), metric_pad),
+                }
+            )
     wall = time.perf_counter() - start
     keys = [k for k in per_image[0] if k != "name"] if per_image else []
     mean = {}
@@ -272,11 +294,20 @@ def evaluate(predictor, dataset: Sequence | Iterable, strategy: str = "hybrid", 
         values = np.array([row.get(key, math.nan) for row in per_image], np.float64)
         finite = values[~np.isnan(values)]
         mean[key] = float(finite.mean()) if finite.size else math.nan  # PRIVACY: images with a facemask only
-    return {"strategy": strategy.lower(), "mode": mode, "count": len(per_image), "mean": mean,
-            "per_image": per_image, "network_shapes": len(runner.input_shapes), "metric_shapes": len(metric_shapes),
-            # the backend-compile event also fires for programs loaded from the persistent cache
-            "compiles": counter.compiles - counter.cache_hits, "cache_hits": counter.cache_hits,
-            "compile_seconds": round(counter.compile_seconds, 3), "wall_seconds": round(wall, 3)}
+    return {
+        "strategy": strategy.lower(),
+        "mode": mode,
+        "count": len(per_image),
+        "mean": mean,
+        "per_image": per_image,
+        "network_shapes": len(runner.input_shapes),
+        "metric_shapes": len(metric_shapes),
+        # the backend-compile event also fires for programs loaded from the persistent cache
+        "compiles": counter.compiles - counter.cache_hits,
+        "cache_hits": counter.cache_hits,
+        "compile_seconds": round(counter.compile_seconds, 3),
+        "wall_seconds": round(wall, 3),
+    }
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -287,8 +318,10 @@ def format_table(results: dict[str, dict]) -> str:
     keys += sorted(present - set(keys))
     lines = ["| split | n | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
     for split, result in results.items():
-        cells = [f"{result['mean'].get(k, math.nan):.4f}" if k.startswith("M") else
-                 f"{result['mean'].get(k, math.nan):.2f}" for k in keys]
+        cells = [
+            f"{result['mean'].get(k, math.nan):.4f}" if k.startswith("M") else f"{result['mean'].get(k, math.nan):.2f}"
+            for k in keys
+        ]
         lines.append(f"| {split} | {result['count']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -300,8 +333,9 @@ def write_json(path, payload) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m p3m_jax.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m p3m_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint directory or authors' .pth")
     parser.add_argument("--arch", default=None, help="resnet34 | swin_t | vitae_s (required for a .pth)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -316,8 +350,12 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="evaluation.json", help="JSON file for means and per-image scores")
     parser.add_argument("--save_png", default=None, help="folder for the 8-bit predictions (<split>/<name>.png)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images per split")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
+    )
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="JAX persistent compilation cache")
     return parser.parse_args(argv)
 
@@ -329,9 +367,12 @@ def main(argv=None) -> int:
 
     try:
         # The test sets first: a wrong folder is reported before the weights load and the programs compile.
-        datasets = {split: open_dataset(split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir,
-                                        tfds_config=args.tfds_config)
-                    for split in [s.strip() for s in args.split.split(",") if s.strip()]}
+        datasets = {
+            split: open_dataset(
+                split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir, tfds_config=args.tfds_config
+            )
+            for split in [s.strip() for s in args.split.split(",") if s.strip()]
+        }
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
     except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
         print(f"error: {error}", file=sys.stderr)
@@ -339,12 +380,29 @@ def main(argv=None) -> int:
     results = {}
     for split, dataset in datasets.items():
         save_dir = os.path.join(args.save_png, split) if args.save_png else None
-        results[split] = evaluate(predictor, dataset, args.strategy, mode=args.mode, bucket=args.bucket,
-                                  metric_bucket=args.metric_bucket, save_png_dir=save_dir, limit=args.limit)
+        results[split] = evaluate(
+            predictor,
+            dataset,
+            args.strategy,
+            mode=args.mode,
+            bucket=args.bucket,
+            metric_bucket=args.metric_bucket,
+            save_png_dir=save_dir,
+            limit=args.limit,
+        )
     print(f"{predictor.arch}, {args.strategy.upper()}, {args.mode}, {args.dtype}")
     print(format_table(results))
-    write_json(args.output, {"checkpoint": os.fspath(args.checkpoint), "arch": predictor.arch,
-                             "strategy": args.strategy, "mode": args.mode, "dtype": args.dtype, "splits": results})
+    write_json(
+        args.output,
+        {
+            "checkpoint": os.fspath(args.checkpoint),
+            "arch": predictor.arch,
+            "strategy": args.strategy,
+            "mode": args.mode,
+            "dtype": args.dtype,
+            "splits": results,
+        },
+    )
     print(f"wrote {args.output}")
     return 0
 

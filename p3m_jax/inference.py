@@ -114,8 +114,9 @@ class NetworkRunner:
         the compilations go on in the background while the caller runs what is ready."""
         compile_programs = getattr(self.predictor, "compile_programs", None)
         if compile_programs is not None:
-            compile_programs([((1,) + self.network_shape(h, w) + (3,), outputs) for (h, w), outputs in requests],
-                             wait=wait)
+            compile_programs(
+                [((1,) + self.network_shape(h, w) + (3,), outputs) for (h, w), outputs in requests], wait=wait
+            )
 
     def pad(self, x: np.ndarray) -> np.ndarray:
         """`x` (H, W, C) padded (symmetric reflection) to `network_shape`; `x` itself when exact."""
@@ -178,8 +179,9 @@ def predict_hybrid(predictor, image: np.ndarray) -> np.ndarray:
     # HYBRID uses `global` of the half-size pass and `local` of the full-size one: each pass computes only
     # that (the other branch's last blocks are skipped). The full-size program compiles in the background
     # while the half-size pass and the host-side resizing run (a shorter first image of each size).
-    runner.prepare([(protocol_size(*size, GLOBAL_RATIO), ("global",)),
-                    (protocol_size(*size, LOCAL_RATIO), ("local",))], wait=False)
+    runner.prepare(
+        [(protocol_size(*size, GLOBAL_RATIO), ("global",)), (protocol_size(*size, LOCAL_RATIO), ("local",))], wait=False
+    )
     global_out = runner(_network_input(image01, GLOBAL_RATIO), outputs=("global",))
     trimap = trimap_from_logits(global_out["global"]).astype(np.float64) / 255.0  # img_as_float of uint8
     trimap = resize_like_skimage(trimap, size) * 255.0

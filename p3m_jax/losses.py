@@ -83,16 +83,16 @@ def _blur(x: jax.Array) -> jax.Array:
     r = _KERNEL.shape[0] // 2
     xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
     kernel = jnp.asarray(_KERNEL)[:, :, None, None]
-    return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.conv_general_dilated(
+        xp, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def _avg_pool2(x: jax.Array) -> jax.Array:
     """2x2 average pooling, stride 2, odd trailing row/column dropped (PyTorch's floor)."""
     n, h, w, c = x.shape
     h2, w2 = h // 2, w // 2
-    x = x[:, :2 * h2, :2 * w2]
+    x = x[:, : 2 * h2, : 2 * w2]
     return x.reshape(n, h2, 2, w2, 2, c).mean(axis=(2, 4))
 
 
@@ -107,8 +107,7 @@ def laplacian_pyramid(x: jax.Array, levels: int = PYRAMID_LEVELS) -> list[jax.Ar
     return pyramid
 
 
-def laplacian_loss(pred: jax.Array, alpha: jax.Array,
-                   weight: jax.Array | None = None) -> jax.Array:
+def laplacian_loss(pred: jax.Array, alpha: jax.Array, weight: jax.Array | None = None) -> jax.Array:
     """Sum over the pyramid's entries of mean |L(p w) - L(a w)| ((N, H, W, 1) maps)."""
     pred = pred.astype(jnp.float32)
     alpha = alpha.astype(jnp.float32)
@@ -119,8 +118,9 @@ def laplacian_loss(pred: jax.Array, alpha: jax.Array,
     return sum(jnp.mean(jnp.abs(level)) for level in laplacian_pyramid(pred - alpha))
 
 
-def composition_loss(pred: jax.Array, image: jax.Array, fg: jax.Array, bg: jax.Array,
-                     valid: jax.Array | None = None) -> jax.Array:
+def composition_loss(
+    pred: jax.Array, image: jax.Array, fg: jax.Array, bg: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """sqrt((p fg + (1 - p) bg - image)^2 + eps) summed over channels and pixels, / pixels.
 
     ``valid`` (N,) masks out samples without a foreground/background pair; the sum then runs
@@ -138,8 +138,9 @@ def composition_loss(pred: jax.Array, image: jax.Array, fg: jax.Array, bg: jax.A
     return jnp.sum(per_sample * valid) / jnp.maximum(count, 1.0)
 
 
-def p3m_loss(outputs: Mapping[str, jax.Array],
-             batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def p3m_loss(
+    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The P3M-Net training loss.
 
     Args:
@@ -161,22 +162,30 @@ def p3m_loss(outputs: Mapping[str, jax.Array],
     """
     trimap = batch["trimap"].astype(jnp.float32)
     alpha = batch["alpha"].astype(jnp.float32)
-    l_global = (cross_entropy_loss(outputs["side2"], trimap)
-                + cross_entropy_loss(outputs["side1"], trimap)
-                + cross_entropy_loss(outputs["side0"], trimap)
-                + 3.0 * cross_entropy_loss(outputs["global"], trimap))
+    l_global = (
+        cross_entropy_loss(outputs["side2"], trimap)
+        + cross_entropy_loss(outputs["side1"], trimap)
+        + cross_entropy_loss(outputs["side0"], trimap)
+        + 3.0 * cross_entropy_loss(outputs["global"], trimap)
+    )
     unknown = unknown_mask(trimap)
     local = outputs["local"].astype(jnp.float32)
     l_local = alpha_loss(local, alpha, unknown) + laplacian_loss(local, alpha, unknown)
     fusion = outputs["fusion"].astype(jnp.float32)
     l_fusion = alpha_loss(fusion, alpha) + laplacian_loss(fusion, alpha)
-    l_comp = composition_loss(fusion, batch["image"], batch["fg"], batch["bg"],
-                              batch.get("has_fg_bg"))
-    total = (GLOBAL_WEIGHT * l_global + LOCAL_WEIGHT * l_local + FUSION_WEIGHT * l_fusion
-             + COMPOSITION_WEIGHT * l_comp)
+    l_comp = composition_loss(fusion, batch["image"], batch["fg"], batch["bg"], batch.get("has_fg_bg"))
+    total = GLOBAL_WEIGHT * l_global + LOCAL_WEIGHT * l_local + FUSION_WEIGHT * l_fusion + COMPOSITION_WEIGHT * l_comp
     parts = {"global": l_global, "local": l_local, "fusion": l_fusion, "composition": l_comp}
     return total, parts
 
 
-__all__ = ["p3m_loss", "cross_entropy_loss", "alpha_loss", "laplacian_loss",
-           "composition_loss", "laplacian_pyramid", "trimap_classes", "unknown_mask"]
+__all__ = [
+    "p3m_loss",
+    "cross_entropy_loss",
+    "alpha_loss",
+    "laplacian_loss",
+    "composition_loss",
+    "laplacian_pyramid",
+    "trimap_classes",
+    "unknown_mask",
+]

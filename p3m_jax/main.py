@@ -18,13 +18,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train (then score the test splits), or eval: score the test splits from a checkpoint.")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                  "eval mode: which checkpoint of --workdir to score.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval"],
+    "train (then score the test splits), or eval: score the test splits from a checkpoint.",
+)
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "eval mode: which checkpoint of --workdir to score.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,8 +66,14 @@ def main(argv) -> int:
             loop.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
         else:
             loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (loop.ConfigError, loop.NonFiniteLossError, CheckpointError, WorkdirLockedError,
-            FileNotFoundError, OSError) as e:
+    except (
+        loop.ConfigError,
+        loop.NonFiniteLossError,
+        CheckpointError,
+        WorkdirLockedError,
+        FileNotFoundError,
+        OSError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -338,8 +338,9 @@ def matting_metrics(pred, gt, trimap, facemask=None, sizes=None):
     else:
         sizes = jnp.asarray(sizes, jnp.int32).reshape(n, 2)
         heights, widths = sizes[:, 0], sizes[:, 1]
-    out = _batch_metrics(p, a, t, f if f is not None else jnp.zeros((), jnp.float32), heights, widths,
-                         with_facemask=f is not None)
+    out = _batch_metrics(
+        p, a, t, f if f is not None else jnp.zeros((), jnp.float32), heights, widths, with_facemask=f is not None
+    )
     if single:
         out = {k: v[0] for k, v in out.items()}
     return out

@@ -99,22 +99,28 @@ def predict_image(runner, image: np.ndarray, strategy: str) -> np.ndarray:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m p3m_jax.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m p3m_jax.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint directory or authors' .pth")
     parser.add_argument("--arch", default=None, help="resnet34 | swin_t | vitae_s (required for a .pth)")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--strategy", default="hybrid", choices=inference.STRATEGIES)
     parser.add_argument("--bucket", type=int, default=0, help="pad network inputs to multiples (0: exact)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
+    )
     parser.add_argument("--cache_dir", default=None, help="JAX persistent compilation cache folder")
     return parser.parse_args(argv)
 
 
-def run(predictor, inputs, output_dir, strategy: str = "hybrid", bucket: int | None = None,
-        progress: bool = True) -> tuple[list[pathlib.Path], list[tuple[pathlib.Path, str]]]:
+def run(
+    predictor, inputs, output_dir, strategy: str = "hybrid", bucket: int | None = None, progress: bool = True
+) -> tuple[list[pathlib.Path], list[tuple[pathlib.Path, str]]]:
     """Processes `inputs` (paths); returns (written alpha paths, [(failed path, reason)])."""
     from tqdm import tqdm
 
@@ -123,8 +129,11 @@ def run(predictor, inputs, output_dir, strategy: str = "hybrid", bucket: int | N
     created = prepare_output(output_dir)
     names, shared = output_names(inputs)
     if shared:
-        print(f"inputs that share a stem are named after their whole file name "
-              f"(e.g. {shared[0]}_alpha.png): {', '.join(shared)}", file=sys.stderr)
+        print(
+            f"inputs that share a stem are named after their whole file name "
+            f"(e.g. {shared[0]}_alpha.png): {', '.join(shared)}",
+            file=sys.stderr,
+        )
     written, failed = [], []
     try:
         for path in tqdm(inputs, disable=not progress or len(inputs) < 2, desc="predict", unit="image"):

@@ -114,8 +114,7 @@ class Predictor:
     same model.
     """
 
-    def __init__(self, arch: str, variables: Any, *, dtype=jnp.float32,
-                 options: dict | None = None):
+    def __init__(self, arch: str, variables: Any, *, dtype=jnp.float32, options: dict | None = None):
         self.arch = arch
         self.options = dict(options or {})
         self.dtype = dtype = jnp.dtype(dtype)
@@ -136,8 +135,9 @@ class Predictor:
 
         return jax.jit(apply)
 
-    def compile_programs(self, programs: Iterable[tuple[tuple[int, ...], Sequence[str] | None]], *,
-                         wait: bool = True) -> None:
+    def compile_programs(
+        self, programs: Iterable[tuple[tuple[int, ...], Sequence[str] | None]], *, wait: bool = True
+    ) -> None:
         """Compiles the forward pass for each ((N, H, W, 3) input shape, outputs) pair not compiled yet.
         ``outputs`` names the outputs wanted (None: all six).
 
@@ -207,12 +207,20 @@ class Predictor:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
         """Writes the variables as a p3m-jax model checkpoint (see `p3m_jax.checkpoints`)."""
-        return checkpoints.save_model_checkpoint(path, self.arch, self.variables,
-                                                 options=self.options, overwrite=overwrite)
+        return checkpoints.save_model_checkpoint(
+            path, self.arch, self.variables, options=self.options, overwrite=overwrite
+        )
 
 
-def variables_from_torch(path: str | os.PathLike, arch: str, *, backbone_only: bool = False,
-                         options: dict | None = None, seed: int = 0, verbose: bool = False):
+def variables_from_torch(
+    path: str | os.PathLike,
+    arch: str,
+    *,
+    backbone_only: bool = False,
+    options: dict | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+):
     """Reads an authors' ``.pth`` and converts it for ``arch``; returns ``(variables, report)``.
 
     Variables the checkpoint does not carry but may legitimately lack (non-trained constants;
@@ -223,11 +231,11 @@ def variables_from_torch(path: str | os.PathLike, arch: str, *, backbone_only: b
     init = lambda r: init_variables(model, r)  # noqa: E731
     reference = jax.eval_shape(init, init_key(seed))
     variables, report = torch_import.convert_state_dict(
-        state_dict, arch, reference, backbone_only=backbone_only, source=os.fspath(path))
+        state_dict, arch, reference, backbone_only=backbone_only, source=os.fspath(path)
+    )
     if any(_is_abstract(v) for v in jax.tree_util.tree_leaves(variables)):
         fresh = random_variables(arch, seed, options=options)
-        variables = jax.tree_util.tree_map(
-            lambda v, f: np.asarray(f) if _is_abstract(v) else v, variables, fresh)
+        variables = jax.tree_util.tree_map(lambda v, f: np.asarray(f) if _is_abstract(v) else v, variables, fresh)
     if verbose:
         print(report.summary())
     return variables, report
@@ -238,7 +246,10 @@ def _load_training_workdir(workdir: str, arch: str | None, dtype) -> Predictor:
     import json  # pylint: disable=import-outside-toplevel
 
     from p3m_jax.train.checkpointing import (  # pylint: disable=import-outside-toplevel
-        CHECKPOINT_SUBDIR, RUN_CONFIG_FILE, restore_variables)
+        CHECKPOINT_SUBDIR,
+        RUN_CONFIG_FILE,
+        restore_variables,
+    )
 
     config_path = os.path.join(workdir, RUN_CONFIG_FILE)
     try:
@@ -253,8 +264,9 @@ def _load_training_workdir(workdir: str, arch: str | None, dtype) -> Predictor:
     return Predictor(saved_arch, variables, dtype=dtype, options=options)
 
 
-def load_pretrained(path: str | os.PathLike, arch: str | None = None, *, dtype=jnp.float32,
-                    verbose: bool = False) -> Predictor:
+def load_pretrained(
+    path: str | os.PathLike, arch: str | None = None, *, dtype=jnp.float32, verbose: bool = False
+) -> Predictor:
     """Loads trained P3M-Net weights for inference.
 
     Args:
@@ -286,7 +298,6 @@ def load_pretrained(path: str | os.PathLike, arch: str | None = None, *, dtype=j
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if arch is None:
-        raise ValueError(f"{path} looks like a PyTorch checkpoint: pass arch= (one of "
-                         f"{sorted(ARCHITECTURES)})")
+        raise ValueError(f"{path} looks like a PyTorch checkpoint: pass arch= (one of {sorted(ARCHITECTURES)})")
     variables, _ = variables_from_torch(path, arch, verbose=verbose)
     return Predictor(arch, variables, dtype=dtype)

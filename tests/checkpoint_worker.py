@@ -44,8 +44,9 @@ def main():
     make = lambda: state_lib.create_train_state(model, optimizer, init_key(0), 64)  # noqa: E731
     abstract = jax.eval_shape(make)
     shardings = state_lib.state_shardings(abstract, mesh, "fsdp")
-    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract, shardings)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     checkpointer = TrainCheckpointer(os.path.join(directory, "checkpoints"))
     if restore_step:
         state = checkpointer.restore(restore_step, abstract, None)
@@ -63,11 +64,13 @@ def main():
         # check on the other side cannot pass on freshly initialised values.
         def perturb(s):
             bump = lambda x: x + jnp.asarray(0.25 * save_step, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-            return s.replace(params=jax.tree_util.tree_map(bump, s.params),
-                             batch_stats=jax.tree_util.tree_map(bump, s.batch_stats),
-                             opt_state=jax.tree_util.tree_map(bump, s.opt_state),
-                             step=jnp.asarray(save_step, jnp.int32),
-                             rng=jax.random.fold_in(s.rng, save_step))
+            return s.replace(
+                params=jax.tree_util.tree_map(bump, s.params),
+                batch_stats=jax.tree_util.tree_map(bump, s.batch_stats),
+                opt_state=jax.tree_util.tree_map(bump, s.opt_state),
+                step=jnp.asarray(save_step, jnp.int32),
+                rng=jax.random.fold_in(s.rng, save_step),
+            )
 
         state = jax.jit(perturb, out_shardings=shardings)(state)
         checkpointer.save(save_step, state, None)

@@ -62,7 +62,7 @@ def corrupt_copy(config, dst_data_dir, record_index: int) -> tuple[ml_collection
     at = serialized.find(image)
     assert at > 0, "image bytes not found in the record"
     middle = at + len(image) // 2
-    records[record_index] = serialized[:middle] + bytes(64) + serialized[middle + 64:]
+    records[record_index] = serialized[:middle] + bytes(64) + serialized[middle + 64 :]
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     for record in records:
         writer.write(record)

@@ -4,8 +4,7 @@
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -21,13 +20,14 @@ def main(out_dir):
     assert jax.device_count() == 8, jax.devices()
     # Mixed has_fg_bg exercises the masked composition term across shards.
     batch = make_batch(8, 32, seed=1, has_fg_bg=[1, 1, 0, 1, 1, 1, 0, 1])
-    runs = {"one": (make_mesh(jax.devices()[:1]), "replicated"),
-            "replicated": (make_mesh(), "replicated"),
-            "fsdp": (make_mesh(), "fsdp")}
+    runs = {
+        "one": (make_mesh(jax.devices()[:1]), "replicated"),
+        "replicated": (make_mesh(), "replicated"),
+        "fsdp": (make_mesh(), "fsdp"),
+    }
     for name, (mesh, sharding) in runs.items():
         state, metrics = run_tiny_training(mesh, batch, steps=2, param_sharding=sharding)
-        sharded = sum(DATA_AXIS in tuple(leaf.sharding.spec)
-                      for leaf in jax.tree_util.tree_leaves(state.params))
+        sharded = sum(DATA_AXIS in tuple(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
         out = {f"params{k}": v for k, v in flat(state.params).items()}
         out.update({f"batch_stats{k}": v for k, v in flat(state.batch_stats).items()})
         out.update({f"metric_{i}_{k}": v for i, m in enumerate(metrics) for k, v in m.items()})

@@ -39,13 +39,15 @@ def lock_checks(workdir):
 
 
 def main(port, process_id, out_path):
-    assert initialize_distributed_if_needed(coordinator_address=f"localhost:{port}",
-                                            num_processes=2, process_id=process_id)
+    assert initialize_distributed_if_needed(
+        coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id
+    )
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     batch = make_batch(8, 32, seed=2)
     state, metrics = run_tiny_training(make_mesh(), batch, steps=3, param_sharding="fsdp")
     # FSDP-sharded parameters span both processes: gather them to every host.
     from jax.experimental import multihost_utils
+
     params = multihost_utils.process_allgather(state.params, tiled=True)
     stats = multihost_utils.process_allgather(state.batch_stats, tiled=True)
     out = {}

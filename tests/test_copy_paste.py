@@ -10,10 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p3m_jax.data.copy_paste import (FeatureCopyPasteInputs, ImageCopyPaste, aligned_source,
-                                     make_copy_paste_transforms, paste_face, place_face)
-from p3m_jax.data.faces import (CelebAMaskHQFaces, FaceSourceError, PairedFaces, SyntheticFaces,
-                                open_face_source)
+from p3m_jax.data.copy_paste import (
+    FeatureCopyPasteInputs,
+    ImageCopyPaste,
+    aligned_source,
+    make_copy_paste_transforms,
+    paste_face,
+    place_face,
+)
+from p3m_jax.data.faces import CelebAMaskHQFaces, FaceSourceError, PairedFaces, SyntheticFaces, open_face_source
 from p3m_jax.models.copy_paste import FCP_LAYERS, fcp_inputs, mask_at, replace_features
 from p3m_jax.models.decoder import EncoderOutput
 from tfds_p3m10k import synthetic
@@ -25,9 +30,17 @@ def make_example(seed, facemask=True):
     """A training-size example as the pipeline hands it to the copy-paste transforms."""
     p = synthetic.render_portrait(seed, S, S)
     fm = p.facemask if facemask else np.zeros_like(p.facemask)
-    return {"image": p.image, "alpha": p.alpha[..., None], "trimap": p.trimap[..., None],
-            "fg": p.fg, "bg": p.bg, "has_fg_bg": np.bool_(True), "facemask": fm[..., None],
-            "has_facemask": np.bool_(facemask), "name": f"p_{seed}"}
+    return {
+        "image": p.image,
+        "alpha": p.alpha[..., None],
+        "trimap": p.trimap[..., None],
+        "fg": p.fg,
+        "bg": p.bg,
+        "has_fg_bg": np.bool_(True),
+        "facemask": fm[..., None],
+        "has_facemask": np.bool_(facemask),
+        "name": f"p_{seed}",
+    }
 
 
 FACES = SyntheticFaces(count=8, size=48, seed=3)
@@ -153,8 +166,15 @@ def test_icp_alignment_on_the_facemask_centre():
     cv2.ellipse(face_mask, (24, 24), (12, 18), 0, 0, 360, 255, -1)
     face_image = np.full((48, 48, 3), 200, np.uint8)
     for scale in (0.8, 1.0):
-        placed = place_face(fm, face_image, face_mask, np.random.default_rng(0), rotation_deg=0,
-                            scale_range=(scale, scale), flip_prob=0.0)
+        placed = place_face(
+            fm,
+            face_image,
+            face_mask,
+            np.random.default_rng(0),
+            rotation_deg=0,
+            scale_range=(scale, scale),
+            flip_prob=0.0,
+        )
         _, weight = placed
         ys, xs = np.nonzero(weight > 0.5)
         assert abs(ys.mean() - 24.5) < 0.6 and abs(xs.mean() - 31.5) < 0.6
@@ -217,8 +237,9 @@ def test_aligned_source_matches_the_icp_geometry():
     icp, _ = paste_face(ex, face["image"], face["mask"], np.random.default_rng(9))
     np.testing.assert_array_equal(src, icp["image"])  # same draws -> same placement
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
-    assert aligned_source(make_example(3, facemask=False), face["image"], face["mask"],
-                          np.random.default_rng(0)) is None
+    assert (
+        aligned_source(make_example(3, facemask=False), face["image"], face["mask"], np.random.default_rng(0)) is None
+    )
 
 
 def test_make_copy_paste_transforms_from_config():
@@ -237,11 +258,11 @@ def test_make_copy_paste_transforms_from_config():
 
 def _encoder_output(seed, n=2, size=S, channels=(4, 4, 8, 8, 16, 16)):
     rng = np.random.default_rng(seed)
-    feats = tuple(jnp.asarray(rng.normal(size=(n, size >> k, size >> k, channels[k])), jnp.float32)
-                  for k in range(5))
+    feats = tuple(jnp.asarray(rng.normal(size=(n, size >> k, size >> k, channels[k])), jnp.float32) for k in range(5))
     deep = jnp.asarray(rng.normal(size=(n, size >> 5, size >> 5, channels[5])), jnp.float32)
-    indices = tuple(jnp.asarray(rng.integers(0, 9, (n, size >> (k + 1), size >> (k + 1), 1)),
-                                jnp.int32) for k in range(5))
+    indices = tuple(
+        jnp.asarray(rng.integers(0, 9, (n, size >> (k + 1), size >> (k + 1), 1)), jnp.int32) for k in range(5)
+    )
     return EncoderOutput(deep=deep, features=feats, indices=indices)
 
 
@@ -263,12 +284,14 @@ def test_replace_features_changes_only_masked_positions_and_no_source_gradient()
     layers = ("e1", "e3", "deep")
 
     def loss(src, tgt):  # differentiable parts only: (deep, features)
-        r = replace_features(EncoderOutput(*tgt, target.indices), EncoderOutput(*src, source.indices),
-                             mask, apply, layers)
+        r = replace_features(
+            EncoderOutput(*tgt, target.indices), EncoderOutput(*src, source.indices), mask, apply, layers
+        )
         return sum(jnp.sum(x) for x in jax.tree.leaves((r.deep, r.features))), r
 
     (_, out), (g_src, g_tgt) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-        (source.deep, source.features), (target.deep, target.features))
+        (source.deep, source.features), (target.deep, target.features)
+    )
     for a, b in zip(out.indices, target.indices):
         np.testing.assert_array_equal(a, b)  # pooling indices stay the target's
     for name, k in FCP_LAYERS.items():
@@ -292,15 +315,18 @@ def test_replace_features_changes_only_masked_positions_and_no_source_gradient()
 
 
 def test_fcp_inputs_from_a_batch():
-    batch = {"fcp_source": np.full((2, S, S, 3), 255, np.uint8),
-             "fcp_mask": np.full((2, S, S, 1), 255, np.uint8),
-             "fcp_apply": np.array([True, False])}
+    batch = {
+        "fcp_source": np.full((2, S, S, 3), 255, np.uint8),
+        "fcp_mask": np.full((2, S, S, 1), 255, np.uint8),
+        "fcp_apply": np.array([True, False]),
+    }
     fcp = fcp_inputs(batch, step=3, start_step=5, layers=("e2",))
     assert not bool(fcp["apply"].any())
     fcp = fcp_inputs(batch, step=5, start_step=5, layers=("e2",))
     np.testing.assert_array_equal(fcp["apply"], [True, False])
-    np.testing.assert_allclose(fcp["source_image"][0, 0, 0], (1 - np.array([0.485, 0.456, 0.406]))
-                               / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
+    np.testing.assert_allclose(
+        fcp["source_image"][0, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-5
+    )
     assert float(fcp["mask"].min()) == 1.0 and fcp["layers"] == ("e2",)
     with pytest.raises(ValueError, match="FCP layers"):
         fcp_inputs(batch, 0, 0, layers=("e9",))
@@ -331,8 +357,9 @@ def test_p3mnet_fcp_resnet34(resnet34_variables):
         on = model.apply(variables, x, False, fcp=fcp(jnp.array([True, False])))
 
         def loss(source):
-            out, new_state = model.apply(variables, x, True, fcp=fcp(jnp.array([True, True]), source),
-                                         mutable=["batch_stats"])
+            out, new_state = model.apply(
+                variables, x, True, fcp=fcp(jnp.array([True, True]), source), mutable=["batch_stats"]
+            )
             return jnp.sum(out["fusion"]) + jnp.sum(out["global"]), new_state
 
         (_, state_fcp), g_src = jax.value_and_grad(loss, has_aux=True)(src)
@@ -351,7 +378,10 @@ def test_p3mnet_fcp_resnet34(resnet34_variables):
     for a, b in zip(jax.tree.leaves(enc_fcp), jax.tree.leaves(enc_plain)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # The decoder's statistics do see the replaced features.
-    dec = [float(jnp.abs(a - b).max())
-           for a, b in zip(jax.tree.leaves(state_fcp["batch_stats"]["decoder"]),
-                           jax.tree.leaves(state_plain["batch_stats"]["decoder"]))]
+    dec = [
+        float(jnp.abs(a - b).max())
+        for a, b in zip(
+            jax.tree.leaves(state_fcp["batch_stats"]["decoder"]), jax.tree.leaves(state_plain["batch_stats"]["decoder"])
+        )
+    ]
     assert max(dec) > 1e-4

@@ -73,8 +73,7 @@ def test_process_shards_disjoint_and_cover_train(identity_config, image_index):
     val_indices = {names.index(n) for n in data.validation_names(identity_config)}
     per_process = []
     for process in range(2):
-        it = data.create_host_iterator(identity_config, seed=3, batch_size=4, process_index=process,
-                                       process_count=2)
+        it = data.create_host_iterator(identity_config, seed=3, batch_size=4, process_index=process, process_count=2)
         epoch = [i for batch in _take(it, 2) for i in _indices(batch, image_index)]  # 8 = one epoch
         assert len(set(epoch)) == 8
         per_process.append(set(epoch))
@@ -84,8 +83,7 @@ def test_process_shards_disjoint_and_cover_train(identity_config, image_index):
 
 def test_shuffle_per_epoch_and_determinism(identity_config, image_index, synthetic):
     def order(seed):
-        it = data.create_host_iterator(identity_config, seed=seed, batch_size=4, process_index=0,
-                                       process_count=1)
+        it = data.create_host_iterator(identity_config, seed=seed, batch_size=4, process_index=0, process_count=1)
         return [i for batch in _take(it, 8) for i in _indices(batch, image_index)]
 
     first = order(5)
@@ -125,8 +123,9 @@ def test_orbax_checkpoint_restores_mid_epoch(synthetic, tmp_path):
 
 def test_worker_processes_deterministic_and_resumable(synthetic):
     def make():
-        return data.create_host_iterator(synthetic, seed=4, batch_size=3, process_index=0, process_count=1,
-                                         num_workers=2)
+        return data.create_host_iterator(
+            synthetic, seed=4, batch_size=3, process_index=0, process_count=1, num_workers=2
+        )
 
     it = make()
     head = _take(it, 3)
@@ -141,8 +140,9 @@ def test_worker_processes_deterministic_and_resumable(synthetic):
 
 
 def test_corrupt_record_stops_or_is_skipped(synthetic, tmp_path):
-    train = np.flatnonzero(np.isin(source.split_names(synthetic, "train"), data.validation_names(synthetic),
-                                   invert=True))
+    train = np.flatnonzero(
+        np.isin(source.split_names(synthetic, "train"), data.validation_names(synthetic), invert=True)
+    )
     bad_config, bad_name = data_helpers.corrupt_copy(synthetic, tmp_path, record_index=int(train[0]))
     it = data.create_host_iterator(bad_config, seed=0, batch_size=4, process_index=0, process_count=1)
     with pytest.raises(data.BadExampleError, match=bad_name):
@@ -156,8 +156,7 @@ def test_corrupt_record_stops_or_is_skipped(synthetic, tmp_path):
     assert state["skipped_examples"] == 2
     # With worker processes the error still names the example.
     bad_config.skip_bad_examples = False
-    it = data.create_host_iterator(bad_config, seed=0, batch_size=4, process_index=0, process_count=1,
-                                   num_workers=1)
+    it = data.create_host_iterator(bad_config, seed=0, batch_size=4, process_index=0, process_count=1, num_workers=1)
     with pytest.raises(Exception, match=bad_name):
         _take(it, 4)
     it.close()

@@ -21,17 +21,29 @@ def _portrait(seed=3, height=96, width=72):
 
 def _raw(portrait, *, name="ex", index=7, jpeg_image=False, with_fg_bg=True, with_facemask=True):
     bgr = lambda rgb: np.ascontiguousarray(rgb[..., ::-1])  # noqa: E731
-    image = (cv2.imencode(".jpg", bgr(portrait.image), [cv2.IMWRITE_JPEG_QUALITY, 98])[1].tobytes()
-             if jpeg_image else _png(bgr(portrait.image)))
-    return {"image": image, "alpha": _png(portrait.alpha), "trimap": _png(portrait.trimap),
-            "facemask": _png(portrait.facemask), "has_facemask": with_facemask,
-            "fg": _png(bgr(portrait.fg)), "bg": _png(bgr(portrait.bg)), "has_fg_bg": with_fg_bg,
-            "name": name, "index": index}
+    image = (
+        cv2.imencode(".jpg", bgr(portrait.image), [cv2.IMWRITE_JPEG_QUALITY, 98])[1].tobytes()
+        if jpeg_image
+        else _png(bgr(portrait.image))
+    )
+    return {
+        "image": image,
+        "alpha": _png(portrait.alpha),
+        "trimap": _png(portrait.trimap),
+        "facemask": _png(portrait.facemask),
+        "has_facemask": with_facemask,
+        "fg": _png(bgr(portrait.fg)),
+        "bg": _png(bgr(portrait.bg)),
+        "has_fg_bg": with_fg_bg,
+        "name": name,
+        "index": index,
+    }
 
 
 def _transform(**kwargs):
-    defaults = dict(image_size=32, crop_sizes=(32, 48, 64), trimap_kernel_range=(3, 6),
-                    transition_crop_prob=0.5, flip_prob=0.5)
+    defaults = dict(
+        image_size=32, crop_sizes=(32, 48, 64), trimap_kernel_range=(3, 6), transition_crop_prob=0.5, flip_prob=0.5
+    )
     defaults.update(kwargs)
     return transforms.TrainTransform(**defaults)
 
@@ -41,8 +53,9 @@ def test_crop_inside_image_and_size_rule():
     rng = np.random.default_rng(0)
     sides = set()
     for _ in range(300):
-        crop = transforms.sample_crop(alpha, rng, crop_sizes=(32, 64, 96, 128), kernel_range=(3, 6),
-                                      transition_crop_prob=0.5)
+        crop = transforms.sample_crop(
+            alpha, rng, crop_sizes=(32, 64, 96, 128), kernel_range=(3, 6), transition_crop_prob=0.5
+        )
         assert 0 <= crop.y0 and crop.y0 + crop.height <= 80
         assert 0 <= crop.x0 and crop.x0 + crop.width <= 120
         assert 3 <= crop.kernel <= 6
@@ -56,8 +69,9 @@ def test_transition_centred_crops_about_half_the_time():
     rng = np.random.default_rng(1)
     n, on = 600, 0
     for _ in range(n):
-        crop = transforms.sample_crop(alpha, rng, crop_sizes=(32, 48, 64), kernel_range=(3, 6),
-                                      transition_crop_prob=0.5)
+        crop = transforms.sample_crop(
+            alpha, rng, crop_sizes=(32, 48, 64), kernel_range=(3, 6), transition_crop_prob=0.5
+        )
         if crop.on_transition:
             on += 1
             # Small images use the full-resolution band: the centre is an unknown pixel of the trimap.
@@ -78,8 +92,8 @@ def test_trimap_on_crop_window_equals_full_resolution():
         h, w = int(rng.integers(10, 90)), int(rng.integers(10, 90))
         y0, x0 = int(rng.integers(0, 121 - h)), int(rng.integers(0, 91 - w))
         wy0, wx0 = max(0, y0 - kernel), max(0, x0 - kernel)
-        window = transforms.elliptical_trimap(alpha[wy0:y0 + h + kernel, wx0:x0 + w + kernel], kernel)
-        assert np.array_equal(window[y0 - wy0:y0 - wy0 + h, x0 - wx0:x0 - wx0 + w], full[y0:y0 + h, x0:x0 + w])
+        window = transforms.elliptical_trimap(alpha[wy0 : y0 + h + kernel, wx0 : x0 + w + kernel], kernel)
+        assert np.array_equal(window[y0 - wy0 : y0 - wy0 + h, x0 - wx0 : x0 - wx0 + w], full[y0 : y0 + h, x0 : x0 + w])
 
 
 def test_output_format_and_trimap_consistent_with_alpha():
@@ -89,9 +103,15 @@ def test_output_format_and_trimap_consistent_with_alpha():
     for _ in range(30):
         out = transform.random_map(raw, rng)
         assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
-            "image": ((32, 32, 3), np.uint8), "alpha": ((32, 32, 1), np.uint8),
-            "trimap": ((32, 32, 1), np.uint8), "fg": ((32, 32, 3), np.uint8), "bg": ((32, 32, 3), np.uint8),
-            "has_fg_bg": ((), np.bool_), "facemask": ((32, 32, 1), np.uint8), "has_facemask": ((), np.bool_)}
+            "image": ((32, 32, 3), np.uint8),
+            "alpha": ((32, 32, 1), np.uint8),
+            "trimap": ((32, 32, 1), np.uint8),
+            "fg": ((32, 32, 3), np.uint8),
+            "bg": ((32, 32, 3), np.uint8),
+            "has_fg_bg": ((), np.bool_),
+            "facemask": ((32, 32, 1), np.uint8),
+            "has_facemask": ((), np.bool_),
+        }
         trimap, alpha = out["trimap"], out["alpha"]
         assert set(np.unique(trimap)) <= {0, 128, 255}
         # Re-quantisation bounds: a resized-trimap value < 50 (> 180) leaves < 39% (>= 41%) weight on
@@ -107,8 +127,18 @@ def test_one_flip_for_every_map():
     pattern[:, :30] = 255
     pattern[:, 70:] = 0
     rgb = np.repeat(pattern[..., None], 3, axis=2)
-    raw = {"image": _png(rgb), "alpha": _png(pattern), "trimap": _png(pattern), "facemask": _png(pattern),
-           "has_facemask": True, "fg": _png(rgb), "bg": _png(rgb), "has_fg_bg": True, "name": "p", "index": 0}
+    raw = {
+        "image": _png(rgb),
+        "alpha": _png(pattern),
+        "trimap": _png(pattern),
+        "facemask": _png(pattern),
+        "has_facemask": True,
+        "fg": _png(rgb),
+        "bg": _png(rgb),
+        "has_fg_bg": True,
+        "name": "p",
+        "index": 0,
+    }
     flips = 0
     for seed in range(20):
         out = _transform(flip_prob=0.5).random_map(raw, np.random.default_rng(seed))
@@ -217,8 +247,11 @@ def test_packed_ellipse_morphology_is_opencv_bit_for_bit():
     for kernel in (15, 22, 30):
         element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel, kernel))
         trimap = transforms.elliptical_trimap(alpha, kernel)
-        expected = np.where(cv2.erode((alpha == 255).astype(np.uint8), element) > 0, 255,
-                            np.where(cv2.dilate((alpha > 0).astype(np.uint8), element) > 0, 128, 0))
+        expected = np.where(
+            cv2.erode((alpha == 255).astype(np.uint8), element) > 0,
+            255,
+            np.where(cv2.dilate((alpha > 0).astype(np.uint8), element) > 0, 128, 0),
+        )
         assert np.array_equal(trimap, expected)
 
 
@@ -242,8 +275,7 @@ def test_aligned_crops_sample_like_cv2_resize():
     # whose 2x area reduction is exact, it matches the full-resolution resize within rounding.
     ramp = np.tile((np.arange(120) * 2).astype(np.uint8)[None, :], (90, 1))
     odd = transforms.Crop(10, 21, 65, 81, 5, False, (0, 0))
-    general = transforms.warp_crop(cv2.resize(ramp, (60, 45), interpolation=cv2.INTER_AREA), odd, 32, False,
-                                   reduce=2)
+    general = transforms.warp_crop(cv2.resize(ramp, (60, 45), interpolation=cv2.INTER_AREA), odd, 32, False, reduce=2)
     full = cv2.resize(ramp[10:75, 21:102], (32, 32), interpolation=cv2.INTER_LINEAR)
     error = np.abs(general.astype(int) - full.astype(int))
     assert error.max() <= 1 and error.mean() < 0.3  # half a pixel off would be about 1 on average

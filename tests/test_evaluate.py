@@ -28,8 +28,7 @@ class FakePredictor:
         red = x[..., :1]
         alpha = 1 / (1 + np.exp(-2 * red))
         logits = np.concatenate([-2 * red, np.full_like(red, 0.5), 2 * red], axis=-1)
-        return {"global": logits, "local": alpha, "fusion": alpha, "side2": logits, "side1": logits,
-                "side0": logits}
+        return {"global": logits, "local": alpha, "fusion": alpha, "side2": logits, "side1": logits, "side0": logits}
 
 
 def _portrait(seed, height, width):
@@ -43,7 +42,7 @@ def _portrait(seed, height, width):
     image = (alpha[..., None] / 255 * fg + (1 - alpha[..., None] / 255) * bg).astype(np.uint8)
     trimap = np.where(alpha == 255, 255, np.where(alpha == 0, 0, 128)).astype(np.uint8)
     facemask = np.zeros_like(alpha)
-    facemask[int(height * 0.3):int(height * 0.5), int(width * 0.4):int(width * 0.6)] = 255
+    facemask[int(height * 0.3) : int(height * 0.5), int(width * 0.4) : int(width * 0.6)] = 255
     return image, alpha, trimap, facemask
 
 
@@ -81,16 +80,21 @@ def test_folder_dataset_reads_the_release_layout(release, tmp_path):
 
 def test_evaluate_scores_quantized_predictions(release, tmp_path):
     dataset = evaluate.FolderDataset(release, "p3m_500_p")
-    result = evaluate.evaluate(FakePredictor(), dataset, "hybrid", mode="exact", save_png_dir=tmp_path / "png",
-                               progress=False)
+    result = evaluate.evaluate(
+        FakePredictor(), dataset, "hybrid", mode="exact", save_png_dir=tmp_path / "png", progress=False
+    )
     assert result["count"] == 3 and result["network_shapes"] == 3  # (32, 32), (64, 64), (96, 64)
     for i, row in enumerate(result["per_image"]):
         example = dataset[i]
         pred_u8 = inference.quantize(inference.predict_hybrid(FakePredictor(), example["image"]))
         saved = np.asarray(Image.open(tmp_path / "png" / f"{example['name']}.png"))
         np.testing.assert_array_equal(saved, pred_u8)
-        expected = matting_metrics(pred_u8 / np.float32(255), example["alpha"] / np.float32(255),
-                                   example["trimap"], facemask=example["facemask"])
+        expected = matting_metrics(
+            pred_u8 / np.float32(255),
+            example["alpha"] / np.float32(255),
+            example["trimap"],
+            facemask=example["facemask"],
+        )
         for key, value in expected.items():
             np.testing.assert_allclose(row[key], float(value), rtol=1e-6, err_msg=key)
     for key in ("SAD", "CONN", "SAD_PRIVACY"):
@@ -102,8 +106,9 @@ def test_evaluate_scores_quantized_predictions(release, tmp_path):
 def test_metric_bucketing_is_exact(release):
     dataset = evaluate.FolderDataset(release, "p3m_500_np")
     exact = evaluate.evaluate(FakePredictor(), dataset, "resize", mode="exact", progress=False)
-    bucketed = evaluate.evaluate(FakePredictor(), dataset, "resize", mode="bucketed", bucket=128,
-                                 metric_bucket=128, progress=False)
+    bucketed = evaluate.evaluate(
+        FakePredictor(), dataset, "resize", mode="bucketed", bucket=128, metric_bucket=128, progress=False
+    )
     assert bucketed["metric_shapes"] == 1 and exact["metric_shapes"] == 3
     for key, value in exact["mean"].items():
         np.testing.assert_allclose(bucketed["mean"][key], value, rtol=1e-5, atol=1e-9, err_msg=key)
@@ -132,20 +137,37 @@ def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkey
         raise AssertionError("weights loaded before the test sets were found")
 
     monkeypatch.setattr(predictor, "load_pretrained", must_not_load)
-    code = evaluate.main(["--checkpoint", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "nope"),
-                          "--cache_dir", str(tmp_path / "cache")])
+    code = evaluate.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--data_dir",
+            str(tmp_path / "nope"),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 2
     assert f"{tmp_path / 'nope'}: no validation/P3M-500-P folder" in capsys.readouterr().err
     # An empty TFDS folder: said plainly, instead of TFDS trying to build P3M-10k from a manual download.
-    code = evaluate.main(["--checkpoint", str(tmp_path / "ckpt"), "--tfds_data_dir", str(tmp_path),
-                          "--cache_dir", str(tmp_path / "cache")])
+    code = evaluate.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--tfds_data_dir",
+            str(tmp_path),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 2
     assert f"p3m10k/default is not built in {tmp_path}" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_checkpoint(release, tmp_path, capsys):
-    code = evaluate.main(["--checkpoint", str(tmp_path / "nope"), "--data_dir", str(release),
-                          "--cache_dir", str(tmp_path / "cache")])
+    code = evaluate.main(
+        ["--checkpoint", str(tmp_path / "nope"), "--data_dir", str(release), "--cache_dir", str(tmp_path / "cache")]
+    )
     assert code == 2
     assert f"no checkpoint at {tmp_path / 'nope'}" in capsys.readouterr().err
 
@@ -158,9 +180,24 @@ def test_cli_writes_json(release, tmp_path):
     checkpoint = Predictor.random("resnet34", seed=0).save(tmp_path / "ckpt")
     clear_compiled_programs()  # earlier tests of this process compiled the same programs
     output = tmp_path / "out" / "eval.json"
-    code = evaluate.main(["--checkpoint", str(checkpoint), "--data_dir", str(release), "--strategy", "resize",
-                          "--limit", "2", "--output", str(output), "--cache_dir", str(tmp_path / "cache"),
-                          "--save_png", str(tmp_path / "png")])
+    code = evaluate.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data_dir",
+            str(release),
+            "--strategy",
+            "resize",
+            "--limit",
+            "2",
+            "--output",
+            str(output),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--save_png",
+            str(tmp_path / "png"),
+        ]
+    )
     assert code == 0
     payload = json.loads(output.read_text())
     assert set(payload["splits"]) == {"p3m_500_p", "p3m_500_np"}

@@ -20,8 +20,7 @@ class FakePredictor:
         red = x[..., :1]
         alpha = 1 / (1 + np.exp(-red))
         logits = np.concatenate([-red, np.zeros_like(red) + 0.3, red], axis=-1)
-        return {"global": logits, "local": alpha, "fusion": alpha ** 2, "side2": logits, "side1": logits,
-                "side0": logits}
+        return {"global": logits, "local": alpha, "fusion": alpha**2, "side2": logits, "side1": logits, "side0": logits}
 
 
 def _image(rng, height, width):
@@ -29,8 +28,16 @@ def _image(rng, height, width):
     return np.clip(base + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("shape,out", [((101, 75, 3), (32, 64)), ((40, 52), (97, 131)), ((64, 64), (64, 64)),
-                                       ((110, 162, 3), (104, 160)), ((110, 300), (104, 150))])
+@pytest.mark.parametrize(
+    "shape,out",
+    [
+        ((101, 75, 3), (32, 64)),
+        ((40, 52), (97, 131)),
+        ((64, 64), (64, 64)),
+        ((110, 162, 3), (104, 160)),
+        ((110, 300), (104, 150)),
+    ],
+)
 def test_resize_matches_scikit_image(shape, out):
     rng = np.random.default_rng(0)
     image = rng.random(shape)
@@ -215,8 +222,11 @@ def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
     runner = inference.NetworkRunner(predictor)
     everything = inference.NetworkRunner(type("Plain", (), {"forward": staticmethod(predictor.forward)})())
     for strategy in inference.STRATEGIES:
-        np.testing.assert_allclose(inference.predict_alpha(runner, image, strategy),
-                                   inference.predict_alpha(everything, image, strategy), atol=1e-5)
+        np.testing.assert_allclose(
+            inference.predict_alpha(runner, image, strategy),
+            inference.predict_alpha(everything, image, strategy),
+            atol=1e-5,
+        )
 
 
 def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(monkeypatch):
@@ -229,16 +239,19 @@ def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(
     from p3m_jax import predictor as predictor_lib
 
     predictor = predictor_lib.Predictor.random("resnet34")
-    lowered = predictor._program(("local",)).lower(predictor.variables,
-                                                   jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    lowered = predictor._program(("local",)).lower(
+        predictor.variables, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    )
     default = lowered.compile()
     ours = predictor_lib.compile_inference_program(lowered)
     assert ynnpack_convolutions(default) > 0 and ynnpack_convolutions(ours) == 0
     x = np.random.default_rng(8).normal(size=(1, 64, 64, 3)).astype(np.float32)
-    np.testing.assert_allclose(ours(predictor.variables, x)["local"], default(predictor.variables, x)["local"],
-                               rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(compile_options, "CPU_CONVOLUTION_OPTIONS",
-                        {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
+    np.testing.assert_allclose(
+        ours(predictor.variables, x)["local"], default(predictor.variables, x)["local"], rtol=1e-5, atol=1e-6
+    )
+    monkeypatch.setattr(
+        compile_options, "CPU_CONVOLUTION_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"}
+    )
     assert compile_options.compiler_options("cpu") is None
     assert ynnpack_convolutions(predictor_lib.compile_inference_program(lowered)) > 0
     # Other platforms keep XLA's defaults; a compilation error reaches the caller.

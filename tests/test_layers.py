@@ -36,8 +36,10 @@ def test_max_pool_indices_match_torch(window, padding, shape):
     np.testing.assert_array_equal(np.asarray(idx), nhwc(tidx))
 
 
-@pytest.mark.parametrize("window,padding,shape", [(3, 1, (2, 16, 12, 3)), (3, 1, (1, 15, 13, 4)),
-                                                   (2, 0, (1, 9, 14, 5)), (4, 1, (1, 12, 9, 2))])
+@pytest.mark.parametrize(
+    "window,padding,shape",
+    [(3, 1, (2, 16, 12, 3)), (3, 1, (1, 15, 13, 4)), (2, 0, (1, 9, 14, 5)), (4, 1, (1, 12, 9, 2))],
+)
 def test_max_pool_with_indices_gradient_matches_torch(window, padding, shape):
     # The stride-2 gradient is assembled from the indices: with many ties (small integers) and
     # overlapping windows (3x3, 4x4) several windows send their gradient to the same pixel, where
@@ -65,11 +67,18 @@ def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
     assert np.asarray(idx)[0, 0, 0, 0] == 0  # first element of the window, not padding
 
 
-@pytest.mark.parametrize("window,stride,size", [
-    (2, 2, (16, 24)), (2, 4, (16, 24)), (2, 8, (16, 24)),  # SBFI's MaxPool2d(2, stride)
-    (2, 4, (17, 23)), (3, 3, (13, 11)),  # windows that end before the plane does
-    (12, 12, (26, 25)),  # offsets past int8's range
-    (3, 2, (13, 11))])  # overlapping windows (the select chain's own gradient)
+@pytest.mark.parametrize(
+    "window,stride,size",
+    [
+        (2, 2, (16, 24)),
+        (2, 4, (16, 24)),
+        (2, 8, (16, 24)),  # SBFI's MaxPool2d(2, stride)
+        (2, 4, (17, 23)),
+        (3, 3, (13, 11)),  # windows that end before the plane does
+        (12, 12, (26, 25)),  # offsets past int8's range
+        (3, 2, (13, 11)),
+    ],
+)  # overlapping windows (the select chain's own gradient)
 def test_max_pool_and_its_gradient_match_torch_with_ties(window, stride, size):
     # Few distinct values (ReLU zeros are common): PyTorch sends a window's gradient to its
     # first maximum only.
@@ -101,8 +110,9 @@ def test_max_unpool_and_its_gradient_match_torch_including_overlaps(window, padd
     argmax = (rows - pooled_rows) * window + (cols - pooled_cols)
     _, ours = layers.max_pool_with_argmax(jnp.asarray(x), window, 2, padding)
     np.testing.assert_array_equal(np.asarray(ours), argmax)
-    got, vjp = jax.vjp(lambda v: layers.max_unpool_2x2(v, jnp.asarray(argmax, jnp.int32), window),
-                       jnp.asarray(nhwc(values)))
+    got, vjp = jax.vjp(
+        lambda v: layers.max_unpool_2x2(v, jnp.asarray(argmax, jnp.int32), window), jnp.asarray(nhwc(values))
+    )
     assert got.shape == (2, 16, 16, 4)
     np.testing.assert_array_equal(np.asarray(got), nhwc(expected))
     # The backward is PyTorch's gather: each window takes the cotangent at its own argmax,
@@ -139,9 +149,10 @@ def _torch_bn(channels, seed):
 
 
 def _bn_variables(bn):
-    return {"params": {"scale": bn.weight.detach().numpy(), "bias": bn.bias.detach().numpy()},
-            "batch_stats": {"mean": bn.running_mean.numpy().copy(),
-                            "var": bn.running_var.numpy().copy()}}
+    return {
+        "params": {"scale": bn.weight.detach().numpy(), "bias": bn.bias.detach().numpy()},
+        "batch_stats": {"mean": bn.running_mean.numpy().copy(), "var": bn.running_var.numpy().copy()},
+    }
 
 
 def test_batchnorm_eval_and_train_match_torch_including_running_stats():
@@ -150,25 +161,29 @@ def test_batchnorm_eval_and_train_match_torch_including_running_stats():
     variables = _bn_variables(bn)
     module = layers.BatchNorm()
     bn.eval()
-    np.testing.assert_allclose(np.asarray(module.apply(variables, jnp.asarray(x), train=False)),
-                               nhwc(bn(nchw(x))), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        np.asarray(module.apply(variables, jnp.asarray(x), train=False)), nhwc(bn(nchw(x))), rtol=RTOL, atol=ATOL
+    )
     bn.train()
     expected = nhwc(bn(nchw(x)))  # also updates bn's running statistics (momentum 0.1)
     got, updates = module.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(updates["batch_stats"]["mean"], bn.running_mean.numpy(),
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], bn.running_mean.numpy(), rtol=RTOL, atol=ATOL)
     # PyTorch keeps the unbiased batch variance in running_var.
-    np.testing.assert_allclose(updates["batch_stats"]["var"], bn.running_var.numpy(),
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], bn.running_var.numpy(), rtol=RTOL, atol=ATOL)
 
 
 def test_conv_bn_relu_stack_matches_torch_sequential():
     torch.manual_seed(0)
     seq = torch.nn.Sequential(
-        torch.nn.Conv2d(4, 4, 3, padding=1), _torch_bn(4, 1), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 6, 3, padding=1), _torch_bn(6, 2), torch.nn.ReLU(),
-        torch.nn.Conv2d(6, 3, 3, padding=1)).eval()
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        _torch_bn(4, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, 3, padding=1),
+        _torch_bn(6, 2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 3, 3, padding=1),
+    ).eval()
     params, stats = {}, {}
     for i, mod in enumerate(seq):
         if isinstance(mod, torch.nn.Conv2d):
@@ -183,6 +198,7 @@ def test_conv_bn_relu_stack_matches_torch_sequential():
 
 
 # --- Bridges: small PyTorch versions written from docs/design.md section 3, same weights. ---
+
 
 def _conv(cin, cout, k, gen):
     conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
@@ -250,11 +266,9 @@ def _flax_variables(module: torch.nn.Module):
 def test_tfi_matches_torch():
     gen = torch.Generator().manual_seed(0)
     ref = TorchTFI(8, gen)
-    g, l, e = (np.random.default_rng(i).standard_normal((2, 6, 4, 8)).astype(np.float32)
-               for i in range(3))
+    g, l, e = (np.random.default_rng(i).standard_normal((2, 6, 4, 8)).astype(np.float32) for i in range(3))
     got = TFI(8).apply(_flax_variables(ref), g, l, e, train=False)
-    np.testing.assert_allclose(np.asarray(got), nhwc(ref(nchw(g), nchw(l), nchw(e))),
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(got), nhwc(ref(nchw(g), nchw(l), nchw(e))), rtol=RTOL, atol=ATOL)
 
 
 def test_sbfis_share_one_stem_pooling_and_match_torch():
@@ -273,8 +287,10 @@ def test_sbfis_share_one_stem_pooling_and_match_torch():
 
     def forward(stem):
         pooled = pool_stem(stem)
-        return [SBFI(8, s).apply(_flax_variables(ref), x, pooled, train=False)
-                for s, ref, x in zip((2, 4, 8), refs, locals_)]
+        return [
+            SBFI(8, s).apply(_flax_variables(ref), x, pooled, train=False)
+            for s, ref, x in zip((2, 4, 8), refs, locals_)
+        ]
 
     outs, vjp = jax.vjp(forward, jnp.asarray(stem))
     for got, want in zip(outs, touts):
@@ -289,8 +305,7 @@ def test_dbfi_matches_torch(stride):
     gen = torch.Generator().manual_seed(stride)
     ref = TorchDBFI(8, 16, stride, gen)
     deep = np.random.default_rng(0).standard_normal((1, 2, 3, 16)).astype(np.float32)
-    x = np.random.default_rng(1).standard_normal((1, 2 * stride, 3 * stride, 8)).astype(
-        np.float32)
+    x = np.random.default_rng(1).standard_normal((1, 2 * stride, 3 * stride, 8)).astype(np.float32)
     (got, side) = DBFI(8, stride).apply(_flax_variables(ref), x, deep, train=False)
     exp, exp_side = ref(nchw(x), nchw(deep))
     np.testing.assert_allclose(np.asarray(got), nhwc(exp), rtol=RTOL, atol=ATOL)
@@ -299,24 +314,25 @@ def test_dbfi_matches_torch(stride):
 
 
 _SAME_CONV_CASES = [
-    (12, 8, 3, 4),    # small groups (3 -> 2) on CPU: fused multiply-adds, all taps at once
-    (64, 16, 3, 4),   # small groups (16 -> 4): fused multiply-adds, a loop over the taps
-    (8, 32, 3, 4),    # expanding small groups (2 -> 8): XLA forward, fused input gradient
-    (64, 8, 3, 2),    # wide groups (32 -> 4): XLA forward, input gradient as a grouped conv
-    (16, 20, 3, 1),   # enough output channels: XLA's kernel gradient of the padded input on CPU
-    (3, 16, 7, 1),    # few input channels (the stems): the same
-    (3, 48, 3, 1),    # the same, Swin-T's 3x3 stem
-    (16, 3, 3, 1),    # few output channels (the heads): the stacked-cotangent kernel gradient
-    (24, 1, 5, 1),    # the same, one output channel and a 5x5 kernel
-    (16, 24, 1, 1),   # 1x1: a plain matmul
+    (12, 8, 3, 4),  # small groups (3 -> 2) on CPU: fused multiply-adds, all taps at once
+    (64, 16, 3, 4),  # small groups (16 -> 4): fused multiply-adds, a loop over the taps
+    (8, 32, 3, 4),  # expanding small groups (2 -> 8): XLA forward, fused input gradient
+    (64, 8, 3, 2),  # wide groups (32 -> 4): XLA forward, input gradient as a grouped conv
+    (16, 20, 3, 1),  # enough output channels: XLA's kernel gradient of the padded input on CPU
+    (3, 16, 7, 1),  # few input channels (the stems): the same
+    (3, 48, 3, 1),  # the same, Swin-T's 3x3 stem
+    (16, 3, 3, 1),  # few output channels (the heads): the stacked-cotangent kernel gradient
+    (24, 1, 5, 1),  # the same, one output channel and a 5x5 kernel
+    (16, 24, 1, 1),  # 1x1: a plain matmul
 ]
 
 
 # Images of up to 16x16 pixels take the stacked-taps matmul, which is ungrouped only: the grouped
 # cases run at the large size alone.
-@pytest.mark.parametrize("cin,cout,kernel,groups,hw", [
-    (*case, hw) for hw in [(18, 17), (6, 5), (2, 2)] for case in _SAME_CONV_CASES
-    if hw == (18, 17) or case[3] == 1])
+@pytest.mark.parametrize(
+    "cin,cout,kernel,groups,hw",
+    [(*case, hw) for hw in [(18, 17), (6, 5), (2, 2)] for case in _SAME_CONV_CASES if hw == (18, 17) or case[3] == 1],
+)
 def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups, hw):
     # The forward and backward passes written for XLA:CPU give PyTorch's, with odd shapes (17 and
     # 5 columns) so that the padded-grid row offsets of the kernel gradient are exercised. Images
@@ -330,23 +346,24 @@ def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups, hw):
     ty = F.conv2d(tx, tw, padding=kernel // 2, groups=groups)
     (ty * nchw(cot)).sum().backward()
     conv = layers.conv2d(cout, kernel, use_bias=False, groups=groups, name="c")
-    y, vjp = jax.vjp(lambda a, b: conv.apply({"params": {"kernel": b}}, a), jnp.asarray(x),
-                     jnp.asarray(conv_kernel(tw)))
+    y, vjp = jax.vjp(
+        lambda a, b: conv.apply({"params": {"kernel": b}}, a), jnp.asarray(x), jnp.asarray(conv_kernel(tw))
+    )
     gx, gw = vjp(jnp.asarray(cot))
     assert_close_to_scale(y, nhwc(ty))
     assert_close_to_scale(gx, nhwc(tx.grad))
     assert_close_to_scale(gw, conv_kernel(tw.grad))
     if kernel > 1:  # the bare function too
-        _, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), jnp.asarray(x),
-                         jnp.asarray(conv_kernel(tw)))
+        _, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), jnp.asarray(x), jnp.asarray(conv_kernel(tw)))
         assert_close_to_scale(vjp(jnp.asarray(cot))[1], conv_kernel(tw.grad))
 
 
 def assert_close_to_scale(actual, desired):
     """float32 agreement for sums of hundreds of products: 1e-5 relative to the array's largest value."""
     desired = np.asarray(desired)
-    np.testing.assert_allclose(np.asarray(actual), desired, rtol=RTOL,
-                               atol=ATOL * max(1.0, float(np.abs(desired).max())))
+    np.testing.assert_allclose(
+        np.asarray(actual), desired, rtol=RTOL, atol=ATOL * max(1.0, float(np.abs(desired).max()))
+    )
 
 
 @pytest.mark.parametrize("cin,cout,groups", [(24, 20, 1), (64, 8, 2), (32, 64, 8)])
@@ -372,7 +389,8 @@ def test_cpu_compiled_conv_and_its_gradients_match_torch(cin, cout, groups):
         return (y, *vjp(g))
 
     y, gx, gw = jax.jit(forward_and_grads, compiler_options=options)(
-        jnp.asarray(x), jnp.asarray(conv_kernel(tw)), jnp.asarray(cot))
+        jnp.asarray(x), jnp.asarray(conv_kernel(tw)), jnp.asarray(cot)
+    )
     assert_close_to_scale(y, nhwc(ty))
     assert_close_to_scale(gx, nhwc(tx.grad))
     assert_close_to_scale(gw, conv_kernel(tw.grad))
@@ -388,22 +406,29 @@ def test_cpu_kernel_grads_match_xlas_convolution_gradient(kernel, cin, cout):
     kernel_shape = (kernel, kernel, cin, cout)
     _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x, b, 1), jnp.zeros(kernel_shape))
     (want,) = vjp(g)
-    kernel_grad = (layers._stacked_cotangent_kernel_grad if cout < layers._MIN_OUTPUT_CHANNELS_FOR_XLA_KERNEL_GRAD
-                   else layers._padded_input_kernel_grad)
+    kernel_grad = (
+        layers._stacked_cotangent_kernel_grad
+        if cout < layers._MIN_OUTPUT_CHANNELS_FOR_XLA_KERNEL_GRAD
+        else layers._padded_input_kernel_grad
+    )
     got = kernel_grad(x, g, kernel_shape, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel_grad,cin,cout", [(layers._padded_input_kernel_grad, 16, 16),
-                                                   (layers._stacked_cotangent_kernel_grad, 16, 3),
-                                                   (layers._padded_input_kernel_grad, 3, 16)])
+@pytest.mark.parametrize(
+    "kernel_grad,cin,cout",
+    [
+        (layers._padded_input_kernel_grad, 16, 16),
+        (layers._stacked_cotangent_kernel_grad, 16, 3),
+        (layers._padded_input_kernel_grad, 3, 16),
+    ],
+)
 def test_kernel_grads_in_bfloat16_accumulate_in_float32(kernel_grad, cin, cout):
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((1, 32, 32, cin)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((1, 32, 32, cout)), jnp.bfloat16)
     kernel = jnp.zeros((3, 3, cin, cout), jnp.bfloat16)
-    _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x.astype(jnp.float32), b, 1),
-                     kernel.astype(jnp.float32))
+    _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x.astype(jnp.float32), b, 1), kernel.astype(jnp.float32))
     (want,) = vjp(g.astype(jnp.float32))
     got = kernel_grad(x, g, kernel.shape, kernel.dtype)
     assert got.dtype == jnp.bfloat16

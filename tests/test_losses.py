@@ -74,16 +74,14 @@ def test_total_and_parts_match_the_public_code(case):
     assert set(parts) == set(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(float(parts[name]), value, rtol=RTOL, err_msg=name)
-    want = expected["global"] / 6 + 2 * expected["local"] + 3 * expected["fusion"] \
-        + expected["composition"]
+    want = expected["global"] / 6 + 2 * expected["local"] + 3 * expected["fusion"] + expected["composition"]
     np.testing.assert_allclose(float(total), want, rtol=RTOL)
 
 
 def test_laplacian_kernel_is_the_public_sum_of_exponentials():
     k = losses._laplacian_kernel()
     g = np.exp(-np.square(np.arange(5) - 2.0))
-    np.testing.assert_allclose(k, (g[:, None] + g[None, :]) / (g[:, None] + g[None, :]).sum(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(k, (g[:, None] + g[None, :]) / (g[:, None] + g[None, :]).sum(), rtol=1e-6)
     # not the separable Gaussian (the product)
     assert not np.allclose(k, np.outer(g, g) / np.outer(g, g).sum(), atol=1e-3)
 
@@ -99,11 +97,11 @@ def test_sums_run_over_the_whole_batch_not_per_sample():
     w = losses.unknown_mask(cat("trimap"))
     got = float(losses.alpha_loss(cat("pred"), cat("alpha"), w))
     diff = np.asarray(cat("pred") - cat("alpha")) * np.asarray(w)
-    want = np.sqrt(diff ** 2 + 1e-12).sum() / (np.asarray(w).sum() + 1)
+    want = np.sqrt(diff**2 + 1e-12).sum() / (np.asarray(w).sum() + 1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    per_sample = np.mean([float(losses.alpha_loss(s["pred"], s["alpha"],
-                                                  losses.unknown_mask(s["trimap"])))
-                          for s in (a, b)])
+    per_sample = np.mean(
+        [float(losses.alpha_loss(s["pred"], s["alpha"], losses.unknown_mask(s["trimap"]))) for s in (a, b)]
+    )
     assert abs(got - per_sample) > 1e-3
 
 
@@ -115,8 +113,7 @@ def test_composition_masks_samples_without_fg_bg():
     outputs.update(local=cat("pred"), fusion=cat("pred"))
     batch = {k: cat(k) for k in ("image", "fg", "bg", "alpha", "trimap")}
     _, parts = losses.p3m_loss(outputs, {**batch, "has_fg_bg": jnp.array([1.0, 0.0])})
-    np.testing.assert_allclose(float(parts["composition"]),
-                               REFERENCE[0]["losses"]["composition_whole"], rtol=RTOL)
+    np.testing.assert_allclose(float(parts["composition"]), REFERENCE[0]["losses"]["composition_whole"], rtol=RTOL)
     _, parts_all = losses.p3m_loss(outputs, {**batch, "has_fg_bg": jnp.array([1.0, 1.0])})
     assert float(parts_all["composition"]) > float(parts["composition"]) + 1.0
     total_none, parts_none = losses.p3m_loss(outputs, {**batch, "has_fg_bg": jnp.zeros(2)})
@@ -126,8 +123,7 @@ def test_composition_masks_samples_without_fg_bg():
 def test_runs_in_float32_for_bfloat16_outputs():
     outputs, batch = _outputs_and_batch(_case(1))
     total32, _ = losses.p3m_loss(outputs, batch)
-    total16, parts16 = losses.p3m_loss(
-        {k: v.astype(jnp.bfloat16) for k, v in outputs.items()}, batch)
+    total16, parts16 = losses.p3m_loss({k: v.astype(jnp.bfloat16) for k, v in outputs.items()}, batch)
     assert total16.dtype == jnp.float32
     assert all(v.dtype == jnp.float32 for v in parts16.values())
     np.testing.assert_allclose(float(total16), float(total32), rtol=2e-2)

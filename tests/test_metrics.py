@@ -94,8 +94,9 @@ def test_batch_and_single_agree_and_uint8_input():
         for key in METRIC_KEYS:
             np.testing.assert_allclose(float(batch[key][i]), float(single[key]), rtol=1e-6, err_msg=key)
     # uint8 mattes are read as value / 255
-    as_u8 = matting_metrics(np.round(preds[0] * 255).astype(np.uint8), np.round(gts[0] * 255).astype(np.uint8),
-                            trimaps[0])
+    as_u8 = matting_metrics(
+        np.round(preds[0] * 255).astype(np.uint8), np.round(gts[0] * 255).astype(np.uint8), trimaps[0]
+    )
     quantized = matting_metrics(np.round(preds[0] * 255) / 255, gts[0], trimaps[0])
     for key in METRIC_KEYS:
         np.testing.assert_allclose(float(as_u8[key]), float(quantized[key]), rtol=1e-6, err_msg=key)
@@ -164,8 +165,9 @@ def test_padded_batch_with_sizes_equals_unpadded():
         return out
 
     # the padding holds values that would change every metric if they were counted
-    padded = matting_metrics(pad(pred, 1.0), pad(gt, 0.0), pad(trimap, 128), facemask=pad(facemask, 1),
-                             sizes=[[37, 45], [37, 45]])
+    padded = matting_metrics(
+        pad(pred, 1.0), pad(gt, 0.0), pad(trimap, 128), facemask=pad(facemask, 1), sizes=[[37, 45], [37, 45]]
+    )
     for key in exact:
         np.testing.assert_allclose(np.asarray(padded[key]), float(exact[key]), rtol=2e-6, err_msg=key)
 
@@ -259,8 +261,10 @@ def test_largest_component_tie_between_components_starting_at_odd_columns():
 def test_padded_batch_with_an_image_smaller_than_the_filter_radius():
     """Bucketed Grad: sizes below the Gaussian radius (6) take the gather path, the others shifted slices."""
     rng = np.random.default_rng(7)
-    images = [(rng.random((37, 45)).astype(np.float32), _blobs(rng, (37, 45), 1.0)),
-              (rng.random((4, 11)).astype(np.float32), _blobs(rng, (4, 11), 1.0))]
+    images = [
+        (rng.random((37, 45)).astype(np.float32), _blobs(rng, (37, 45), 1.0)),
+        (rng.random((4, 11)).astype(np.float32), _blobs(rng, (4, 11), 1.0)),
+    ]
     pred = np.ones((2, 40, 48), np.float32)
     gt = np.zeros((2, 40, 48), np.float32)
     for i, (p, g) in enumerate(images):
@@ -270,8 +274,7 @@ def test_padded_batch_with_an_image_smaller_than_the_filter_radius():
     got = matting_metrics(pred, gt, trimap, sizes=[[37, 45], [4, 11]])
     for i, (p, g) in enumerate(images):
         np.testing.assert_allclose(float(got["GRAD"][i]), _scipy_grad(p, g), rtol=1e-5, err_msg=f"image {i}")
-        np.testing.assert_allclose(float(got["CONN"][i]), _numpy_connectivity(p, g), rtol=1e-5,
-                                   err_msg=f"image {i}")
+        np.testing.assert_allclose(float(got["CONN"][i]), _numpy_connectivity(p, g), rtol=1e-5, err_msg=f"image {i}")
     # without the tiny image, the whole batch takes the shifted-slice path: same value for the first image
     alone = matting_metrics(pred[:1], gt[:1], trimap[:1], sizes=[[37, 45]])
     np.testing.assert_allclose(float(alone["GRAD"][0]), float(got["GRAD"][0]), rtol=1e-6)

@@ -16,8 +16,9 @@ def checkpoint(tmp_path_factory):
 
 def _gradient_image(height, width):
     yy, xx = np.mgrid[:height, :width]
-    return np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
-                     np.full_like(xx, 90)], -1).astype(np.uint8)
+    return np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), np.full_like(xx, 90)], -1).astype(
+        np.uint8
+    )
 
 
 def test_image_loading_variants(tmp_path):
@@ -54,8 +55,20 @@ def test_predict_cli_on_mixed_inputs(checkpoint, tmp_path):
     Image.fromarray(_gradient_image(48, 64)).save(inputs / "web.webp")
     (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     out = tmp_path / "out"
-    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
-                         "--strategy", "resize", "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--strategy",
+            "resize",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 1  # one file failed, the others were processed
     expected = {"odd": (61, 83), "gray": (70, 50), "rgba": (33, 97), "rotated": (72, 40), "web": (48, 64)}
     for name, shape in expected.items():
@@ -82,24 +95,34 @@ def test_predict_large_image_is_downscaled_and_scaled_back(checkpoint, tmp_path)
     recorder = Recorder(load_pretrained(checkpoint))
     path = tmp_path / "big.jpg"
     Image.fromarray(_gradient_image(1100, 1210)).save(path)
-    written, failed = predict.run(recorder, [path], tmp_path / "out", strategy="resize", bucket=None,
-                                  progress=False)
+    written, failed = predict.run(recorder, [path], tmp_path / "out", strategy="resize", bucket=None, progress=False)
     assert not failed and len(written) == 1
     assert np.asarray(Image.open(written[0])).shape == (1100, 1210)
     assert recorder.shapes == [(512, 576)]  # short side 1080 first (1080 x 1188), then half size
 
 
 def test_missing_input_is_reported(tmp_path, capsys):
-    code = predict.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path / "nope"), "--output",
-                         str(tmp_path / "o")])
+    code = predict.main(
+        ["--checkpoint", str(tmp_path), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
+    )
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_reported(tmp_path, capsys):
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
-    code = predict.main(["--checkpoint", str(tmp_path / "nope"), "--input", str(path), "--output",
-                         str(tmp_path / "o"), "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--input",
+            str(path),
+            "--output",
+            str(tmp_path / "o"),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 2 and f"no checkpoint at {tmp_path / 'nope'}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -134,8 +157,20 @@ def test_bfloat16_option(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         load_pretrained(checkpoint, dtype="float16")
     Image.fromarray(_gradient_image(64, 80)).save(tmp_path / "a.png")
-    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "a.png"), "--output",
-                         str(tmp_path / "out"), "--dtype", "bfloat16", "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(tmp_path / "a.png"),
+            "--output",
+            str(tmp_path / "out"),
+            "--dtype",
+            "bfloat16",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 0 and np.asarray(Image.open(tmp_path / "out" / "a_alpha.png")).shape == (64, 80)
 
 
@@ -146,12 +181,29 @@ def test_inputs_sharing_a_stem_get_their_own_outputs(checkpoint, tmp_path, capsy
     Image.fromarray(_gradient_image(64, 64)[::-1].copy()).save(inputs / "portrait.png")
     Image.fromarray(_gradient_image(32, 64)).save(inputs / "solo.png")
     out = tmp_path / "out"
-    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
-                         "--strategy", "resize", "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--strategy",
+            "resize",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "portrait.jpg_alpha.png", "portrait.jpg_rgba.png", "portrait.png_alpha.png",
-        "portrait.png_rgba.png", "solo_alpha.png", "solo_rgba.png"]
+        "portrait.jpg_alpha.png",
+        "portrait.jpg_rgba.png",
+        "portrait.png_alpha.png",
+        "portrait.png_rgba.png",
+        "solo_alpha.png",
+        "solo_rgba.png",
+    ]
     err = capsys.readouterr().err
     assert "share a stem" in err and "portrait.jpg, portrait.png" in err
 
@@ -162,8 +214,18 @@ def test_unwritable_output_is_reported_before_the_model_loads(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     # The checkpoint does not exist either: the output folder is checked first.
-    code = predict.main(["--checkpoint", str(tmp_path / "nope"), "--input", str(image), "--output",
-                         str(blocker / "out"), "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--input",
+            str(image),
+            "--output",
+            str(blocker / "out"),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"error: output folder {blocker / 'out'} is not writable" in err
@@ -195,8 +257,18 @@ def read_only_folder(tmp_path):
 def test_read_only_output_folder_is_reported_at_once(checkpoint, tmp_path, read_only_folder, capsys):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
-    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(image), "--output",
-                         str(read_only_folder), "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(image),
+            "--output",
+            str(read_only_folder),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"output folder {read_only_folder} is not writable" in err
@@ -207,8 +279,18 @@ def test_nothing_is_created_when_every_input_fails(checkpoint, tmp_path):
     inputs.mkdir()
     (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     out = tmp_path / "out"
-    code = predict.main(["--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
-                         "--cache_dir", str(tmp_path / "cache")])
+    code = predict.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 1 and not out.exists()
 
 
@@ -225,7 +307,6 @@ def test_a_failed_write_leaves_neither_file_of_the_pair(checkpoint, tmp_path, mo
 
     monkeypatch.setattr(image_io, "save_png", failing)
     out = tmp_path / "out"
-    written, failed = predict.run(load_pretrained(checkpoint), [tmp_path / "a.png"], out, "resize",
-                                  progress=False)
+    written, failed = predict.run(load_pretrained(checkpoint), [tmp_path / "a.png"], out, "resize", progress=False)
     assert written == [] and len(failed) == 1 and "No space left" in failed[0][1]
     assert not out.exists()  # created by this run, left empty: removed

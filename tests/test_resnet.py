@@ -31,16 +31,14 @@ def jitted_outputs(resnet34_variables):
     def get(size, dtype):
         if (size, dtype) not in cache:
             model = build_model("resnet34", dtype=dtype)
-            x = INPUT[:, :size[0], :size[1]]
-            cache[size, dtype] = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-                resnet34_variables, x)
+            x = INPUT[:, : size[0], : size[1]]
+            cache[size, dtype] = jax.jit(lambda v, x: model.apply(v, x, train=False))(resnet34_variables, x)
         return cache[size, dtype]
 
     return get
 
 
-@pytest.mark.parametrize("size,dtype", [((64, 64), jnp.float32), ((128, 96), jnp.float32),
-                                        ((128, 96), jnp.bfloat16)])
+@pytest.mark.parametrize("size,dtype", [((64, 64), jnp.float32), ((128, 96), jnp.float32), ((128, 96), jnp.bfloat16)])
 def test_forward_under_jit_gives_six_outputs(jitted_outputs, size, dtype):
     out = jitted_outputs(size, dtype)
     assert set(out) == set(p3m_jax.OUTPUT_NAMES)
@@ -52,8 +50,7 @@ def test_forward_under_jit_gives_six_outputs(jitted_outputs, size, dtype):
         assert np.isfinite(np.asarray(value)).all(), name
     local = np.asarray(out["local"])
     assert (local >= 0).all() and (local <= 1).all()
-    np.testing.assert_array_equal(np.asarray(out["fusion"]),
-                                  np.asarray(fuse_global_local(out["global"], out["local"])))
+    np.testing.assert_array_equal(np.asarray(out["fusion"]), np.asarray(fuse_global_local(out["global"], out["local"])))
 
 
 def test_bfloat16_compute_stays_close_to_float32(jitted_outputs):
@@ -67,13 +64,13 @@ def test_bfloat16_compute_stays_close_to_float32(jitted_outputs):
 def test_train_mode_updates_batch_statistics(resnet34_variables, jitted_outputs):
     model = build_model("resnet34")
     x = INPUT[:, :64, :64]
-    out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-        resnet34_variables, x)
+    out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(resnet34_variables, x)
     old = resnet34_variables["batch_stats"]["encoder"]["bn1"]
     new = updates["batch_stats"]["encoder"]["bn1"]
     assert not np.allclose(np.asarray(old["mean"]), np.asarray(new["mean"]))
     assert jax.tree_util.tree_structure(updates["batch_stats"]) == jax.tree_util.tree_structure(
-        resnet34_variables["batch_stats"])
+        resnet34_variables["batch_stats"]
+    )
     # Train mode normalizes with the batch statistics, so the output differs from eval mode.
     eval_out = jitted_outputs((64, 64), jnp.float32)
     assert not np.allclose(np.asarray(out["global"]), np.asarray(eval_out["global"]))
@@ -82,8 +79,7 @@ def test_train_mode_updates_batch_statistics(resnet34_variables, jitted_outputs)
 def test_fusion_follows_the_global_decision():
     logits = jnp.array([[[[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]]]])  # bg, transition, fg
     local = jnp.array([[[[0.3], [0.4], [0.6]]]])
-    np.testing.assert_allclose(np.asarray(fuse_global_local(logits, local))[0, 0, :, 0],
-                               [0.0, 0.4, 1.0])
+    np.testing.assert_allclose(np.asarray(fuse_global_local(logits, local))[0, 0, :, 0], [0.0, 0.4, 1.0])
     # No gradient reaches the global logits through the argmax.
     grad = jax.grad(lambda g: fuse_global_local(g, local).sum())(logits)
     assert not np.asarray(grad).any()

@@ -13,11 +13,20 @@ F = torch.nn.functional
 
 from p3m_jax.models import build_model, init_variables  # noqa: E402
 from p3m_jax.models.layers import argmax_to_indices  # noqa: E402
-from p3m_jax.models.swin import (PoolingPatchMerging, StemPoolingPatchEmbed,  # noqa: E402
-                                 SwinBlock, window_attention_mask)
+from p3m_jax.models.swin import (
+    PoolingPatchMerging,
+    StemPoolingPatchEmbed,  # noqa: E402
+    SwinBlock,
+    window_attention_mask,
+)
 from p3m_jax.weights.backbone import load_backbone  # noqa: E402
-from torch_refs import (assert_p3m_outputs, filled_variables, randomize, t,  # noqa: E402
-                        torch_window_mask)
+from torch_refs import (
+    assert_p3m_outputs,
+    filled_variables,
+    randomize,
+    t,  # noqa: E402
+    torch_window_mask,
+)
 from p3m_jax.weights.torch_import import CheckpointImportError, convert_state_dict  # noqa: E402
 from torch_p3mnet import module_reference  # noqa: E402
 
@@ -27,6 +36,7 @@ SWIN_T_PARAMS = 45_128_206  # the authors' model, PyTorch parameters()
 # ----------------------------------------------------------------------------- helpers
 
 # ----------------------------------------------------------------------------- blocks
+
 
 @pytest.mark.parametrize("h,w,shift", [(10, 12, 3), (14, 7, 3), (4, 4, 3), (9, 16, 0), (8, 8, 3)])
 def test_window_attention_block_matches_pytorch(h, w, shift):
@@ -54,8 +64,8 @@ def test_attention_mask_regions():
     m = window_attention_mask(4, 4, 7, 3)
     assert m.shape == (1, 49, 49)
     token = lambda r, c: r * 7 + c  # noqa: E731  (position in the rolled window)
-    assert m[0, token(0, 0), token(4, 0)] == -100.0   # original rows 3 and 0
-    assert m[0, token(4, 4), token(5, 6)] == 0.0      # both wrapped around in both axes
+    assert m[0, token(0, 0), token(4, 0)] == -100.0  # original rows 3 and 0
+    assert m[0, token(4, 4), token(5, 6)] == 0.0  # both wrapped around in both axes
 
 
 def test_pooling_patch_merging_matches_pytorch():
@@ -82,8 +92,7 @@ def test_stem_matches_pytorch(relu_last):
     mod = StemPoolingPatchEmbed(8, relu_last=relu_last)
     params = randomize(mod.init(jax.random.key(0), jnp.asarray(x)))["params"]
     tokens, feats, idxs = mod.apply({"params": params}, jnp.asarray(x))
-    y, (f0, f1), (i0, i1) = module_reference({"params": params}).stem(
-        t(x).permute(0, 3, 1, 2), "m", relu_last)
+    y, (f0, f1), (i0, i1) = module_reference({"params": params}).stem(t(x).permute(0, 3, 1, 2), "m", relu_last)
     np.testing.assert_allclose(np.asarray(tokens), y.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats[0]), nhwc(f0), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats[1]), nhwc(f1), atol=1e-5)
@@ -93,11 +102,11 @@ def test_stem_matches_pytorch(relu_last):
 
 # ----------------------------------------------------------------------------- whole model
 
+
 def test_parameter_count_matches_authors():
     model = build_model("swin_t")
     shapes = jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
-    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"])) \
-        == SWIN_T_PARAMS
+    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"])) == SWIN_T_PARAMS
     assert set(shapes) == {"params", "batch_stats"}
 
 
@@ -116,30 +125,47 @@ def swin_t_backbone_state_dict(seed=0):
     """An ImageNet Swin-T stem-pooling backbone as the authors' code names it (random values),
     including the derived buffers and a classifier head."""
     rng = np.random.default_rng(seed)
-    shapes = {"patch_embed.proj1.weight": (48, 3, 3, 3), "patch_embed.proj1.bias": (48,),
-              "patch_embed.proj2.weight": (96, 48, 3, 3), "patch_embed.proj2.bias": (96,),
-              "patch_embed.proj3.weight": (96, 96, 3, 3), "patch_embed.proj3.bias": (96,),
-              "patch_embed.norm.weight": (96,), "patch_embed.norm.bias": (96,),
-              "norm.weight": (768,), "norm.bias": (768,),
-              "head.weight": (1000, 768), "head.bias": (1000,)}
+    shapes = {
+        "patch_embed.proj1.weight": (48, 3, 3, 3),
+        "patch_embed.proj1.bias": (48,),
+        "patch_embed.proj2.weight": (96, 48, 3, 3),
+        "patch_embed.proj2.bias": (96,),
+        "patch_embed.proj3.weight": (96, 96, 3, 3),
+        "patch_embed.proj3.bias": (96,),
+        "patch_embed.norm.weight": (96,),
+        "patch_embed.norm.bias": (96,),
+        "norm.weight": (768,),
+        "norm.bias": (768,),
+        "head.weight": (1000, 768),
+        "head.bias": (1000,),
+    }
     for i, (depth, heads) in enumerate(zip((2, 2, 6, 2), (3, 6, 12, 24))):
-        c = 96 * 2 ** i
+        c = 96 * 2**i
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}."
-            shapes.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,),
-                           p + "attn.relative_position_bias_table": (169, heads),
-                           p + "attn.relative_position_index": (49, 49),
-                           p + "attn.qkv.weight": (3 * c, c), p + "attn.qkv.bias": (3 * c,),
-                           p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,),
-                           p + "norm2.weight": (c,), p + "norm2.bias": (c,),
-                           p + "mlp.fc1.weight": (4 * c, c), p + "mlp.fc1.bias": (4 * c,),
-                           p + "mlp.fc2.weight": (c, 4 * c), p + "mlp.fc2.bias": (c,)})
+            shapes.update(
+                {
+                    p + "norm1.weight": (c,),
+                    p + "norm1.bias": (c,),
+                    p + "attn.relative_position_bias_table": (169, heads),
+                    p + "attn.relative_position_index": (49, 49),
+                    p + "attn.qkv.weight": (3 * c, c),
+                    p + "attn.qkv.bias": (3 * c,),
+                    p + "attn.proj.weight": (c, c),
+                    p + "attn.proj.bias": (c,),
+                    p + "norm2.weight": (c,),
+                    p + "norm2.bias": (c,),
+                    p + "mlp.fc1.weight": (4 * c, c),
+                    p + "mlp.fc1.bias": (4 * c,),
+                    p + "mlp.fc2.weight": (c, 4 * c),
+                    p + "mlp.fc2.bias": (c,),
+                }
+            )
             if j % 2:
                 shapes[p + "attn_mask"] = (4, 49, 49)
         if i < 3:
             p = f"layers.{i}.downsample."
-            shapes.update({p + "norm.weight": (c,), p + "norm.bias": (c,),
-                           p + "linear.weight": (2 * c, c)})
+            shapes.update({p + "norm.weight": (c,), p + "norm.bias": (c,), p + "linear.weight": (2 * c, c)})
     return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
 
 
@@ -151,21 +177,26 @@ def test_backbone_state_dict_loads_into_encoder(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
     loaded, report = load_backbone(path, "swin_t", variables)
     enc = loaded["params"]["encoder"]
-    np.testing.assert_array_equal(enc["layers"]["2"]["blocks"]["5"]["attn"]["qkv"]["kernel"],
-                                  sd["layers.2.blocks.5.attn.qkv.weight"].T)
-    np.testing.assert_array_equal(enc["patch_embed"]["proj2"]["kernel"],
-                                  sd["patch_embed.proj2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        enc["layers"]["2"]["blocks"]["5"]["attn"]["qkv"]["kernel"], sd["layers.2.blocks.5.attn.qkv.weight"].T
+    )
+    np.testing.assert_array_equal(
+        enc["patch_embed"]["proj2"]["kernel"], sd["patch_embed.proj2.weight"].transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(
         enc["layers"]["1"]["blocks"]["1"]["attn"]["relative_position_bias_table"],
-        sd["layers.1.blocks.1.attn.relative_position_bias_table"])
+        sd["layers.1.blocks.1.attn.relative_position_bias_table"],
+    )
     np.testing.assert_array_equal(enc["norm"]["scale"], sd["norm.weight"])
     # Encoder complete, head and derived buffers ignored, decoder untouched.
     n_encoder = len(jax.tree_util.tree_leaves(variables["params"]["encoder"]))
     assert len(report.loaded) == n_encoder
     assert {"head.weight", "head.bias", "layers.0.blocks.1.attn_mask"} <= set(report.ignored)
     assert report.left_at_init and all("/decoder/" in k for k in report.left_at_init)
-    np.testing.assert_array_equal(loaded["params"]["decoder"]["decoder4_g"]["0"]["kernel"],
-                                  variables["params"]["decoder"]["decoder4_g"]["0"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["params"]["decoder"]["decoder4_g"]["0"]["kernel"],
+        variables["params"]["decoder"]["decoder4_g"]["0"]["kernel"],
+    )
 
 
 def test_backbone_missing_encoder_tensor_is_an_error():

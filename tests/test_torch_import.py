@@ -21,8 +21,7 @@ def flat_items(tree, prefix=()):
             yield prefix + (k,), np.asarray(v)
 
 
-TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-              "var": "running_var"}
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
 def to_torch_layout(leaf, value):
@@ -48,8 +47,14 @@ def authors_state_dict(variables, backbone=False):
             continue
         # The authors' model registers the encoder a second time as encoder0..encoder4.
         top = path[1]
-        alias = {"conv1": "encoder0.0", "bn1": "encoder0.1", "layer1": "encoder1.0",
-                 "layer2": "encoder2", "layer3": "encoder3", "layer4": "encoder4"}.get(top)
+        alias = {
+            "conv1": "encoder0.0",
+            "bn1": "encoder0.1",
+            "layer1": "encoder1.0",
+            "layer2": "encoder2",
+            "layer3": "encoder3",
+            "layer4": "encoder4",
+        }.get(top)
         if alias:
             sd[".".join([alias] + path[2:] + [TORCH_LEAF[leaf]])] = tensor.clone()
     for key in [k for k in sd if k.endswith("running_var")]:
@@ -114,8 +119,9 @@ def test_unknown_key_is_named(state_dict, resnet34_variables):
 
 def test_misshaped_tensor_is_named(state_dict, resnet34_variables):
     sd = dict(state_dict, **{"tfi_2.conv1.weight": torch.zeros(128, 64, 3, 3)})
-    with pytest.raises(CheckpointImportError,
-                       match=r"tfi_2\.conv1\.weight \(128, 64, 3, 3\) \(expected \(128, 192, 3, 3\)\)"):
+    with pytest.raises(
+        CheckpointImportError, match=r"tfi_2\.conv1\.weight \(128, 64, 3, 3\) \(expected \(128, 192, 3, 3\)\)"
+    ):
         _convert(sd, resnet34_variables)
 
 
@@ -163,8 +169,7 @@ def test_backbone_loads_encoder_and_reports_decoder_at_init(tmp_path, resnet34_v
     sd = authors_state_dict(resnet34_variables, backbone=True)
     assert "conv1.weight" in sd and "fc.bias" in sd and not any("decoder" in k for k in sd)
     torch.save(sd, tmp_path / "r34mp.pth.tar")
-    variables, report = variables_from_torch(tmp_path / "r34mp.pth.tar", "resnet34",
-                                             backbone_only=True, seed=1)
+    variables, report = variables_from_torch(tmp_path / "r34mp.pth.tar", "resnet34", backbone_only=True, seed=1)
     got, ref = dict(flat_items(variables)), dict(flat_items(resnet34_variables))
     for key in ref:
         if key[1] == "encoder":
@@ -176,8 +181,7 @@ def test_backbone_loads_encoder_and_reports_decoder_at_init(tmp_path, resnet34_v
     assert not np.array_equal(got[key], ref[key])
 
 
-def test_convert_cli_writes_a_checkpoint_that_load_pretrained_reads(
-        tmp_path, state_dict, resnet34_variables, capsys):
+def test_convert_cli_writes_a_checkpoint_that_load_pretrained_reads(tmp_path, state_dict, resnet34_variables, capsys):
     pth = tmp_path / "p3m_r34.pth"
     torch.save({"state_dict": state_dict}, pth)
     out = tmp_path / "converted"
@@ -192,8 +196,7 @@ def test_convert_cli_writes_a_checkpoint_that_load_pretrained_reads(
 
     predictor = p3m_jax.load_pretrained(out)
     assert predictor.arch == "resnet34"
-    assert_trees_equal(jax.tree_util.tree_map(np.asarray, predictor.variables),
-                       resnet34_variables)
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, predictor.variables), resnet34_variables)
     with pytest.raises(ValueError, match="holds a resnet34 model"):
         p3m_jax.load_pretrained(out, arch="vitae_s")
     x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)

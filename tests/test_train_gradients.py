@@ -68,9 +68,14 @@ def training_batch(seed):
         alphas.append(np.round(a * 255).astype(np.uint8))
         trimaps.append(np.where(a <= 0, 0, np.where(a >= 1, 255, 128)).astype(np.uint8))
     pixels = lambda: rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)  # noqa: E731
-    return {"image": pixels(), "fg": pixels(), "bg": pixels(),
-            "alpha": np.stack(alphas)[..., None], "trimap": np.stack(trimaps)[..., None],
-            "has_fg_bg": np.ones((BATCH,), np.uint8)}
+    return {
+        "image": pixels(),
+        "fg": pixels(),
+        "bg": pixels(),
+        "alpha": np.stack(alphas)[..., None],
+        "trimap": np.stack(trimaps)[..., None],
+        "has_fg_bg": np.ones((BATCH,), np.uint8),
+    }
 
 
 def jax_step(model, variables, batch):
@@ -79,8 +84,13 @@ def jax_step(model, variables, batch):
     fb = prepare_batch(batch)
 
     def forward(params):
-        return model.apply({**variables, "params": params}, fb["image"], train=True,
-                           mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+        return model.apply(
+            {**variables, "params": params},
+            fb["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )
 
     outputs, vjp, updates = jax.vjp(forward, variables["params"], has_aux=True)
     cotangent = jax.grad(lambda o: p3m_loss(o, fb)[0])(outputs)
@@ -97,9 +107,9 @@ def torch_step(sd, arch, image_nhwc, cotangent, dtype):
         tensors[k] = tensor.requires_grad_(True) if learnable else tensor
     x = torch.from_numpy(np.array(image_nhwc)).to(dtype).permute(0, 3, 1, 2).contiguous()
     outs = TorchP3MNet(tensors, arch)(x)
-    torch.autograd.backward([outs[k] for k in OUTPUT_NAMES],
-                            [torch.from_numpy(np.array(cotangent[k])).to(dtype)
-                             for k in OUTPUT_NAMES])
+    torch.autograd.backward(
+        [outs[k] for k in OUTPUT_NAMES], [torch.from_numpy(np.array(cotangent[k])).to(dtype) for k in OUTPUT_NAMES]
+    )
     grads = {}
     for k, tensor in tensors.items():
         if tensor.requires_grad:
@@ -111,8 +121,10 @@ def torch_step(sd, arch, image_nhwc, cotangent, dtype):
 
 
 def flat(tree):
-    return {"/".join(p.key for p in path): np.asarray(v, np.float64)
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(p.key for p in path): np.asarray(v, np.float64)
+        for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def relative_l2(a, b):
@@ -138,8 +150,7 @@ def compare(arch):
     assert report.left_at_init == [], report.left_at_init
     batch = training_batch(seed=2)
 
-    outputs, cotangent, grads, batch_stats = jax.jit(
-        functools.partial(jax_step, model))(variables, batch)
+    outputs, cotangent, grads, batch_stats = jax.jit(functools.partial(jax_step, model))(variables, batch)
     image = prepare_batch(batch)["image"]
     ref = {}
     for dtype in (torch.float32, torch.float64):
@@ -178,20 +189,21 @@ def test_parameter_gradients_match_pytorch(arch):
     _, grads, batch_stats, ref = compare(arch)
     ref32, ref64 = ref[torch.float32][1], ref[torch.float64][1]
     assert grads.keys() == ref32.keys()
-    keys = [k for k in sorted(grads)
-            if not bias_before_batch_norm(k, batch_stats) and np.linalg.norm(ref64[k]) > 0]
+    keys = [k for k in sorted(grads) if not bias_before_batch_norm(k, batch_stats) and np.linalg.norm(ref64[k]) > 0]
     to32 = {k: relative_l2(grads[k], ref32[k]) for k in keys}
     to64 = {k: relative_l2(grads[k], ref64[k]) for k in keys}
     floor = {k: relative_l2(ref32[k], ref64[k]) for k in keys}
     everything = lambda g: np.concatenate([g[k].ravel() for k in keys])  # noqa: E731
     worst = max(to32, key=to32.get)
-    print(f"\n{arch}, {len(keys)} tensors, relative L2 per tensor (worst) and overall: "
-          f"to PyTorch float32 {to32[worst]:.4f} ({worst}), "
-          f"{relative_l2(everything(grads), everything(ref32)):.4f}; "
-          f"to float64 {max(to64.values()):.4f}, "
-          f"{relative_l2(everything(grads), everything(ref64)):.4f}; float32 floor (PyTorch "
-          f"float32 to float64) {max(floor.values()):.4f}, "
-          f"{relative_l2(everything(ref32), everything(ref64)):.4f}")
+    print(
+        f"\n{arch}, {len(keys)} tensors, relative L2 per tensor (worst) and overall: "
+        f"to PyTorch float32 {to32[worst]:.4f} ({worst}), "
+        f"{relative_l2(everything(grads), everything(ref32)):.4f}; "
+        f"to float64 {max(to64.values()):.4f}, "
+        f"{relative_l2(everything(grads), everything(ref64)):.4f}; float32 floor (PyTorch "
+        f"float32 to float64) {max(floor.values()):.4f}, "
+        f"{relative_l2(everything(ref32), everything(ref64)):.4f}"
+    )
     assert to32[worst] < MAX_RELATIVE_L2, (worst, to32[worst])
     worst64 = max(to64, key=to64.get)
     assert to64[worst64] < MAX_RELATIVE_L2, (worst64, to64[worst64])

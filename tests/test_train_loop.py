@@ -90,7 +90,8 @@ def test_quickstart_trains_validates_checkpoints_and_scores(quickstart_run):
     assert all(np.isfinite(r["train/loss"]) for r in train_rows)
     assert all(r["train/images_per_second"] > 0 for r in train_rows[1:])  # step 1 also compiles
     assert {"train/global", "train/local", "train/fusion", "train/composition", "train/learning_rate"} <= set(
-        train_rows[0])
+        train_rows[0]
+    )
     assert [r["step"] for r in rows if "val/SAD" in r] == [2, 4]
     assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     tests = json.loads((workdir / "test_results.json").read_text())
@@ -108,8 +109,9 @@ def test_quickstart_second_run_resumes_instead_of_starting_over(quickstart_run, 
         f.write(json.dumps({"step": 5, "train/loss": 123.0}) + "\n" + json.dumps({"step": 6}) + "\n")
     with open(resumed / "validation.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 6, "SAD": 1.0}) + "\n")
-    result = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=5, eval_every_steps=0,
-                                                 **{"eval.test_splits": ()}), resumed)
+    result = loop.train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=5, eval_every_steps=0, **{"eval.test_splits": ()}), resumed
+    )
     out = capsys.readouterr().out
     assert "resumed from" in out and "/4 (step 4)" in out
     assert result["step"] == 5
@@ -121,8 +123,7 @@ def test_quickstart_second_run_resumes_instead_of_starting_over(quickstart_run, 
     assert not (resumed / "run.lock").exists()  # released at the end
 
 
-def test_second_run_on_a_held_workdir_stops_and_a_stale_lock_is_taken_over(quickstart_run, data_dir,
-                                                                           capsys):
+def test_second_run_on_a_held_workdir_stops_and_a_stale_lock_is_taken_over(quickstart_run, data_dir, capsys):
     from p3m_jax.train.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
     workdir = tmp_copy(quickstart_run[0])
@@ -138,16 +139,16 @@ def test_second_run_on_a_held_workdir_stops_and_a_stale_lock_is_taken_over(quick
     dead.wait()
     import socket
 
-    (workdir / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
-                                                  "started": "earlier"}))
+    (workdir / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "earlier"}))
     assert loop.train_and_evaluate(config, workdir)["stopped"] == "finished"
-    assert f"took over the workdir lock of a run that is gone (host {socket.gethostname()}, pid {dead.pid}" \
+    assert (
+        f"took over the workdir lock of a run that is gone (host {socket.gethostname()}, pid {dead.pid}"
         in capsys.readouterr().out
+    )
     assert not (workdir / LOCK_FILE).exists()
 
 
-def test_non_finite_batch_statistics_stop_the_run_and_are_never_saved(quickstart_run, data_dir,
-                                                                       monkeypatch):
+def test_non_finite_batch_statistics_stop_the_run_and_are_never_saved(quickstart_run, data_dir, monkeypatch):
     """The loss stays finite but a running variance turns Inf after step 5 (a good checkpoint at 4):
     the run stops before validating or saving step 6, naming the leaf; 4 stays the best."""
     workdir = tmp_copy(quickstart_run[0])
@@ -158,8 +159,10 @@ def test_non_finite_batch_statistics_stop_the_run_and_are_never_saved(quickstart
 
     change_train_step(monkeypatch, from_step=6, change=poison)
     config = tiny_config(data_dir, num_train_steps=8, **{"eval.test_splits": ()})
-    with pytest.raises(loop.NonFiniteLossError,
-                       match=r"non-finite values in batch_stats/.* after step 6.*last good checkpoint is step 4"):
+    with pytest.raises(
+        loop.NonFiniteLossError,
+        match=r"non-finite values in batch_stats/.* after step 6.*last good checkpoint is step 4",
+    ):
         loop.train_and_evaluate(config, workdir)
     checkpoints = TrainCheckpointer(workdir / "checkpoints", read_only=True)
     assert checkpoints.latest_step() == 4 and checkpoints.best_step() in (2, 4)
@@ -172,8 +175,9 @@ def small_filesystem(tmp_path):
     """A tmpfs mount (as root), resizable with ``resize(bytes)``; skipped where mounting is not allowed."""
     mount_point = tmp_path / "small_fs"
     mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
 
     def resize(size):
@@ -185,15 +189,18 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
-def test_full_disk_is_reported_at_the_next_step_and_a_rerun_with_room_resumes(quickstart_run, data_dir,
-                                                                             small_filesystem, capsys):
+def test_full_disk_is_reported_at_the_next_step_and_a_rerun_with_room_resumes(
+    quickstart_run, data_dir, small_filesystem, capsys
+):
     mount_point, resize = small_filesystem
-    checkpoint_bytes = sum(f.stat().st_size for f in (quickstart_run[0] / "checkpoints" / "2").rglob("*")
-                           if f.is_file())
+    checkpoint_bytes = sum(
+        f.stat().st_size for f in (quickstart_run[0] / "checkpoints" / "2").rglob("*") if f.is_file()
+    )
     resize(int(1.6 * checkpoint_bytes))  # room for the step-4 checkpoint, not for step 8's as well
     workdir = mount_point / "run"
-    config = tiny_config(data_dir, num_train_steps=12, eval_every_steps=0, checkpoint_every_steps=4,
-                         **{"eval.test_splits": ()})
+    config = tiny_config(
+        data_dir, num_train_steps=12, eval_every_steps=0, checkpoint_every_steps=4, **{"eval.test_splits": ()}
+    )
     with pytest.raises(CheckpointError) as failure:
         loop.train_and_evaluate(config, workdir)
     message = str(failure.value)
@@ -222,6 +229,7 @@ def change_train_step(monkeypatch, from_step, change):
         def run(state, batch):
             state, metrics = step_fn(state, batch)
             return change(state, metrics) if int(state.step) >= from_step else (state, metrics)
+
         return run
 
     monkeypatch.setattr(loop.step_lib, "make_train_step", changed)
@@ -255,10 +263,19 @@ def test_load_pretrained_and_eval_mode_use_the_best_checkpoint(quickstart_run, d
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(quickstart_run, data_dir, monkeypatch):
     """The loss turns NaN at step 7 (after a good checkpoint at 6): training stops, 6 stays."""
     workdir = tmp_copy(quickstart_run[0])
-    change_train_step(monkeypatch, from_step=7,
-                      change=lambda state, metrics: (state, {**metrics, "loss": metrics["loss"] * float("nan")}))
-    config = tiny_config(data_dir, num_train_steps=10, eval_every_steps=0, checkpoint_every_steps=2,
-                         log_every_steps=5, **{"eval.test_splits": ()})
+    change_train_step(
+        monkeypatch,
+        from_step=7,
+        change=lambda state, metrics: (state, {**metrics, "loss": metrics["loss"] * float("nan")}),
+    )
+    config = tiny_config(
+        data_dir,
+        num_train_steps=10,
+        eval_every_steps=0,
+        checkpoint_every_steps=2,
+        log_every_steps=5,
+        **{"eval.test_splits": ()},
+    )
     with pytest.raises(loop.NonFiniteLossError, match="between steps 7 and 8.*last good checkpoint is step 6"):
         loop.train_and_evaluate(config, workdir)
     checkpoints = TrainCheckpointer(workdir / "checkpoints", read_only=True)
@@ -282,23 +299,43 @@ def test_interrupted_run_resumes_bitwise(quickstart_run, data_dir, tmp_path, mon
 
 def run_main(args, env_extra=None, **kwargs):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "p3m_jax.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "p3m_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("override, env, expected", [
-    ("--config.arch=resnet50", {}, "config.arch"),
-    ("--config.batch_size=3", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, "config.batch_size"),
-    ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
-    ("--config.data.image_size=100", {}, "config.data.image_size"),
-    ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
-    ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in configs/default.py"),
-    ("--config.data.tfds_name=p3m10k/nosuchconfig", {},
-     "error: config.data.tfds_name: 'p3m10k/nosuchconfig' is not a p3m10k build config"),
-])
+@pytest.mark.parametrize(
+    "override, env, expected",
+    [
+        ("--config.arch=resnet50", {}, "config.arch"),
+        ("--config.batch_size=3", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, "config.batch_size"),
+        ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
+        ("--config.data.image_size=100", {}, "config.data.image_size"),
+        ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
+        ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in configs/default.py"),
+        (
+            "--config.data.tfds_name=p3m10k/nosuchconfig",
+            {},
+            "error: config.data.tfds_name: 'p3m10k/nosuchconfig' is not a p3m10k build config",
+        ),
+    ],
+)
 def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, env, expected):
-    result = run_main(["--config=configs/default.py", f"--workdir={tmp_path / 'w'}",
-                       f"--config.data.data_dir={tmp_path / 'empty_tfds'}", override], env)
+    result = run_main(
+        [
+            "--config=configs/default.py",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.data.data_dir={tmp_path / 'empty_tfds'}",
+            override,
+        ],
+        env,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -306,34 +343,59 @@ def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, en
 
 
 def test_validation_slice_larger_than_the_train_split_is_one_line(tmp_path, data_dir):
-    result = run_main(["--config=configs/default.py", f"--workdir={tmp_path / 'w'}",
-                       f"--config.data.data_dir={data_dir}", f"--config.data.tfds_name={TFDS_NAME}",
-                       "--config.data.validation_count=1000"])
+    result = run_main(
+        [
+            "--config=configs/default.py",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.data.data_dir={data_dir}",
+            f"--config.data.tfds_name={TFDS_NAME}",
+            "--config.data.validation_count=1000",
+        ]
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert ("error: config.data.validation_count: validation slice of 1000 examples out of 12 train "
-            "examples") in result.stderr
+    assert (
+        "error: config.data.validation_count: validation slice of 1000 examples out of 12 train examples"
+    ) in result.stderr
     assert not (tmp_path / "w").exists()
 
 
 def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = run_main(["--config=configs/default.py", f"--workdir={blocker / 'run'}",
-                       f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    result = run_main(
+        ["--config=configs/default.py", f"--workdir={blocker / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    )
     assert result.returncode == 1
     assert f"workdir {blocker / 'run'} is not writable" in result.stderr
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    args = ["--config=configs/default.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.data.tfds_name={TFDS_NAME}", "--config.data.image_size=64", "--config.data.crop_sizes=(64,)",
-            "--config.data.validation_count=2", "--config.batch_size=2", "--config.num_train_steps=1000",
-            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
-            "--config.eval.test_splits=()", "--config.optimizer.schedule=constant"]
+    args = [
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.data.tfds_name={TFDS_NAME}",
+        "--config.data.image_size=64",
+        "--config.data.crop_sizes=(64,)",
+        "--config.data.validation_count=2",
+        "--config.batch_size=2",
+        "--config.num_train_steps=1000",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=0",
+        "--config.eval.test_splits=()",
+        "--config.optimizer.schedule=constant",
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen([sys.executable, "-m", "p3m_jax.main", *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "p3m_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     try:
         for line in process.stdout:
@@ -370,8 +432,14 @@ def _run_until_killed(args, when):
     import threading
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen([sys.executable, "-m", "p3m_jax.main", *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "p3m_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
@@ -397,12 +465,23 @@ def test_runs_killed_during_a_save_and_after_a_step_resume_bitwise(quickstart_ru
     workdir lock) and the run ends bit for bit where the uninterrupted quickstart run ended."""
     workdir = tmp_path / "killed"
     checkpoints = workdir / "checkpoints"
-    args = ["--config=configs/default.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.data.tfds_name={TFDS_NAME}", "--config.data.image_size=64", "--config.data.crop_sizes=(64,)",
-            "--config.data.trimap_kernel_range=(3,5)", "--config.data.validation_count=2",
-            "--config.batch_size=2", "--config.num_train_steps=4",
-            "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=1",
-            "--config.eval.test_splits=()", "--config.optimizer.schedule=constant"]
+    args = [
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.data.tfds_name={TFDS_NAME}",
+        "--config.data.image_size=64",
+        "--config.data.crop_sizes=(64,)",
+        "--config.data.trimap_kernel_range=(3,5)",
+        "--config.data.validation_count=2",
+        "--config.batch_size=2",
+        "--config.num_train_steps=4",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=1",
+        "--config.eval.test_splits=()",
+        "--config.optimizer.schedule=constant",
+    ]
 
     def saving(lines):
         return checkpoints.is_dir() and any("orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir())
@@ -423,25 +502,44 @@ def test_checkpoint_moves_between_device_counts_bitwise(tmp_path):
     """Saved FSDP-sharded on 8 devices, restored on 1 and saved again, restored on 8: bit for bit."""
     worker = str(REPO / "tests" / "checkpoint_worker.py")
     for devices, restore_step, save_step in [(8, 0, 1), (1, 1, 2), (8, 2, 0)]:
-        result = subprocess.run([sys.executable, worker, str(tmp_path), str(devices), str(restore_step),
-                                 str(save_step)], capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, worker, str(tmp_path), str(devices), str(restore_step), str(save_step)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
-            f"{devices} devices, restore {restore_step}, save {save_step}:\n{result.stderr[-3000:]}")
+            f"{devices} devices, restore {restore_step}, save {save_step}:\n{result.stderr[-3000:]}"
+        )
 
 
 def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
     """ICP and FCP on, global batch 8 over 8 virtual devices, FSDP parameters: steps run and paste."""
     workdir = tmp_path / "cp"
     result = run_main(
-        ["--config=configs/default.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-         f"--config.data.tfds_name={TFDS_NAME}", "--config.data.image_size=64", "--config.data.crop_sizes=(64,)",
-         "--config.data.validation_count=2", "--config.batch_size=8", "--config.num_train_steps=3",
-         "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0",
-         "--config.eval.test_splits=()", "--config.param_sharding=fsdp",
-         "--config.copy_paste.icp.enabled=True", "--config.copy_paste.icp.prob=1.0",
-         "--config.copy_paste.fcp.enabled=True", "--config.copy_paste.fcp.prob=1.0",
-         "--config.copy_paste.fcp.layers=('e2','e3')"],
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        [
+            "--config=configs/default.py",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            f"--config.data.tfds_name={TFDS_NAME}",
+            "--config.data.image_size=64",
+            "--config.data.crop_sizes=(64,)",
+            "--config.data.validation_count=2",
+            "--config.batch_size=8",
+            "--config.num_train_steps=3",
+            "--config.log_every_steps=1",
+            "--config.eval_every_steps=0",
+            "--config.checkpoint_every_steps=0",
+            "--config.eval.test_splits=()",
+            "--config.param_sharding=fsdp",
+            "--config.copy_paste.icp.enabled=True",
+            "--config.copy_paste.icp.prob=1.0",
+            "--config.copy_paste.fcp.enabled=True",
+            "--config.copy_paste.fcp.prob=1.0",
+            "--config.copy_paste.fcp.layers=('e2','e3')",
+        ],
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 8 device(s)" in result.stdout
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -19,8 +19,15 @@ import pytest
 
 from p3m_jax.models import build_model, init_variables
 from p3m_jax.predictor import init_key
-from p3m_jax.train import (create_sharded_train_state, create_train_state, make_mesh,
-                           make_optimizer, make_train_step, prepare_batch, state_shardings)
+from p3m_jax.train import (
+    create_sharded_train_state,
+    create_train_state,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    prepare_batch,
+    state_shardings,
+)
 from p3m_jax.train.state import fsdp_spec
 from p3m_jax.train.step import eval_step
 
@@ -40,6 +47,7 @@ def _env():
 
 # ---------------------------------------------------------------- cheap unit checks
 
+
 def test_prepare_batch_converts_the_host_contract():
     b = make_batch(2, 32, has_fg_bg=[True, False])
     fb = jax.jit(prepare_batch)({**b, "fcp_apply": np.zeros(2, bool)})
@@ -47,8 +55,7 @@ def test_prepare_batch_converts_the_host_contract():
     assert all(v.dtype == jnp.float32 for v in fb.values())
     std = np.array([0.229, 0.224, 0.225])
     mean = np.array([0.485, 0.456, 0.406])
-    np.testing.assert_allclose(np.asarray(fb["image"]), (b["image"] / 255.0 - mean) / std,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fb["image"]), (b["image"] / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(fb["alpha"]), b["alpha"] / 255.0, atol=1e-7)
     assert set(np.unique(np.asarray(fb["trimap"]))) <= {0.0, 128.0, 255.0}
     np.testing.assert_array_equal(np.asarray(fb["has_fg_bg"]), [1.0, 0.0])
@@ -59,8 +66,15 @@ def test_prepare_batch_converts_the_host_contract():
 def test_make_optimizer_schedules_and_options():
     tx, lr = make_optimizer(None, 100)  # the paper: Adam, constant 1e-5
     assert float(lr(0)) == pytest.approx(1e-5) and float(lr(99)) == pytest.approx(1e-5)
-    cfg = dict(name="adamw", learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=10,
-               end_learning_rate_factor=0.1, weight_decay=0.01, grad_clip_norm=1.0)
+    cfg = dict(
+        name="adamw",
+        learning_rate=1e-3,
+        schedule="warmup_cosine",
+        warmup_steps=10,
+        end_learning_rate_factor=0.1,
+        weight_decay=0.01,
+        grad_clip_norm=1.0,
+    )
     tx, lr = make_optimizer(cfg, 110)
     assert float(lr(0)) == 0.0
     assert float(lr(10)) == pytest.approx(1e-3)
@@ -83,13 +97,15 @@ def test_fsdp_spec_and_state_shardings():
     tx, _ = make_optimizer(None, 1)
     abstract = jax.eval_shape(lambda r: create_train_state(model, tx, r, 32), jax.random.key(0))
     sh = state_shardings(abstract, make_mesh(), "fsdp")
-    assert jax.tree_util.tree_structure(sh, is_leaf=lambda x: hasattr(x, "spec")) \
-        == jax.tree_util.tree_structure(abstract)
+    assert jax.tree_util.tree_structure(sh, is_leaf=lambda x: hasattr(x, "spec")) == jax.tree_util.tree_structure(
+        abstract
+    )
     with pytest.raises(ValueError):
         state_shardings(abstract, make_mesh(), "zero3")
 
 
 # ---------------------------------------------------------------- sharding equivalence
+
 
 def _compare(ref: dict, got: dict, rtol=1e-4, atol=1e-5):
     keys = [k for k in ref if not k.startswith("num_")]
@@ -102,8 +118,9 @@ def test_eight_devices_match_one_device_replicated_and_fsdp(tmp_path):
     """Same global batch: 1 device vs 8 virtual devices (parameters replicated, then
     FSDP-sharded). Parameters after 2 SGD steps, BatchNorm running statistics (global-batch
     statistics), stochastic-depth masks and every metric agree."""
-    subprocess.run([sys.executable, str(TESTS / "multidevice_train_worker.py"), str(tmp_path)],
-                   check=True, env=_env(), timeout=600)
+    subprocess.run(
+        [sys.executable, str(TESTS / "multidevice_train_worker.py"), str(tmp_path)], check=True, env=_env(), timeout=600
+    )
     one = dict(np.load(tmp_path / "one.npz"))
     for name in ("replicated", "fsdp"):
         got = dict(np.load(tmp_path / f"{name}.npz"))
@@ -125,9 +142,19 @@ def test_two_processes_match_one_process(tmp_path):
     """Two local jax.distributed processes (gloo, 2 CPU devices each, FSDP parameters), each
     feeding its half of the global batch, train 3 steps like one process on the whole batch."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "multiprocess_train_worker.py"),
-                               str(port), str(i), str(tmp_path / f"p{i}.npz")], env=_env())
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TESTS / "multiprocess_train_worker.py"),
+                str(port),
+                str(i),
+                str(tmp_path / f"p{i}.npz"),
+            ],
+            env=_env(),
+        )
+        for i in range(2)
+    ]
     # the single-process reference, meanwhile, in this process (1 device)
     state, metrics = run_tiny_training(make_mesh(), make_batch(8, 32, seed=2), steps=3)
     ref = {f"params{k}": v for k, v in flat(state.params).items()}
@@ -145,6 +172,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 # ---------------------------------------------------------------- dtype
 
+
 def test_bfloat16_step_keeps_float32_state_and_a_close_loss():
     batch = make_batch(4, 32, seed=3)
     mesh = make_mesh()
@@ -160,13 +188,17 @@ def test_bfloat16_step_keeps_float32_state_and_a_close_loss():
 
 # ---------------------------------------------------------------- real variants
 
+
 def test_remat_keeps_the_parameter_tree():
     for arch in ("resnet34", "swin_t", "vitae_s"):
-        shapes = [jax.eval_shape(lambda r: init_variables(build_model(arch, remat=remat), r),
-                                 jax.random.key(0)) for remat in (False, True)]
+        shapes = [
+            jax.eval_shape(lambda r: init_variables(build_model(arch, remat=remat), r), jax.random.key(0))
+            for remat in (False, True)
+        ]
         assert jax.tree_util.tree_structure(shapes[0]) == jax.tree_util.tree_structure(shapes[1])
-        assert jax.tree_util.tree_all(jax.tree_util.tree_map(
-            lambda a, b: a.shape == b.shape and a.dtype == b.dtype, *shapes))
+        assert jax.tree_util.tree_all(
+            jax.tree_util.tree_map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, *shapes)
+        )
 
 
 OVERFIT_STEPS = 15
@@ -191,8 +223,20 @@ def overfit_run(request):
         if i == 0:
             first_state = jax.tree_util.tree_map(jnp.copy, state)
         losses.append(float(m["loss"]))
-    return dict(arch=arch, model=model, tx=tx, lr=lr, mesh=mesh, shardings=shardings, step=step,
-                initial=initial, first=first_state, batch=batch, losses=losses, state=state)
+    return dict(
+        arch=arch,
+        model=model,
+        tx=tx,
+        lr=lr,
+        mesh=mesh,
+        shardings=shardings,
+        step=step,
+        initial=initial,
+        first=first_state,
+        batch=batch,
+        losses=losses,
+        state=state,
+    )
 
 
 def test_loss_falls_when_overfitting_one_batch(overfit_run):
@@ -204,7 +248,8 @@ def test_loss_falls_when_overfitting_one_batch(overfit_run):
         return  # the eval-mode check below is the same code path for every variant
     # eval mode (running statistics) runs on the trained state and gives a finite loss
     metrics, outputs = jax.jit(lambda s, b: eval_step(s, b, model=overfit_run["model"]))(
-        overfit_run["state"], overfit_run["batch"])
+        overfit_run["state"], overfit_run["batch"]
+    )
     assert np.isfinite(float(metrics["loss"]))
     assert outputs["fusion"].shape == (2, SIZE, SIZE, 1)
 
@@ -225,8 +270,7 @@ def test_remat_gives_the_same_gradients(overfit_run):
     if overfit_run["arch"] != "resnet34":
         pytest.skip("one variant is enough for the gradient check (compile time)")
     model = build_model(overfit_run["arch"], remat=True)
-    step = make_train_step(model, overfit_run["tx"], overfit_run["mesh"],
-                           overfit_run["shardings"], overfit_run["lr"])
+    step = make_train_step(model, overfit_run["tx"], overfit_run["mesh"], overfit_run["shardings"], overfit_run["lr"])
     state, metrics = step(overfit_run["initial"], overfit_run["batch"])
     ref = overfit_run["first"]
     # The same forward pass, compiled differently: the loss agrees to rounding, which the deep
@@ -241,7 +285,7 @@ def test_remat_gives_the_same_gradients(overfit_run):
     # floor of 1e-3 x the global norm keeps them from dominating. How far rounding spreads
     # depends on the CPU's kernels: ~4e-3 in total on AVX-512 machines, up to 1.7e-2 per
     # tensor (cosine 0.99986) on an AVX2-only one. A missing or wrong gradient is O(1).
-    norm_all = np.sqrt(sum(np.sum(v ** 2) for v in mu_ref.values()))
+    norm_all = np.sqrt(sum(np.sum(v**2) for v in mu_ref.values()))
     for k, v in mu_ref.items():
         err = np.linalg.norm(mu[k] - v) / (np.linalg.norm(v) + 1e-3 * norm_all)
         assert err < 5e-2, (k, err)

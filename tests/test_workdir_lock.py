@@ -34,8 +34,11 @@ def test_second_lock_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
     first = WorkdirLock(tmp_path)
     first.acquire()
     try:
-        with pytest.raises(WorkdirLockedError, match=rf"in use by another training run \(host "
-                                                     rf"{socket.gethostname()}, pid {os.getpid()}, started"):
+        with pytest.raises(
+            WorkdirLockedError,
+            match=rf"in use by another training run \(host "
+            rf"{socket.gethostname()}, pid {os.getpid()}, started",
+        ):
             WorkdirLock(tmp_path).acquire()
     finally:
         first.release()

@@ -37,8 +37,9 @@ def authors_state_dict(variables, arch: str) -> dict[str, np.ndarray]:
         names = [p.key for p in path]
         module, leaf = ".".join(names[1:-1]), names[-1]
         if arch == "resnet34":
-            module = ("resnet." + module[len("encoder."):] if module.startswith("encoder.")
-                      else module[len("decoder."):])
+            module = (
+                "resnet." + module[len("encoder.") :] if module.startswith("encoder.") else module[len("decoder.") :]
+            )
         v = np.asarray(v)
         if leaf == "kernel":
             sd[module + ".weight"] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
@@ -86,17 +87,22 @@ class TorchP3MNet:
     # ------------------------------------------------------------------ layers
     def conv(self, x, name, groups=1):
         w = self.sd[name + ".weight"]
-        return F.conv2d(x, w, self.sd.get(name + ".bias"), padding=w.shape[-1] // 2,
-                        groups=groups)
+        return F.conv2d(x, w, self.sd.get(name + ".bias"), padding=w.shape[-1] // 2, groups=groups)
 
     def bn(self, x, name):
-        return F.batch_norm(x, self.sd[name + ".running_mean"], self.sd[name + ".running_var"],
-                            self.sd[name + ".weight"], self.sd[name + ".bias"], training=self.train,
-                            momentum=0.1, eps=1e-5)
+        return F.batch_norm(
+            x,
+            self.sd[name + ".running_mean"],
+            self.sd[name + ".running_var"],
+            self.sd[name + ".weight"],
+            self.sd[name + ".bias"],
+            training=self.train,
+            momentum=0.1,
+            eps=1e-5,
+        )
 
     def ln(self, x, name, eps=1e-5):
-        return F.layer_norm(x, (x.shape[-1],), self.sd[name + ".weight"], self.sd[name + ".bias"],
-                            eps)
+        return F.layer_norm(x, (x.shape[-1],), self.sd[name + ".weight"], self.sd[name + ".bias"], eps)
 
     def linear(self, x, name):
         return F.linear(x, self.sd[name + ".weight"], self.sd.get(name + ".bias"))
@@ -132,8 +138,7 @@ class TorchP3MNet:
 
         def tfi(name, g, loc, e):
             t = lambda v: self.conv(v, f"{d}{name}.transform")  # noqa: E731
-            return F.relu(self.bn(self.conv(torch.cat([t(g), t(loc), t(e)], 1), f"{d}{name}.conv1"),
-                                  f"{d}{name}.bn1"))
+            return F.relu(self.bn(self.conv(torch.cat([t(g), t(loc), t(e)], 1), f"{d}{name}.conv1"), f"{d}{name}.bn1"))
 
         def sbfi(name, loc, stride):
             a = self.conv(loc, f"{d}{name}.transform1")
@@ -172,8 +177,14 @@ class TorchP3MNet:
 
         cls = global_logits.argmax(1, keepdim=True)
         fusion = local * (cls == 1).to(local.dtype) + (cls == 2).to(local.dtype)
-        outs = {"global": global_logits, "local": local, "fusion": fusion,
-                "side2": side2, "side1": side1, "side0": side0}
+        outs = {
+            "global": global_logits,
+            "local": local,
+            "fusion": fusion,
+            "side2": side2,
+            "side1": side1,
+            "side0": side0,
+        }
         return {k: nhwc(v) for k, v in outs.items()}
 
     # ------------------------------------------------------------------ ResNet-34-mp
@@ -225,8 +236,9 @@ class TorchP3MNet:
         while f"{e}layers.{stage}.blocks.0.norm1.weight" in self.sd:
             block = 0
             while f"{e}layers.{stage}.blocks.{block}.norm1.weight" in self.sd:
-                x = self.swin_block(x, f"{e}layers.{stage}.blocks.{block}", window,
-                                    0 if block % 2 == 0 else window // 2)
+                x = self.swin_block(
+                    x, f"{e}layers.{stage}.blocks.{block}", window, 0 if block % 2 == 0 else window // 2
+                )
                 block += 1
             if f"{e}layers.{stage}.downsample.linear.weight" in self.sd:
                 x, feat, idx = self.pooling_merge(x, f"{e}layers.{stage}.downsample")
@@ -250,9 +262,8 @@ class TorchP3MNet:
         n = window * window
         win = win.reshape(-1, n, c)
         qkv = self.linear(win, name + ".attn.qkv").reshape(-1, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        attn = (qkv[0] * hd ** -0.5) @ qkv[1].transpose(-2, -1)
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
-                                            indexing="ij")).flatten(1)
+        attn = (qkv[0] * hd**-0.5) @ qkv[1].transpose(-2, -1)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + window - 1
         index = rel[..., 0] * (2 * window - 1) + rel[..., 1]
         attn = attn + table[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)[None]
@@ -280,8 +291,7 @@ class TorchP3MNet:
                 indices.append(idx)
             cell = 0
             while f"{e}layers.{stage}.NC.{cell}.norm1.weight" in self.sd:
-                x = self.normal_cell(x, f"{e}layers.{stage}.NC.{cell}", groups[stage],
-                                     heads[stage])
+                x = self.normal_cell(x, f"{e}layers.{stage}.NC.{cell}", groups[stage], heads[stage])
                 cell += 1
             stage += 1
         return nchw(x), feats, indices
@@ -308,7 +318,7 @@ class TorchP3MNet:
         b, n, c = x.shape
         hd = c // heads
         qkv = self.linear(x, name + ".qkv").reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * hd ** -0.5).softmax(-1)
+        attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * hd**-0.5).softmax(-1)
         return self.linear((attn @ qkv[2]).transpose(1, 2).reshape(b, n, c), name + ".proj")
 
     def performer(self, x, name):
@@ -320,12 +330,10 @@ class TorchP3MNet:
         k, q, v = kqv[0], kqv[1], kqv[2]
 
         def features(z):
-            return torch.exp(torch.einsum("bhti,hmi->bhtm", z, w)
-                             - (z * z).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+            return torch.exp(torch.einsum("bhti,hmi->bhtm", z, w) - (z * z).sum(-1, keepdim=True) / 2) / math.sqrt(m)
 
         kp, qp = features(k), features(q)
         normalizer = torch.einsum("bhti,bhi->bht", qp, kp.sum(dim=2)).unsqueeze(-1)
         kptv = torch.einsum("bhin,bhim->bhnm", v, kp)
         y = torch.einsum("bhti,bhni->bhtn", qp, kptv) / (normalizer + 1e-8)
         return self.linear(y.permute(0, 2, 1, 3).reshape(b, n, c), name + ".proj")
-

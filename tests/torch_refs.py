@@ -15,8 +15,8 @@ def randomize(variables, seed=0):
     """Replaces every leaf by random values of its shape (a harder test than the init)."""
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(
-        lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.3 + (1.0 if v.ndim == 1 else 0.0),
-                              jnp.float32), variables)
+        lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.3 + (1.0 if v.ndim == 1 else 0.0), jnp.float32), variables
+    )
 
 
 def filled_variables(model, seed=0):
@@ -44,8 +44,7 @@ def t(a):
 
 def assert_p3m_outputs(out, batch, hw):
     """The six P3M outputs have their shapes, are finite, and the fused alpha is in [0, 1]."""
-    for name, channels in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3),
-                           ("side1", 3), ("side0", 3)]:
+    for name, channels in [("global", 3), ("local", 1), ("fusion", 1), ("side2", 3), ("side1", 3), ("side0", 3)]:
         assert out[name].shape == (batch, *hw, channels), name
         assert bool(jnp.isfinite(out[name]).all()), name
     assert 0.0 <= float(out["fusion"].min()) and float(out["fusion"].max()) <= 1.0
@@ -60,8 +59,7 @@ def torch_window_mask(h, w, window, shift):
         if shift > 0:
             if pad > 0:
                 top, bottom = max(pad + shift, window), min(pad + shift, window)
-                return (slice(0, -top), slice(-top, -bottom), slice(-bottom, -shift),
-                        slice(-shift, None))
+                return (slice(0, -top), slice(-top, -bottom), slice(-bottom, -shift), slice(-shift, None))
             return slice(0, -window), slice(-window, -shift), slice(-shift, None)
         return (slice(0, -pad), slice(-pad, None)) if pad else (slice(0, None),)
 

@@ -14,8 +14,7 @@ import numpy as np
 import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath
-from p3m_jax.models.layers import BatchNorm, conv2d, max_pool_with_argmax, max_unpool_2x2, \
-    upsample_bilinear
+from p3m_jax.models.layers import BatchNorm, conv2d, max_pool_with_argmax, max_unpool_2x2, upsample_bilinear
 
 
 class TinyP3M(nn.Module):
@@ -27,26 +26,36 @@ class TinyP3M(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
-        h = nn.relu(BatchNorm(dtype=self.dtype, name="bn0")(
-            conv2d(8, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train))
+        h = nn.relu(
+            BatchNorm(dtype=self.dtype, name="bn0")(
+                conv2d(8, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train
+            )
+        )
         p, idx = max_pool_with_argmax(h, 2, 2, 0)
-        g = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(
-            conv2d(8, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train))
+        g = nn.relu(
+            BatchNorm(dtype=self.dtype, name="bn1")(
+                conv2d(8, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train
+            )
+        )
         g = p + DropPath(self.drop_path, name="drop")(g, train)
         up = upsample_bilinear(g, 2)
         glob = conv2d(3, 3, use_bias=True, name="global", dtype=self.dtype)(up)
-        sides = [conv2d(3, 1, use_bias=True, name=f"side{i}", dtype=self.dtype)(up)
-                 for i in range(3)]
-        loc = conv2d(8, 3, use_bias=True, name="local0", dtype=self.dtype)(
-            max_unpool_2x2(g, idx) + h)
-        local = nn.sigmoid(conv2d(1, 3, use_bias=True, name="local1", dtype=self.dtype)(
-            nn.relu(loc)).astype(jnp.float32))
+        sides = [conv2d(3, 1, use_bias=True, name=f"side{i}", dtype=self.dtype)(up) for i in range(3)]
+        loc = conv2d(8, 3, use_bias=True, name="local0", dtype=self.dtype)(max_unpool_2x2(g, idx) + h)
+        local = nn.sigmoid(
+            conv2d(1, 3, use_bias=True, name="local1", dtype=self.dtype)(nn.relu(loc)).astype(jnp.float32)
+        )
         glob = glob.astype(jnp.float32)
         cls = jnp.argmax(glob, axis=-1)[..., None]
         fusion = local * (cls == 1) + (cls == 2).astype(jnp.float32)
-        return {"global": glob, "local": local, "fusion": fusion,
-                "side2": sides[0].astype(jnp.float32), "side1": sides[1].astype(jnp.float32),
-                "side0": sides[2].astype(jnp.float32)}
+        return {
+            "global": glob,
+            "local": local,
+            "fusion": fusion,
+            "side2": sides[0].astype(jnp.float32),
+            "side1": sides[1].astype(jnp.float32),
+            "side0": sides[2].astype(jnp.float32),
+        }
 
 
 def make_batch(batch_size: int, size: int, seed: int = 0, has_fg_bg=None) -> dict:
@@ -71,10 +80,16 @@ def make_batch(batch_size: int, size: int, seed: int = 0, has_fg_bg=None) -> dic
     image = np.round(a3 * fg + (1 - a3) * bg).astype(np.uint8)
     if has_fg_bg is None:
         has_fg_bg = np.ones(batch_size, bool)
-    return {"image": image, "alpha": alpha, "trimap": np.stack(trimaps)[..., None],
-            "fg": fg, "bg": bg, "has_fg_bg": np.asarray(has_fg_bg, bool),
-            "facemask": np.zeros((batch_size, size, size, 1), np.uint8),
-            "has_facemask": np.zeros(batch_size, bool)}
+    return {
+        "image": image,
+        "alpha": alpha,
+        "trimap": np.stack(trimaps)[..., None],
+        "fg": fg,
+        "bg": bg,
+        "has_fg_bg": np.asarray(has_fg_bg, bool),
+        "facemask": np.zeros((batch_size, size, size, 1), np.uint8),
+        "has_facemask": np.zeros(batch_size, bool),
+    }
 
 
 def to_numpy(tree):
@@ -87,8 +102,15 @@ def flat(tree) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in leaves}
 
 
-def run_tiny_training(mesh, batch: dict, steps: int, param_sharding: str = "replicated",
-                      dtype=jnp.float32, lr: float = 0.05, seed: int = 0):
+def run_tiny_training(
+    mesh,
+    batch: dict,
+    steps: int,
+    param_sharding: str = "replicated",
+    dtype=jnp.float32,
+    lr: float = 0.05,
+    seed: int = 0,
+):
     """Trains TinyP3M with SGD (differences in gradients show up linearly in the parameters)
     for ``steps`` steps on the same global ``batch``. Returns (state, list of metrics)."""
     import optax
@@ -97,16 +119,14 @@ def run_tiny_training(mesh, batch: dict, steps: int, param_sharding: str = "repl
 
     model = TinyP3M(dtype=dtype)
     tx = optax.sgd(lr)
-    state, shardings = create_sharded_train_state(model, tx, jax.random.key(seed), 32, mesh,
-                                                  param_sharding)
+    state, shardings = create_sharded_train_state(model, tx, jax.random.key(seed), 32, mesh, param_sharding)
     step = make_train_step(model, tx, mesh, shardings, lr_schedule=optax.constant_schedule(lr))
     sharding = batch_sharding(mesh)
     if jax.process_count() > 1:
         # Every process holds the full batch here; it feeds its own contiguous slice.
         n = batch["image"].shape[0] // jax.process_count()
         lo = jax.process_index() * n
-        device_batch = {k: jax.make_array_from_process_local_data(sharding, v[lo:lo + n])
-                        for k, v in batch.items()}
+        device_batch = {k: jax.make_array_from_process_local_data(sharding, v[lo : lo + n]) for k, v in batch.items()}
     else:
         device_batch = jax.device_put(batch, sharding)
     metrics = []

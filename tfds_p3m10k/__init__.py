@@ -9,4 +9,4 @@ from tfds_p3m10k.p3m10k_dataset_builder import P3m10k
 from tfds_p3m10k.p3m10k_dataset_builder import P3m10kConfig
 from tfds_p3m10k.p3m10k_dataset_builder import synthetic_config
 
-__all__ = ['Builder', 'P3m10k', 'P3m10kConfig', 'synthetic_config']
+__all__ = ["Builder", "P3m10k", "P3m10kConfig", "synthetic_config"]

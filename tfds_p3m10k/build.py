@@ -26,106 +26,129 @@ from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 
 
 def _image_size(text: str) -> tuple[int, int]:
-  """'128' -> (128, 128); '96x160' -> (96, 160) (height x width)."""
-  parts = text.lower().split('x')
-  if len(parts) == 1:
-    return int(parts[0]), int(parts[0])
-  if len(parts) == 2:
-    return int(parts[0]), int(parts[1])
-  raise argparse.ArgumentTypeError(f'expected SIZE or HEIGHTxWIDTH, got {text!r}')
+    """'128' -> (128, 128); '96x160' -> (96, 160) (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    if len(parts) == 2:
+        return int(parts[0]), int(parts[1])
+    raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
 
 
 def _scaffolding(data_dir: str, config_name: str) -> list[str]:
-  """The folders TFDS makes before a build reads its input, deepest first."""
-  dataset = os.path.join(data_dir, 'p3m10k')
-  downloads = os.path.join(data_dir, 'downloads')
-  return [os.path.join(dataset, config_name), os.path.join(dataset, '.config'), dataset,
-          os.path.join(downloads, 'extracted'), downloads, data_dir]
+    """The folders TFDS makes before a build reads its input, deepest first."""
+    dataset = os.path.join(data_dir, "p3m10k")
+    downloads = os.path.join(data_dir, "downloads")
+    return [
+        os.path.join(dataset, config_name),
+        os.path.join(dataset, ".config"),
+        dataset,
+        os.path.join(downloads, "extracted"),
+        downloads,
+        data_dir,
+    ]
 
 
 def _remove_scaffolding(new_folders: list[str]) -> None:
-  """Removes the folders this build created, when a refused build left them empty (TFDS's
-  `.config/metadata.json` aside): a refused build leaves nothing behind."""
-  for folder in new_folders:  # deepest first
-    metadata = os.path.join(folder, 'metadata.json')
-    if os.path.basename(folder) == '.config' and os.path.isfile(metadata):
-      os.remove(metadata)
-    try:
-      os.rmdir(folder)
-    except OSError:
-      pass  # not empty, or already gone: left as it is
+    """Removes the folders this build created, when a refused build left them empty (TFDS's
+    `.config/metadata.json` aside): a refused build leaves nothing behind."""
+    for folder in new_folders:  # deepest first
+        metadata = os.path.join(folder, "metadata.json")
+        if os.path.basename(folder) == ".config" and os.path.isfile(metadata):
+            os.remove(metadata)
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty, or already gone: left as it is
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m tfds_p3m10k.build', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--data_dir', required=True, help='TFDS data_dir to write into.')
-  parser.add_argument('--manual_dir', help='Folder with P3M-10k/ or its zip (not for synthetic).')
-  parser.add_argument('--config', default='default',
-                      choices=[c.name for c in builder_lib.Builder.BUILDER_CONFIGS])
-  parser.add_argument('--skip_bad_examples', action='store_true',
-                      help='Leave out examples with bad files instead of stopping.')
-  parser.add_argument('--num_workers', type=int, default=None,
-                      help='Processes for file checks and fg/bg estimation (default: CPU count).')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='Rebuild even if the dataset exists (replaced only on success).')
-  parser.add_argument('--synthetic_image_size', type=_image_size, default=None,
-                      help='SIZE or HEIGHTxWIDTH of synthetic images (default 128).')
-  parser.add_argument('--synthetic_num_train', type=int, default=None,
-                      help='Synthetic train examples (default 48).')
-  parser.add_argument('--synthetic_num_test', type=int, default=None,
-                      help='Synthetic examples per test split (default 8).')
-  return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m tfds_p3m10k.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write into.")
+    parser.add_argument("--manual_dir", help="Folder with P3M-10k/ or its zip (not for synthetic).")
+    parser.add_argument("--config", default="default", choices=[c.name for c in builder_lib.Builder.BUILDER_CONFIGS])
+    parser.add_argument(
+        "--skip_bad_examples", action="store_true", help="Leave out examples with bad files instead of stopping."
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="Processes for file checks and fg/bg estimation (default: CPU count).",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Rebuild even if the dataset exists (replaced only on success)."
+    )
+    parser.add_argument(
+        "--synthetic_image_size",
+        type=_image_size,
+        default=None,
+        help="SIZE or HEIGHTxWIDTH of synthetic images (default 128).",
+    )
+    parser.add_argument("--synthetic_num_train", type=int, default=None, help="Synthetic train examples (default 48).")
+    parser.add_argument(
+        "--synthetic_num_test", type=int, default=None, help="Synthetic examples per test split (default 8)."
+    )
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  is_synthetic = args.config == 'synthetic'
-  if not is_synthetic and not args.manual_dir:
-    print(f'error: --manual_dir is required for --config={args.config}', file=sys.stderr)
-    return 2
-  if not is_synthetic and any(v is not None for v in (
-      args.synthetic_image_size, args.synthetic_num_train, args.synthetic_num_test)):
-    print('error: --synthetic_* flags need --config=synthetic', file=sys.stderr)
-    return 2
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    is_synthetic = args.config == "synthetic"
+    if not is_synthetic and not args.manual_dir:
+        print(f"error: --manual_dir is required for --config={args.config}", file=sys.stderr)
+        return 2
+    if not is_synthetic and any(
+        v is not None for v in (args.synthetic_image_size, args.synthetic_num_train, args.synthetic_num_test)
+    ):
+        print("error: --synthetic_* flags need --config=synthetic", file=sys.stderr)
+        return 2
 
-  builder = builder_lib.Builder(
-      data_dir=os.path.expanduser(args.data_dir), config=args.config,
-      skip_bad_examples=args.skip_bad_examples, num_workers=args.num_workers,
-      synthetic_image_size=args.synthetic_image_size,
-      synthetic_num_train=args.synthetic_num_train,
-      synthetic_num_test=args.synthetic_num_test)
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(args.manual_dir) if args.manual_dir else None,
-      compute_stats=tfds.download.ComputeStatsMode.SKIP,
-      download_mode=(tfds.download.GenerateMode.FORCE_REDOWNLOAD if args.overwrite
-                     else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  reused = builder.is_prepared() and not args.overwrite
-  scaffolding = _scaffolding(os.path.expanduser(args.data_dir), builder.builder_config.name)
-  new_folders = [path for path in scaffolding if not os.path.exists(path)]
-  start = time.time()
-  try:
-    builder.download_and_prepare(download_config=download_config)
-  except layout.BadInputError as e:
-    _remove_scaffolding(new_folders)
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  elapsed = time.time() - start
-  sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-  total = sum(sizes.values())
-  print(f'p3m10k/{builder.builder_config.name} in {builder.data_dir}')
-  print('  ' + ', '.join(f'{name}: {count}' for name, count in sizes.items()))
-  for split, names in getattr(builder, 'skipped_examples', {}).items():
-    if names:
-      print(f'  skipped in {split}: {len(names)} ({", ".join(names[:10])}'
-            f'{" ..." if len(names) > 10 else ""})')
-  if reused:
-    print(f'  {total} examples: already built, reused (--overwrite rebuilds)')
-  else:
-    print(f'  {total} examples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} examples/s)')
-  return 0
+    builder = builder_lib.Builder(
+        data_dir=os.path.expanduser(args.data_dir),
+        config=args.config,
+        skip_bad_examples=args.skip_bad_examples,
+        num_workers=args.num_workers,
+        synthetic_image_size=args.synthetic_image_size,
+        synthetic_num_train=args.synthetic_num_train,
+        synthetic_num_test=args.synthetic_num_test,
+    )
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(args.manual_dir) if args.manual_dir else None,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        download_mode=(
+            tfds.download.GenerateMode.FORCE_REDOWNLOAD
+            if args.overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        ),
+    )
+    reused = builder.is_prepared() and not args.overwrite
+    scaffolding = _scaffolding(os.path.expanduser(args.data_dir), builder.builder_config.name)
+    new_folders = [path for path in scaffolding if not os.path.exists(path)]
+    start = time.time()
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except layout.BadInputError as e:
+        _remove_scaffolding(new_folders)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    elapsed = time.time() - start
+    sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+    total = sum(sizes.values())
+    print(f"p3m10k/{builder.builder_config.name} in {builder.data_dir}")
+    print("  " + ", ".join(f"{name}: {count}" for name, count in sizes.items()))
+    for split, names in getattr(builder, "skipped_examples", {}).items():
+        if names:
+            print(f"  skipped in {split}: {len(names)} ({', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
+    if reused:
+        print(f"  {total} examples: already built, reused (--overwrite rebuilds)")
+    else:
+        print(f"  {total} examples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} examples/s)")
+    return 0
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

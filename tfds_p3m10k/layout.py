@@ -32,35 +32,33 @@ import tqdm
 
 from tfds_p3m10k import maps
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-MAP_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MAP_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitLayout:
-  """Where one split lives inside the release."""
+    """Where one split lives inside the release."""
 
-  name: str
-  folder: str  # relative to the release root
-  image_folder: str
-  has_trimap: bool
-  is_blurred: bool
+    name: str
+    folder: str  # relative to the release root
+    image_folder: str
+    has_trimap: bool
+    is_blurred: bool
 
 
 SPLIT_LAYOUTS = (
-    SplitLayout('train', 'train', 'blurred_image', has_trimap=False, is_blurred=True),
-    SplitLayout('p3m_500_p', 'validation/P3M-500-P', 'blurred_image', has_trimap=True,
-                is_blurred=True),
-    SplitLayout('p3m_500_np', 'validation/P3M-500-NP', 'original_image', has_trimap=True,
-                is_blurred=False),
+    SplitLayout("train", "train", "blurred_image", has_trimap=False, is_blurred=True),
+    SplitLayout("p3m_500_p", "validation/P3M-500-P", "blurred_image", has_trimap=True, is_blurred=True),
+    SplitLayout("p3m_500_np", "validation/P3M-500-NP", "original_image", has_trimap=True, is_blurred=False),
 )
 SPLIT_NAMES = tuple(spec.name for spec in SPLIT_LAYOUTS)
-FG_FOLDERS = ('fg_blurred', 'fg')
-BG_FOLDERS = ('bg',)
+FG_FOLDERS = ("fg_blurred", "fg")
+BG_FOLDERS = ("bg",)
 
 
 class BadInputError(ValueError):
-  """The manual_dir content cannot be built; the message names every offending path."""
+    """The manual_dir content cannot be built; the message names every offending path."""
 
 
 # ---------------------------------------------------------------------------
@@ -69,159 +67,158 @@ class BadInputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class FileRef:
-  """A file on disk (`archive is None`) or a member of a zip archive."""
+    """A file on disk (`archive is None`) or a member of a zip archive."""
 
-  path: str
-  archive: str | None = None
+    path: str
+    archive: str | None = None
 
-  def read_bytes(self) -> bytes:
-    if self.archive is None:
-      with open(self.path, 'rb') as f:
-        return f.read()
-    return _open_zip(self.archive).read(self.path)
+    def read_bytes(self) -> bytes:
+        if self.archive is None:
+            with open(self.path, "rb") as f:
+                return f.read()
+        return _open_zip(self.archive).read(self.path)
 
-  def __str__(self) -> str:
-    return self.path if self.archive is None else f'{self.archive}!{self.path}'
+    def __str__(self) -> str:
+        return self.path if self.archive is None else f"{self.archive}!{self.path}"
 
-  @property
-  def stem(self) -> str:
-    return os.path.splitext(posixpath.basename(self.path))[0]
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(posixpath.basename(self.path))[0]
 
 
 _ZIP_CACHE: dict[tuple[int, str], zipfile.ZipFile] = {}
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
-  """One open ZipFile per archive and process.
+    """One open ZipFile per archive and process.
 
-  Keyed by process id: a forked worker must not reuse its parent's handle, whose
-  file offset it would share (concurrent seeks would corrupt reads).
-  """
-  key = (os.getpid(), path)
-  handle = _ZIP_CACHE.get(key)
-  if handle is None:
-    handle = _ZIP_CACHE[key] = zipfile.ZipFile(path)
-  return handle
+    Keyed by process id: a forked worker must not reuse its parent's handle, whose
+    file offset it would share (concurrent seeks would corrupt reads).
+    """
+    key = (os.getpid(), path)
+    handle = _ZIP_CACHE.get(key)
+    if handle is None:
+        handle = _ZIP_CACHE[key] = zipfile.ZipFile(path)
+    return handle
 
 
 @dataclasses.dataclass
 class FileTree:
-  """The file list of a folder or zip, as '/'-separated paths relative to its top."""
+    """The file list of a folder or zip, as '/'-separated paths relative to its top."""
 
-  top: str
-  is_zip: bool
-  files: list[str]
+    top: str
+    is_zip: bool
+    files: list[str]
 
-  def ref(self, relative: str) -> FileRef:
-    if self.is_zip:
-      return FileRef(relative, self.top)
-    return FileRef(os.path.join(self.top, *relative.split('/')))
+    def ref(self, relative: str) -> FileRef:
+        if self.is_zip:
+            return FileRef(relative, self.top)
+        return FileRef(os.path.join(self.top, *relative.split("/")))
 
-  def describe(self, relative: str = '') -> str:
-    if self.is_zip:
-      return f'{self.top}!{relative}'
-    return os.path.join(self.top, *relative.split('/')) if relative else self.top
+    def describe(self, relative: str = "") -> str:
+        if self.is_zip:
+            return f"{self.top}!{relative}"
+        return os.path.join(self.top, *relative.split("/")) if relative else self.top
 
 
 def _ignored(relative: str) -> bool:
-  parts = relative.split('/')
-  return parts[0] == '__MACOSX' or any(p.startswith('.') for p in parts)
+    parts = relative.split("/")
+    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
 
 
 def _list_folder(top: str) -> FileTree:
-  files = []
-  for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-    dirnames.sort()
-    rel_dir = os.path.relpath(dirpath, top).replace(os.sep, '/')
-    for filename in sorted(filenames):
-      relative = filename if rel_dir == '.' else f'{rel_dir}/{filename}'
-      if not _ignored(relative):
-        files.append(relative)
-  return FileTree(top, False, files)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        for filename in sorted(filenames):
+            relative = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+            if not _ignored(relative):
+                files.append(relative)
+    return FileTree(top, False, files)
 
 
 def _list_zip(path: str) -> FileTree:
-  try:
-    names = _open_zip(path).namelist()
-  except (zipfile.BadZipFile, OSError) as e:
-    raise BadInputError(f'{path}: not a readable zip archive ({e})') from e
-  files = sorted(n for n in names if not n.endswith('/') and not _ignored(n))
-  return FileTree(path, True, files)
+    try:
+        names = _open_zip(path).namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BadInputError(f"{path}: not a readable zip archive ({e})") from e
+    files = sorted(n for n in names if not n.endswith("/") and not _ignored(n))
+    return FileTree(path, True, files)
 
 
 # ---------------------------------------------------------------------------
 # Locating the release
 
-_ROOT_MARKERS = ('train/blurred_image/', 'train/mask/', 'validation/P3M-500-P/',
-                 'validation/P3M-500-NP/')
+_ROOT_MARKERS = ("train/blurred_image/", "train/mask/", "validation/P3M-500-P/", "validation/P3M-500-NP/")
 
 
 def _release_roots(tree: FileTree) -> set[str]:
-  """Prefixes (ending in '/' or empty) under which the release layout starts."""
-  roots = set()
-  for relative in tree.files:
-    for marker in _ROOT_MARKERS:
-      index = relative.find(marker)
-      while index >= 0:
-        if index == 0 or relative[index - 1] == '/':
-          roots.add(relative[:index])
-        index = relative.find(marker, index + 1)
-  return roots
+    """Prefixes (ending in '/' or empty) under which the release layout starts."""
+    roots = set()
+    for relative in tree.files:
+        for marker in _ROOT_MARKERS:
+            index = relative.find(marker)
+            while index >= 0:
+                if index == 0 or relative[index - 1] == "/":
+                    roots.add(relative[:index])
+                index = relative.find(marker, index + 1)
+    return roots
 
 
 @dataclasses.dataclass
 class Release:
-  """The located release: its file tree, root prefix and the facemask trees."""
+    """The located release: its file tree, root prefix and the facemask trees."""
 
-  tree: FileTree
-  root: str  # prefix inside tree, '' or ending in '/'
-  facemask_trees: list[FileTree]
+    tree: FileTree
+    root: str  # prefix inside tree, '' or ending in '/'
+    facemask_trees: list[FileTree]
 
-  def describe(self, relative: str = '') -> str:
-    return self.tree.describe(self.root + relative)
+    def describe(self, relative: str = "") -> str:
+        return self.tree.describe(self.root + relative)
 
 
 def locate_release(manual_dir: str) -> Release:
-  """Finds the release (folder preferred over zip) and any facemask sources."""
-  manual_dir = os.fspath(manual_dir)
-  if not os.path.isdir(manual_dir):
-    raise BadInputError(f'manual_dir does not exist or is not a folder: {manual_dir}')
-  trees = [_list_folder(manual_dir)]
-  # Zips directly in manual_dir (the folder tree above lists them as files).
-  for relative in trees[0].files:
-    if '/' not in relative and relative.lower().endswith('.zip'):
-      trees.append(_list_zip(os.path.join(manual_dir, relative)))
+    """Finds the release (folder preferred over zip) and any facemask sources."""
+    manual_dir = os.fspath(manual_dir)
+    if not os.path.isdir(manual_dir):
+        raise BadInputError(f"manual_dir does not exist or is not a folder: {manual_dir}")
+    trees = [_list_folder(manual_dir)]
+    # Zips directly in manual_dir (the folder tree above lists them as files).
+    for relative in trees[0].files:
+        if "/" not in relative and relative.lower().endswith(".zip"):
+            trees.append(_list_zip(os.path.join(manual_dir, relative)))
 
-  release = None
-  for tree in trees:
-    roots = _release_roots(tree)
-    if len(roots) > 1:
-      listing = '\n'.join(f'  - {tree.describe(r)}' for r in sorted(roots))
-      raise BadInputError(
-          f'found more than one P3M-10k release in {tree.describe()}; keep one:\n{listing}')
-    if roots:
-      release = Release(tree, roots.pop(), [])
-      break  # the folder tree comes first: an extracted copy wins over the zip
-  if release is None:
-    raise BadInputError(
-        f'no P3M-10k release found in {manual_dir}: expected the extracted P3M-10k/ folder '
-        '(with train/ and validation/) or the downloaded zip directly in manual_dir.')
-  # Facemasks may sit in the release itself or in any other folder or zip.
-  release.facemask_trees = [t for t in trees if any(_is_facemask_path(f) for f in t.files)]
-  return release
+    release = None
+    for tree in trees:
+        roots = _release_roots(tree)
+        if len(roots) > 1:
+            listing = "\n".join(f"  - {tree.describe(r)}" for r in sorted(roots))
+            raise BadInputError(f"found more than one P3M-10k release in {tree.describe()}; keep one:\n{listing}")
+        if roots:
+            release = Release(tree, roots.pop(), [])
+            break  # the folder tree comes first: an extracted copy wins over the zip
+    if release is None:
+        raise BadInputError(
+            f"no P3M-10k release found in {manual_dir}: expected the extracted P3M-10k/ folder "
+            "(with train/ and validation/) or the downloaded zip directly in manual_dir."
+        )
+    # Facemasks may sit in the release itself or in any other folder or zip.
+    release.facemask_trees = [t for t in trees if any(_is_facemask_path(f) for f in t.files)]
+    return release
 
 
 def _is_facemask_path(relative: str) -> bool:
-  return any('facemask' in part.lower() for part in relative.split('/')[:-1])
+    return any("facemask" in part.lower() for part in relative.split("/")[:-1])
 
 
 def _facemask_split(relative: str) -> str:
-  parts = relative.split('/')
-  if 'P3M-500-NP' in parts:
-    return 'p3m_500_np'
-  if 'P3M-500-P' in parts:
-    return 'p3m_500_p'
-  return 'train'
+    parts = relative.split("/")
+    if "P3M-500-NP" in parts:
+        return "p3m_500_np"
+    if "P3M-500-P" in parts:
+        return "p3m_500_p"
+    return "train"
 
 
 # ---------------------------------------------------------------------------
@@ -230,145 +227,151 @@ def _facemask_split(relative: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """The files of one example (None where the release has no such file)."""
+    """The files of one example (None where the release has no such file)."""
 
-  split: str
-  name: str
-  image: FileRef
-  mask: FileRef
-  trimap: FileRef | None = None
-  facemask: FileRef | None = None
-  fg: FileRef | None = None
-  bg: FileRef | None = None
-  is_blurred: bool = True
+    split: str
+    name: str
+    image: FileRef
+    mask: FileRef
+    trimap: FileRef | None = None
+    facemask: FileRef | None = None
+    fg: FileRef | None = None
+    bg: FileRef | None = None
+    is_blurred: bool = True
 
-  def files(self) -> list[FileRef]:
-    return [f for f in (self.image, self.mask, self.trimap, self.facemask, self.fg, self.bg)
-            if f is not None]
+    def files(self) -> list[FileRef]:
+        return [f for f in (self.image, self.mask, self.trimap, self.facemask, self.fg, self.bg) if f is not None]
 
 
 @dataclasses.dataclass
 class Problem:
-  """One bad-input finding; `record` is None for problems no skipping can fix."""
+    """One bad-input finding; `record` is None for problems no skipping can fix."""
 
-  path: str
-  reason: str
-  record: Record | None = None
+    path: str
+    reason: str
+    record: Record | None = None
 
-  def __str__(self) -> str:
-    return f'{self.path}: {self.reason}'
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 def _files_in(tree: FileTree, folder: str, extensions: Sequence[str]) -> dict[str, list[str]]:
-  """stem -> relative paths of the files directly in `folder` with those extensions."""
-  prefix = folder.rstrip('/') + '/'
-  by_stem = collections.defaultdict(list)
-  for relative in tree.files:
-    if relative.startswith(prefix) and '/' not in relative[len(prefix):]:
-      stem, ext = os.path.splitext(relative[len(prefix):])
-      if ext.lower() in extensions:
-        by_stem[stem].append(relative)
-  return by_stem
+    """stem -> relative paths of the files directly in `folder` with those extensions."""
+    prefix = folder.rstrip("/") + "/"
+    by_stem = collections.defaultdict(list)
+    for relative in tree.files:
+        if relative.startswith(prefix) and "/" not in relative[len(prefix) :]:
+            stem, ext = os.path.splitext(relative[len(prefix) :])
+            if ext.lower() in extensions:
+                by_stem[stem].append(relative)
+    return by_stem
 
 
 def _folder_present(tree: FileTree, folder: str) -> bool:
-  prefix = folder.rstrip('/') + '/'
-  return any(f.startswith(prefix) for f in tree.files)
+    prefix = folder.rstrip("/") + "/"
+    return any(f.startswith(prefix) for f in tree.files)
 
 
 def pair_files(release: Release) -> tuple[dict[str, list[Record]], list[Problem], list[str]]:
-  """Pairs the release's files by stem.
+    """Pairs the release's files by stem.
 
-  Returns:
-    (records per split sorted by name, problems, log notes). Problems of missing
-    folders have no record (cannot be skipped); unpaired files are reported
-    against the example they belong to.
-  """
-  tree, root = release.tree, release.root
-  records: dict[str, list[Record]] = {}
-  problems: list[Problem] = []
-  notes: list[str] = []
+    Returns:
+      (records per split sorted by name, problems, log notes). Problems of missing
+      folders have no record (cannot be skipped); unpaired files are reported
+      against the example they belong to.
+    """
+    tree, root = release.tree, release.root
+    records: dict[str, list[Record]] = {}
+    problems: list[Problem] = []
+    notes: list[str] = []
 
-  for spec in SPLIT_LAYOUTS:
-    base = root + spec.folder
-    required = [spec.image_folder, 'mask'] + (['trimap'] if spec.has_trimap else [])
-    missing = [f for f in required if not _folder_present(tree, f'{base}/{f}')]
-    for folder in missing:
-      problems.append(Problem(tree.describe(f'{base}/{folder}'), 'missing (or empty) folder'))
-    if missing:
-      records[spec.name] = []
-      continue
+    for spec in SPLIT_LAYOUTS:
+        base = root + spec.folder
+        required = [spec.image_folder, "mask"] + (["trimap"] if spec.has_trimap else [])
+        missing = [f for f in required if not _folder_present(tree, f"{base}/{f}")]
+        for folder in missing:
+            problems.append(Problem(tree.describe(f"{base}/{folder}"), "missing (or empty) folder"))
+        if missing:
+            records[spec.name] = []
+            continue
 
-    images = _files_in(tree, f'{base}/{spec.image_folder}', IMAGE_EXTENSIONS)
-    masks = _files_in(tree, f'{base}/mask', MAP_EXTENSIONS)
-    trimaps = _files_in(tree, f'{base}/trimap', MAP_EXTENSIONS) if spec.has_trimap else {}
-    fgs, bgs = {}, {}
-    if spec.name == 'train':
-      for folder in FG_FOLDERS:
-        if _folder_present(tree, f'{base}/{folder}'):
-          fgs = _files_in(tree, f'{base}/{folder}', IMAGE_EXTENSIONS)
-          break
-      for folder in BG_FOLDERS:
-        if _folder_present(tree, f'{base}/{folder}'):
-          bgs = _files_in(tree, f'{base}/{folder}', IMAGE_EXTENSIONS)
-          break
-      if fgs or bgs:
-        notes.append(f'train: foreground for {len(fgs)} and background for {len(bgs)} '
-                     'examples found on disk')
+        images = _files_in(tree, f"{base}/{spec.image_folder}", IMAGE_EXTENSIONS)
+        masks = _files_in(tree, f"{base}/mask", MAP_EXTENSIONS)
+        trimaps = _files_in(tree, f"{base}/trimap", MAP_EXTENSIONS) if spec.has_trimap else {}
+        fgs, bgs = {}, {}
+        if spec.name == "train":
+            for folder in FG_FOLDERS:
+                if _folder_present(tree, f"{base}/{folder}"):
+                    fgs = _files_in(tree, f"{base}/{folder}", IMAGE_EXTENSIONS)
+                    break
+            for folder in BG_FOLDERS:
+                if _folder_present(tree, f"{base}/{folder}"):
+                    bgs = _files_in(tree, f"{base}/{folder}", IMAGE_EXTENSIONS)
+                    break
+            if fgs or bgs:
+                notes.append(f"train: foreground for {len(fgs)} and background for {len(bgs)} examples found on disk")
 
-    split_records = []
-    for stem in sorted(set(images) | set(masks) | set(trimaps)):
-      found = {'image': images.get(stem, []), 'mask': masks.get(stem, [])}
-      if spec.has_trimap:
-        found['trimap'] = trimaps.get(stem, [])
-      any_path = next(p for paths in found.values() for p in paths)
-      first = {kind: (paths[0] if paths else None) for kind, paths in found.items()}
-      record = Record(
-          split=spec.name, name=stem,
-          image=tree.ref(first['image'] or any_path),
-          mask=tree.ref(first['mask'] or any_path),
-          trimap=tree.ref(first['trimap']) if first.get('trimap') else None,
-          fg=tree.ref(fgs[stem][0]) if stem in fgs and stem in bgs else None,
-          bg=tree.ref(bgs[stem][0]) if stem in fgs and stem in bgs else None,
-          is_blurred=spec.is_blurred)
-      for kind, paths in found.items():
-        if len(paths) > 1:
-          problems.append(Problem(tree.describe(paths[0]), f'several {kind} files for {stem!r}: '
-                                  + ', '.join(tree.describe(p) for p in paths), record))
-        elif not paths:
-          folder = spec.image_folder if kind == 'image' else kind
-          present = tree.describe(any_path)  # image, else mask, else trimap
-          problems.append(Problem(present, f'has no {kind} (expected '
-                                  f'{tree.describe(f"{base}/{folder}/{stem}")}.*)', record))
-      if (stem in fgs) != (stem in bgs):
-        notes.append(f'train: {stem} has only one of fg/bg on disk; stored without fg/bg')
-      split_records.append(record)
-    records[spec.name] = split_records
+        split_records = []
+        for stem in sorted(set(images) | set(masks) | set(trimaps)):
+            found = {"image": images.get(stem, []), "mask": masks.get(stem, [])}
+            if spec.has_trimap:
+                found["trimap"] = trimaps.get(stem, [])
+            any_path = next(p for paths in found.values() for p in paths)
+            first = {kind: (paths[0] if paths else None) for kind, paths in found.items()}
+            record = Record(
+                split=spec.name,
+                name=stem,
+                image=tree.ref(first["image"] or any_path),
+                mask=tree.ref(first["mask"] or any_path),
+                trimap=tree.ref(first["trimap"]) if first.get("trimap") else None,
+                fg=tree.ref(fgs[stem][0]) if stem in fgs and stem in bgs else None,
+                bg=tree.ref(bgs[stem][0]) if stem in fgs and stem in bgs else None,
+                is_blurred=spec.is_blurred,
+            )
+            for kind, paths in found.items():
+                if len(paths) > 1:
+                    problems.append(
+                        Problem(
+                            tree.describe(paths[0]),
+                            f"several {kind} files for {stem!r}: " + ", ".join(tree.describe(p) for p in paths),
+                            record,
+                        )
+                    )
+                elif not paths:
+                    folder = spec.image_folder if kind == "image" else kind
+                    present = tree.describe(any_path)  # image, else mask, else trimap
+                    problems.append(
+                        Problem(
+                            present, f"has no {kind} (expected {tree.describe(f'{base}/{folder}/{stem}')}.*)", record
+                        )
+                    )
+            if (stem in fgs) != (stem in bgs):
+                notes.append(f"train: {stem} has only one of fg/bg on disk; stored without fg/bg")
+            split_records.append(record)
+        records[spec.name] = split_records
 
-  _attach_facemasks(release, records, notes)
-  return records, problems, notes
+    _attach_facemasks(release, records, notes)
+    return records, problems, notes
 
 
-def _attach_facemasks(release: Release, records: dict[str, list[Record]],
-                      notes: list[str]) -> None:
-  """Fills `Record.facemask` from every facemask source (first found wins)."""
-  found: dict[tuple[str, str], FileRef] = {}
-  for tree in release.facemask_trees:
-    for relative in tree.files:
-      stem, ext = os.path.splitext(posixpath.basename(relative))
-      if _is_facemask_path(relative) and ext.lower() in MAP_EXTENSIONS:
-        found.setdefault((_facemask_split(relative), stem), tree.ref(relative))
-  if not found:
-    return
-  used = 0
-  for split, split_records in records.items():
-    for i, record in enumerate(split_records):
-      ref = found.get((split, record.name))
-      if ref is not None:
-        split_records[i] = dataclasses.replace(record, facemask=ref)
-        used += 1
-  notes.append(f'facemasks: {used} matched to examples, {len(found) - used} without an example '
-               '(ignored)')
+def _attach_facemasks(release: Release, records: dict[str, list[Record]], notes: list[str]) -> None:
+    """Fills `Record.facemask` from every facemask source (first found wins)."""
+    found: dict[tuple[str, str], FileRef] = {}
+    for tree in release.facemask_trees:
+        for relative in tree.files:
+            stem, ext = os.path.splitext(posixpath.basename(relative))
+            if _is_facemask_path(relative) and ext.lower() in MAP_EXTENSIONS:
+                found.setdefault((_facemask_split(relative), stem), tree.ref(relative))
+    if not found:
+        return
+    used = 0
+    for split, split_records in records.items():
+        for i, record in enumerate(split_records):
+            ref = found.get((split, record.name))
+            if ref is not None:
+                split_records[i] = dataclasses.replace(record, facemask=ref)
+                used += 1
+    notes.append(f"facemasks: {used} matched to examples, {len(found) - used} without an example (ignored)")
 
 
 # ---------------------------------------------------------------------------
@@ -377,164 +380,169 @@ def _attach_facemasks(release: Release, records: dict[str, list[Record]],
 
 @dataclasses.dataclass(frozen=True)
 class FileFacts:
-  """What the scan learnt about the files of one record (used when encoding)."""
+    """What the scan learnt about the files of one record (used when encoding)."""
 
-  height: int
-  width: int
-  image_as_is: bool  # the image bytes decode to HxWx3 uint8 as they are
-  mask_as_is: bool
-  trimap_as_is: bool
-  facemask_as_is: bool
-  fg_bg_as_is: bool
+    height: int
+    width: int
+    image_as_is: bool  # the image bytes decode to HxWx3 uint8 as they are
+    mask_as_is: bool
+    trimap_as_is: bool
+    facemask_as_is: bool
+    fg_bg_as_is: bool
 
 
 def _open_fully(ref: FileRef) -> Image.Image:
-  """Opens and fully decodes a file (truncation only shows while decoding)."""
-  image = Image.open(io.BytesIO(ref.read_bytes()))
-  image.load()
-  return image
+    """Opens and fully decodes a file (truncation only shows while decoding)."""
+    image = Image.open(io.BytesIO(ref.read_bytes()))
+    image.load()
+    return image
 
 
 def check_record(record: Record) -> tuple[FileFacts | None, list[str]]:
-  """Fully decodes the files of a record; returns (facts, problems as 'path: reason')."""
-  problems = []
+    """Fully decodes the files of a record; returns (facts, problems as 'path: reason')."""
+    problems = []
 
-  def load(ref):
-    try:
-      return _open_fully(ref)
-    except Exception as e:  # pylint: disable=broad-except
-      problems.append(f'{ref}: unreadable or truncated file ({type(e).__name__}: {e})')
-      return None
+    def load(ref):
+        try:
+            return _open_fully(ref)
+        except Exception as e:  # pylint: disable=broad-except
+            problems.append(f"{ref}: unreadable or truncated file ({type(e).__name__}: {e})")
+            return None
 
-  image = load(record.image)
-  mask = load(record.mask)
-  if image is None or mask is None:
-    for ref in (record.trimap, record.facemask, record.fg, record.bg):
-      if ref is not None:
-        load(ref)
-    return None, problems
-  width, height = image.size
-  image_as_is = image.format in ('JPEG', 'PNG') and image.mode in ('RGB', 'L')
+    image = load(record.image)
+    mask = load(record.mask)
+    if image is None or mask is None:
+        for ref in (record.trimap, record.facemask, record.fg, record.bg):
+            if ref is not None:
+                load(ref)
+        return None, problems
+    width, height = image.size
+    image_as_is = image.format in ("JPEG", "PNG") and image.mode in ("RGB", "L")
 
-  def check_size(ref, pil, kind):
-    if pil.size != image.size:
-      problems.append(f'{ref}: {kind} is {pil.size[0]}x{pil.size[1]} but its image '
-                      f'{record.image} is {width}x{height}')
-      return False
-    return True
+    def check_size(ref, pil, kind):
+        if pil.size != image.size:
+            problems.append(
+                f"{ref}: {kind} is {pil.size[0]}x{pil.size[1]} but its image {record.image} is {width}x{height}"
+            )
+            return False
+        return True
 
-  def grey(ref, pil, kind):
-    try:
-      return maps.first_channel(pil)
-    except ValueError as e:
-      problems.append(f'{ref}: {kind}: {e}')
-      return None
+    def grey(ref, pil, kind):
+        try:
+            return maps.first_channel(pil)
+        except ValueError as e:
+            problems.append(f"{ref}: {kind}: {e}")
+            return None
 
-  check_size(record.mask, mask, 'mask')
-  grey(record.mask, mask, 'mask')
-  trimap_as_is = facemask_as_is = fg_bg_as_is = True
-  if record.trimap is not None:
-    trimap = load(record.trimap)
-    if trimap is not None and check_size(record.trimap, trimap, 'trimap'):
-      values = grey(record.trimap, trimap, 'trimap')
-      if values is not None:
-        bad_values = np.setdiff1d(np.unique(values), maps.TRIMAP_VALUES)
-        if bad_values.size:
-          shown = ', '.join(str(v) for v in bad_values[:8]) + (' ...' if bad_values.size > 8 else '')
-          problems.append(f'{record.trimap}: trimap has values outside {{0, 128, 255}}: {shown}')
-      trimap_as_is = maps.is_plain_grey_png(trimap)
-  if record.facemask is not None:
-    facemask = load(record.facemask)
-    if facemask is not None and check_size(record.facemask, facemask, 'facemask'):
-      grey(record.facemask, facemask, 'facemask')
-      facemask_as_is = maps.is_plain_grey_png(facemask)
-  for ref, kind in ((record.fg, 'foreground'), (record.bg, 'background')):
-    if ref is not None:
-      pil = load(ref)
-      if pil is not None and check_size(ref, pil, kind):
-        fg_bg_as_is &= pil.format in ('JPEG', 'PNG') and pil.mode == 'RGB'
-  if problems:
-    return None, problems
-  return FileFacts(height, width, image_as_is, maps.is_plain_grey_png(mask), trimap_as_is,
-                   facemask_as_is, fg_bg_as_is), []
+    check_size(record.mask, mask, "mask")
+    grey(record.mask, mask, "mask")
+    trimap_as_is = facemask_as_is = fg_bg_as_is = True
+    if record.trimap is not None:
+        trimap = load(record.trimap)
+        if trimap is not None and check_size(record.trimap, trimap, "trimap"):
+            values = grey(record.trimap, trimap, "trimap")
+            if values is not None:
+                bad_values = np.setdiff1d(np.unique(values), maps.TRIMAP_VALUES)
+                if bad_values.size:
+                    shown = ", ".join(str(v) for v in bad_values[:8]) + (" ..." if bad_values.size > 8 else "")
+                    problems.append(f"{record.trimap}: trimap has values outside {{0, 128, 255}}: {shown}")
+            trimap_as_is = maps.is_plain_grey_png(trimap)
+    if record.facemask is not None:
+        facemask = load(record.facemask)
+        if facemask is not None and check_size(record.facemask, facemask, "facemask"):
+            grey(record.facemask, facemask, "facemask")
+            facemask_as_is = maps.is_plain_grey_png(facemask)
+    for ref, kind in ((record.fg, "foreground"), (record.bg, "background")):
+        if ref is not None:
+            pil = load(ref)
+            if pil is not None and check_size(ref, pil, kind):
+                fg_bg_as_is &= pil.format in ("JPEG", "PNG") and pil.mode == "RGB"
+    if problems:
+        return None, problems
+    return FileFacts(
+        height, width, image_as_is, maps.is_plain_grey_png(mask), trimap_as_is, facemask_as_is, fg_bg_as_is
+    ), []
 
 
-def parallel_map(function, items: Sequence, num_workers: int, desc: str | None,
-                 inline_below: int = 32, initializer=None) -> Iterable:
-  """Ordered map, in a process pool for larger inputs; a progress bar if `desc`."""
-  progress = lambda results: (tqdm.tqdm(results, total=len(items), desc=desc, unit=' ex',
-                                        leave=False) if desc else results)
-  if num_workers <= 1 or len(items) < inline_below:
-    yield from progress(map(function, items))
-    return
-  # 'fork' where available: 'spawn'/'forkserver' re-run the caller's __main__ in
-  # every worker, which breaks scripts and notebooks without a main guard. The
-  # workers only run pure functions of this package (no locks shared with threads).
-  methods = multiprocessing.get_all_start_methods()
-  context = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context,
-                                              initializer=initializer) as pool:
-    yield from progress(pool.map(function, items, chunksize=4))
+def parallel_map(
+    function, items: Sequence, num_workers: int, desc: str | None, inline_below: int = 32, initializer=None
+) -> Iterable:
+    """Ordered map, in a process pool for larger inputs; a progress bar if `desc`."""
+    progress = lambda results: (
+        tqdm.tqdm(results, total=len(items), desc=desc, unit=" ex", leave=False) if desc else results
+    )
+    if num_workers <= 1 or len(items) < inline_below:
+        yield from progress(map(function, items))
+        return
+    # 'fork' where available: 'spawn'/'forkserver' re-run the caller's __main__ in
+    # every worker, which breaks scripts and notebooks without a main guard. The
+    # workers only run pure functions of this package (no locks shared with threads).
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer) as pool:
+        yield from progress(pool.map(function, items, chunksize=4))
 
 
 @dataclasses.dataclass
 class ScanResult:
-  """Validated records per split, with their facts, and what was skipped."""
+    """Validated records per split, with their facts, and what was skipped."""
 
-  records: dict[str, list[tuple[Record, FileFacts]]]
-  skipped: dict[str, list[str]]  # split -> names left out
-  problems: list[Problem]
-  notes: list[str]
+    records: dict[str, list[tuple[Record, FileFacts]]]
+    skipped: dict[str, list[str]]  # split -> names left out
+    problems: list[Problem]
+    notes: list[str]
 
 
-def scan_release(manual_dir: str, skip_bad_examples: bool = False,
-                 num_workers: int = 1) -> ScanResult:
-  """Locates, pairs and fully validates the release.
+def scan_release(manual_dir: str, skip_bad_examples: bool = False, num_workers: int = 1) -> ScanResult:
+    """Locates, pairs and fully validates the release.
 
-  Raises:
-    BadInputError: naming every offending file, when anything is wrong and
-      `skip_bad_examples` is False, or when a problem cannot be skipped
-      (no release, missing folders).
-  """
-  release = locate_release(manual_dir)
-  records, problems, notes = pair_files(release)
-  fatal = [p for p in problems if p.record is None]
-  if fatal:
-    raise BadInputError(_format_problems(release, problems))
+    Raises:
+      BadInputError: naming every offending file, when anything is wrong and
+        `skip_bad_examples` is False, or when a problem cannot be skipped
+        (no release, missing folders).
+    """
+    release = locate_release(manual_dir)
+    records, problems, notes = pair_files(release)
+    fatal = [p for p in problems if p.record is None]
+    if fatal:
+        raise BadInputError(_format_problems(release, problems))
 
-  bad_keys = {(p.record.split, p.record.name) for p in problems}
-  to_check = [r for split in SPLIT_NAMES for r in records[split]
-              if (r.split, r.name) not in bad_keys]
-  checked = {}
-  for record, (facts, found) in zip(
-      to_check, parallel_map(check_record, to_check, num_workers, 'Checking P3M-10k files')):
-    if found:
-      problems.extend(Problem(text.split(': ', 1)[0], text.split(': ', 1)[1], record)
-                      for text in found)
-    else:
-      checked[(record.split, record.name)] = facts
+    bad_keys = {(p.record.split, p.record.name) for p in problems}
+    to_check = [r for split in SPLIT_NAMES for r in records[split] if (r.split, r.name) not in bad_keys]
+    checked = {}
+    for record, (facts, found) in zip(
+        to_check, parallel_map(check_record, to_check, num_workers, "Checking P3M-10k files")
+    ):
+        if found:
+            problems.extend(Problem(text.split(": ", 1)[0], text.split(": ", 1)[1], record) for text in found)
+        else:
+            checked[(record.split, record.name)] = facts
 
-  if problems and not skip_bad_examples:
-    raise BadInputError(_format_problems(release, problems))
-  result = ScanResult({}, {}, problems, notes)
-  for split in SPLIT_NAMES:
-    result.records[split] = [(r, checked[(r.split, r.name)]) for r in records[split]
-                             if (r.split, r.name) in checked]
-    result.skipped[split] = sorted({p.record.name for p in problems if p.record.split == split})
-  empty = [split for split in SPLIT_NAMES if not result.records[split]]
-  if empty:
-    raise BadInputError(
-        f'P3M-10k input in {release.describe()}: no example left in '
-        + ', '.join(f'{split} after skipping {len(result.skipped[split])} bad one(s)' for split in empty)
-        + '; nothing was written:\n' + '\n'.join(f'  - {p}' for p in problems))
-  return result
+    if problems and not skip_bad_examples:
+        raise BadInputError(_format_problems(release, problems))
+    result = ScanResult({}, {}, problems, notes)
+    for split in SPLIT_NAMES:
+        result.records[split] = [
+            (r, checked[(r.split, r.name)]) for r in records[split] if (r.split, r.name) in checked
+        ]
+        result.skipped[split] = sorted({p.record.name for p in problems if p.record.split == split})
+    empty = [split for split in SPLIT_NAMES if not result.records[split]]
+    if empty:
+        raise BadInputError(
+            f"P3M-10k input in {release.describe()}: no example left in "
+            + ", ".join(f"{split} after skipping {len(result.skipped[split])} bad one(s)" for split in empty)
+            + "; nothing was written:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    return result
 
 
 def _format_problems(release: Release, problems: list[Problem]) -> str:
-  lines = [f'P3M-10k input in {release.describe()} has {len(problems)} problem(s); '
-           'nothing was written:']
-  lines += [f'  - {p}' for p in problems]
-  if all(p.record is not None for p in problems):
-    lines.append('Fix or remove these files, or build with skip_bad_examples=True '
-                 '(--skip_bad_examples) to leave the affected examples out.')
-  return '\n'.join(lines)
+    lines = [f"P3M-10k input in {release.describe()} has {len(problems)} problem(s); nothing was written:"]
+    lines += [f"  - {p}" for p in problems]
+    if all(p.record is not None for p in problems):
+        lines.append(
+            "Fix or remove these files, or build with skip_bad_examples=True "
+            "(--skip_bad_examples) to leave the affected examples out."
+        )
+    return "\n".join(lines)

@@ -36,8 +36,14 @@ def _group(tmp_path, budget=120.0, **turns):
 
 def _add(group, tmp_path, name, compile_s, device_s=0.3, compiles=True, turn_limit=90):
     record = tmp_path / f"{name}.json"
-    group.add(name, [sys.executable, "-c", JOB, str(compile_s), str(device_s), str(record)],
-              {"PYTHONPATH": str(BENCHMARKS)}, record, compiles=compiles, turn_limit=turn_limit)
+    group.add(
+        name,
+        [sys.executable, "-c", JOB, str(compile_s), str(device_s), str(record)],
+        {"PYTHONPATH": str(BENCHMARKS)},
+        record,
+        compiles=compiles,
+        turn_limit=turn_limit,
+    )
     return record
 
 
@@ -45,8 +51,9 @@ def test_jobs_compile_together_then_take_turns_in_order(tmp_path):
     suite, group = _group(tmp_path)
     # The first job compiles longest: turns still follow the order of `add`, and none starts
     # before every job has compiled.
-    records = [_add(group, tmp_path, name, seconds)
-               for name, seconds in (("slow", 1.5), ("fast", 0.1), ("middle", 0.7))]
+    records = [
+        _add(group, tmp_path, name, seconds) for name, seconds in (("slow", 1.5), ("fast", 0.1), ("middle", 0.7))
+    ]
     waiter = _add(group, tmp_path, "waiter", 0.0, compiles=False)
     group.run(compile_limit=60)
 

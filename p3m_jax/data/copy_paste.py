@@ -61,10 +61,17 @@ def _bbox(binary: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
 
 
-def place_face(target_facemask: np.ndarray, face_image: np.ndarray, face_mask: np.ndarray,
-               rng: np.random.Generator, *, rotation_deg: float = 30.0,
-               scale_range: Sequence[float] = (0.8, 1.2), flip_prob: float = 0.5,
-               keep_aspect: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+def place_face(
+    target_facemask: np.ndarray,
+    face_image: np.ndarray,
+    face_mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    rotation_deg: float = 30.0,
+    scale_range: Sequence[float] = (0.8, 1.2),
+    flip_prob: float = 0.5,
+    keep_aspect: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Warps a source face onto the target facemask (the shared ICP/FCP geometry).
 
     Args:
@@ -87,8 +94,8 @@ def place_face(target_facemask: np.ndarray, face_image: np.ndarray, face_mask: n
         return None
     ty0, ty1, tx0, tx1 = tbox
     sy0, sy1, sx0, sx1 = sbox
-    crop = face_image[sy0:sy1 + 1, sx0:sx1 + 1].astype(np.float32)
-    crop_mask = src[sy0:sy1 + 1, sx0:sx1 + 1].astype(np.float32)
+    crop = face_image[sy0 : sy1 + 1, sx0 : sx1 + 1].astype(np.float32)
+    crop_mask = src[sy0 : sy1 + 1, sx0 : sx1 + 1].astype(np.float32)
     # Scale to the target box, then the random scale; resampled before the rotation so that a
     # large source (512 px CelebA faces on a 40 px face region) is area-averaged, not aliased.
     fy, fx = (ty1 - ty0 + 1) / crop.shape[0], (tx1 - tx0 + 1) / crop.shape[1]
@@ -111,10 +118,17 @@ def place_face(target_facemask: np.ndarray, face_image: np.ndarray, face_mask: n
     matrix[0, 2] += (tx0 + tx1) / 2.0 - src_centre[0]
     matrix[1, 2] += (ty0 + ty1) / 2.0 - src_centre[1]
     size = (target.shape[1], target.shape[0])
-    face = cv2.warpAffine(np.ascontiguousarray(crop), matrix, size, flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    warped = cv2.warpAffine(np.ascontiguousarray(crop_mask), matrix, size, flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    face = cv2.warpAffine(
+        np.ascontiguousarray(crop), matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    warped = cv2.warpAffine(
+        np.ascontiguousarray(crop_mask),
+        matrix,
+        size,
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     weight = np.clip(warped, 0.0, 1.0) * target
     if not (weight > 0).any():
         return None
@@ -125,10 +139,17 @@ def _round_u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
-def paste_face(example: dict[str, Any], face_image: np.ndarray, face_mask: np.ndarray,
-               rng: np.random.Generator, *, rotation_deg: float = 30.0,
-               scale_range: Sequence[float] = (0.8, 1.2), flip_prob: float = 0.5,
-               keep_aspect: bool = False) -> tuple[dict[str, Any], bool]:
+def paste_face(
+    example: dict[str, Any],
+    face_image: np.ndarray,
+    face_mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    rotation_deg: float = 30.0,
+    scale_range: Sequence[float] = (0.8, 1.2),
+    flip_prob: float = 0.5,
+    keep_aspect: bool = False,
+) -> tuple[dict[str, Any], bool]:
     """ICP on one training example (image, alpha, trimap, fg, bg, has_fg_bg, facemask,
     has_facemask; other keys are passed through).
 
@@ -137,8 +158,16 @@ def paste_face(example: dict[str, Any], face_image: np.ndarray, face_mask: np.nd
     """
     if not bool(example.get("has_facemask", False)):
         return example, False
-    placed = place_face(example["facemask"], face_image, face_mask, rng, rotation_deg=rotation_deg,
-                        scale_range=scale_range, flip_prob=flip_prob, keep_aspect=keep_aspect)
+    placed = place_face(
+        example["facemask"],
+        face_image,
+        face_mask,
+        rng,
+        rotation_deg=rotation_deg,
+        scale_range=scale_range,
+        flip_prob=flip_prob,
+        keep_aspect=keep_aspect,
+    )
     if placed is None:
         return example, False
     face, weight = placed
@@ -160,10 +189,17 @@ def paste_face(example: dict[str, Any], face_image: np.ndarray, face_mask: np.nd
     return out, True
 
 
-def aligned_source(example: dict[str, Any], face_image: np.ndarray, face_mask: np.ndarray,
-                   rng: np.random.Generator, *, rotation_deg: float = 30.0,
-                   scale_range: Sequence[float] = (0.8, 1.2), flip_prob: float = 0.5,
-                   keep_aspect: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+def aligned_source(
+    example: dict[str, Any],
+    face_image: np.ndarray,
+    face_mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    rotation_deg: float = 30.0,
+    scale_range: Sequence[float] = (0.8, 1.2),
+    flip_prob: float = 0.5,
+    keep_aspect: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The FCP source for one example, with `place_face`'s geometry.
 
     Returns ``(fcp_source, fcp_mask)``: (S, S, 3) uint8, the example's image with the aligned
@@ -173,8 +209,16 @@ def aligned_source(example: dict[str, Any], face_image: np.ndarray, face_mask: n
     """
     if not bool(example.get("has_facemask", False)):
         return None
-    placed = place_face(example["facemask"], face_image, face_mask, rng, rotation_deg=rotation_deg,
-                        scale_range=scale_range, flip_prob=flip_prob, keep_aspect=keep_aspect)
+    placed = place_face(
+        example["facemask"],
+        face_image,
+        face_mask,
+        rng,
+        rotation_deg=rotation_deg,
+        scale_range=scale_range,
+        flip_prob=flip_prob,
+        keep_aspect=keep_aspect,
+    )
     if placed is None:
         return None
     face, weight = placed
@@ -186,18 +230,28 @@ def aligned_source(example: dict[str, Any], face_image: np.ndarray, face_mask: n
 
 
 class _CopyPasteBase(grain.transforms.RandomMap):
-    def __init__(self, face_source, prob: float, *, rotation_deg: float = 30.0,
-                 scale_range: Sequence[float] = (0.8, 1.2), flip_prob: float = 0.5,
-                 keep_aspect: bool = False):
+    def __init__(
+        self,
+        face_source,
+        prob: float,
+        *,
+        rotation_deg: float = 30.0,
+        scale_range: Sequence[float] = (0.8, 1.2),
+        flip_prob: float = 0.5,
+        keep_aspect: bool = False,
+    ):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"copy-paste probability must be in [0, 1]; got {prob}")
         if len(face_source) == 0:
             raise ValueError("copy-paste face source is empty")
         self.face_source = face_source
         self.prob = float(prob)
-        self.augment = dict(rotation_deg=float(rotation_deg),
-                            scale_range=tuple(float(s) for s in scale_range),
-                            flip_prob=float(flip_prob), keep_aspect=bool(keep_aspect))
+        self.augment = dict(
+            rotation_deg=float(rotation_deg),
+            scale_range=tuple(float(s) for s in scale_range),
+            flip_prob=float(flip_prob),
+            keep_aspect=bool(keep_aspect),
+        )
 
     def _draw_face(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return self.face_source[int(rng.integers(len(self.face_source)))]
@@ -252,17 +306,33 @@ def make_copy_paste_transforms(copy_paste_config, seed: int = 0) -> list:
         cfg = copy_paste_config[key]
         if not cfg.enabled:
             continue
-        source_key = (cfg.face_source, cfg.face_source_format, cfg.num_synthetic_faces,
-                      cfg.synthetic_face_size)
+        source_key = (cfg.face_source, cfg.face_source_format, cfg.num_synthetic_faces, cfg.synthetic_face_size)
         if source_key not in sources:
             sources[source_key] = open_face_source(
-                cfg.face_source, cfg.face_source_format, num_synthetic_faces=cfg.num_synthetic_faces,
-                synthetic_face_size=cfg.synthetic_face_size, seed=seed)
-        transforms.append(cls(sources[source_key], cfg.prob, rotation_deg=cfg.rotation_deg,
-                              scale_range=tuple(cfg.scale_range), flip_prob=cfg.flip_prob,
-                              keep_aspect=cfg.keep_aspect))
+                cfg.face_source,
+                cfg.face_source_format,
+                num_synthetic_faces=cfg.num_synthetic_faces,
+                synthetic_face_size=cfg.synthetic_face_size,
+                seed=seed,
+            )
+        transforms.append(
+            cls(
+                sources[source_key],
+                cfg.prob,
+                rotation_deg=cfg.rotation_deg,
+                scale_range=tuple(cfg.scale_range),
+                flip_prob=cfg.flip_prob,
+                keep_aspect=cfg.keep_aspect,
+            )
+        )
     return transforms
 
 
-__all__ = ["place_face", "paste_face", "aligned_source", "ImageCopyPaste",
-           "FeatureCopyPasteInputs", "make_copy_paste_transforms"]
+__all__ = [
+    "place_face",
+    "paste_face",
+    "aligned_source",
+    "ImageCopyPaste",
+    "FeatureCopyPasteInputs",
+    "make_copy_paste_transforms",
+]

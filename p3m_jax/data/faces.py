@@ -32,8 +32,20 @@ import cv2
 import numpy as np
 
 # CelebAMask-HQ part names (the dataset's own spelling) whose union is the face region.
-CELEBAMASK_FACE_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow",
-                         "l_ear", "r_ear", "mouth", "u_lip", "l_lip")
+CELEBAMASK_FACE_PARTS = (
+    "skin",
+    "nose",
+    "eye_g",
+    "l_eye",
+    "r_eye",
+    "l_brow",
+    "r_brow",
+    "l_ear",
+    "r_ear",
+    "mouth",
+    "u_lip",
+    "l_lip",
+)
 CELEBAMASK_IMAGE_DIR = "CelebA-HQ-img"
 CELEBAMASK_MASK_DIR = "CelebAMask-HQ-mask-anno"
 # CelebAMask-HQ keeps 2000 ids per numbered annotation folder.
@@ -75,8 +87,12 @@ def _files_by_stem(folder: str, extensions: Sequence[str]) -> dict[str, str]:
 
 def decode_image(path: str, reduce: int = 1) -> np.ndarray:
     """RGB uint8 (h, w, 3) of ``path``, decoded at 1/``reduce`` scale (1, 2, 4 or 8)."""
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-             8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    flags = {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }[reduce]
     image = cv2.imread(path, flags)
     if image is None:
         raise FaceSourceError(f"cannot decode face image {path}")
@@ -118,8 +134,7 @@ class CelebAMaskHQFaces:
         mask has no image (each listed by name).
     """
 
-    def __init__(self, root: str, parts: Sequence[str] = CELEBAMASK_FACE_PARTS, reduce: int = 2,
-                 limit: int = 0):
+    def __init__(self, root: str, parts: Sequence[str] = CELEBAMASK_FACE_PARTS, reduce: int = 2, limit: int = 0):
         self.root = os.fspath(root)
         self.parts = tuple(parts)
         self.reduce = int(reduce)
@@ -151,17 +166,17 @@ class CelebAMaskHQFaces:
             image_ids[int(stem)] = path
         problems = []
         if strays:
-            problems.append("names not in CelebAMask-HQ's form (<id>.jpg, <id:05d>_<part>.png): "
-                            + _listing(strays, "files"))
+            problems.append(
+                "names not in CelebAMask-HQ's form (<id>.jpg, <id:05d>_<part>.png): " + _listing(strays, "files")
+            )
         no_mask = [os.path.basename(image_ids[i]) for i in image_ids if i not in masks]
         if no_mask:
-            problems.append(f"images without any face-part mask ({', '.join(self.parts)}): "
-                            + _listing(no_mask, "images"))
-        no_image = [os.path.basename(p) for i, paths in masks.items() if i not in image_ids
-                    for p in paths]
+            problems.append(
+                f"images without any face-part mask ({', '.join(self.parts)}): " + _listing(no_mask, "images")
+            )
+        no_image = [os.path.basename(p) for i, paths in masks.items() if i not in image_ids for p in paths]
         if no_image:
-            problems.append(f"masks without an image in {CELEBAMASK_IMAGE_DIR}/: "
-                            + _listing(no_image, "masks"))
+            problems.append(f"masks without an image in {CELEBAMASK_IMAGE_DIR}/: " + _listing(no_image, "masks"))
         if problems:
             raise FaceSourceError(f"CelebAMask-HQ folder {self.root}: " + "; ".join(problems))
         ids = sorted(image_ids)
@@ -193,8 +208,7 @@ class PairedFaces:
         mask but no image (all listed by name).
     """
 
-    def __init__(self, root: str, images_dir: str = "images", masks_dir: str = "masks",
-                 reduce: int = 1):
+    def __init__(self, root: str, images_dir: str = "images", masks_dir: str = "masks", reduce: int = 1):
         self.root = os.fspath(root)
         self.reduce = int(reduce)
         images = _files_by_stem(os.path.join(self.root, images_dir), IMAGE_EXTENSIONS)
@@ -270,17 +284,41 @@ def render_face(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
         cv2.circle(image, c, max(1, eye_r // 2), iris, -1)
         cv2.circle(image, c, max(1, eye_r // 4), (10, 10, 10), -1)
         brow_y = round(ey - 0.16 * ay)
-        cv2.line(image, (round(cx + sign * (ex - eye_r)), brow_y),
-                 (round(cx + sign * (ex + eye_r)), brow_y - 1), (60, 40, 30), max(1, s // 48))
-    cv2.line(image, (round(cx), round(cy - 0.05 * ay)), (round(cx + 0.05 * ax), round(cy + 0.15 * ay)),
-             tuple(float(v) for v in 0.7 * skin), max(1, s // 64))
-    cv2.ellipse(image, (round(cx), round(cy + 0.42 * ay)), (round(0.35 * ax), max(1, round(0.08 * ay))),
-                0, 0, 360, (170, 50, 60), -1)
+        cv2.line(
+            image,
+            (round(cx + sign * (ex - eye_r)), brow_y),
+            (round(cx + sign * (ex + eye_r)), brow_y - 1),
+            (60, 40, 30),
+            max(1, s // 48),
+        )
+    cv2.line(
+        image,
+        (round(cx), round(cy - 0.05 * ay)),
+        (round(cx + 0.05 * ax), round(cy + 0.15 * ay)),
+        tuple(float(v) for v in 0.7 * skin),
+        max(1, s // 64),
+    )
+    cv2.ellipse(
+        image,
+        (round(cx), round(cy + 0.42 * ay)),
+        (round(0.35 * ax), max(1, round(0.08 * ay))),
+        0,
+        0,
+        360,
+        (170, 50, 60),
+        -1,
+    )
     return {"image": np.clip(np.round(image), 0, 255).astype(np.uint8), "mask": mask}
 
 
-def open_face_source(face_source: str, face_source_format: str = "celebamask_hq", *,
-                     num_synthetic_faces: int = 64, synthetic_face_size: int = 64, seed: int = 0):
+def open_face_source(
+    face_source: str,
+    face_source_format: str = "celebamask_hq",
+    *,
+    num_synthetic_faces: int = 64,
+    synthetic_face_size: int = 64,
+    seed: int = 0,
+):
     """Builds a face source from config values.
 
     Args:
@@ -295,9 +333,15 @@ def open_face_source(face_source: str, face_source_format: str = "celebamask_hq"
         return CelebAMaskHQFaces(path)
     if face_source_format == "pair":
         return PairedFaces(path)
-    raise ValueError(f"unknown face_source_format {face_source_format!r}; expected "
-                     "'celebamask_hq' or 'pair'")
+    raise ValueError(f"unknown face_source_format {face_source_format!r}; expected 'celebamask_hq' or 'pair'")
 
 
-__all__ = ["CelebAMaskHQFaces", "PairedFaces", "SyntheticFaces", "FaceSourceError",
-           "open_face_source", "render_face", "CELEBAMASK_FACE_PARTS"]
+__all__ = [
+    "CelebAMaskHQFaces",
+    "PairedFaces",
+    "SyntheticFaces",
+    "FaceSourceError",
+    "open_face_source",
+    "render_face",
+    "CELEBAMASK_FACE_PARTS",
+]

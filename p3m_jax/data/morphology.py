@@ -70,12 +70,12 @@ def _or_shifted_columns(out: np.ndarray, src: np.ndarray, d: int) -> None:
     n = src.shape[1]
     lo, hi = max(0, -q), min(n, n - q)
     if lo < hi:
-        moved = src[:, lo + q:hi + q]
+        moved = src[:, lo + q : hi + q]
         out[:, lo:hi] |= (moved >> np.uint64(r)) if r else moved
     if r:
         lo, hi = max(0, -q - 1), min(n, n - q - 1)
         if lo < hi:
-            out[:, lo:hi] |= src[:, lo + q + 1:hi + q + 1] << np.uint64(_WORD - r)
+            out[:, lo:hi] |= src[:, lo + q + 1 : hi + q + 1] << np.uint64(_WORD - r)
 
 
 def _dilate_columns(src: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -91,9 +91,9 @@ def _dilate_rows(src: np.ndarray, lo: int, hi: int) -> np.ndarray:
     n = src.shape[0]
     for d in range(lo, hi + 1):
         if 0 < d < n:
-            out[:n - d] |= src[d:]
+            out[: n - d] |= src[d:]
         elif -n < d < 0:
-            out[-d:] |= src[:n + d]
+            out[-d:] |= src[: n + d]
     return out
 
 

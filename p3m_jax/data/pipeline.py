@@ -117,7 +117,6 @@ class _DropBadIterDataset(grain.IterDataset):
 
 
 class _DropBadIterator(grain.DatasetIterator):
-
     def __next__(self):
         skipped = 0
         while True:
@@ -155,9 +154,16 @@ def _ensure_absl_flags_parsed() -> None:
         pass
 
 
-def build_train_dataset(data_config, *, seed: int, batch_size: int, process_index: int,
-                        process_count: int, extra_transforms: Sequence[Any] = (),
-                        num_workers: int | None = None) -> grain.IterDataset:
+def build_train_dataset(
+    data_config,
+    *,
+    seed: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    extra_transforms: Sequence[Any] = (),
+    num_workers: int | None = None,
+) -> grain.IterDataset:
     """The grain dataset of this process's host batches (numpy; plus a `_skipped` count per element).
 
     `batch_size` is the PER-PROCESS batch. `extra_transforms` are grain RandomMap objects
@@ -178,16 +184,20 @@ def build_train_dataset(data_config, *, seed: int, batch_size: int, process_inde
     ds = ds.random_map(transforms_lib.TrainTransform.from_config(data_config))
     for transform in extra_transforms:
         ds = ds.random_map(transforms_lib.PassBadThrough(transform))
-    read_options = grain.ReadOptions(num_threads=int(data_config.get("read_threads", 1)),
-                                     prefetch_buffer_size=max(2, 2 * batch_size))
+    read_options = grain.ReadOptions(
+        num_threads=int(data_config.get("read_threads", 1)), prefetch_buffer_size=max(2, 2 * batch_size)
+    )
     ds = _DropBadIterDataset(ds.to_iter_dataset(read_options))
     ds = ds.batch(batch_size, drop_remainder=True)
     workers = int(data_config.num_workers if num_workers is None else num_workers)
     if workers > 0:
         _ensure_absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))),
-            worker_init_fn=_worker_init)
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))
+            ),
+            worker_init_fn=_worker_init,
+        )
     return ds
 
 
@@ -211,8 +221,7 @@ class HostBatchIterator:
     so far (`skip_bad_examples`); it is part of the state.
     """
 
-    def __init__(self, dataset: grain.IterDataset, *, process_index: int, process_count: int,
-                 num_workers: int):
+    def __init__(self, dataset: grain.IterDataset, *, process_index: int, process_count: int, num_workers: int):
         self._iterator = iter(dataset)
         self.process_index, self.process_count, self.num_workers = process_index, process_count, num_workers
         self.batches = 0
@@ -226,21 +235,32 @@ class HostBatchIterator:
         skipped = int(np.sum(batch.pop(_SKIPPED)))
         if skipped:
             self.skipped_examples += skipped
-            _log.warning("skipped %d bad example(s) (%d so far in process %d)", skipped,
-                         self.skipped_examples, self.process_index)
+            _log.warning(
+                "skipped %d bad example(s) (%d so far in process %d)",
+                skipped,
+                self.skipped_examples,
+                self.process_index,
+            )
         self.batches += 1
         return batch
 
     def state_dict(self) -> dict:
-        return {"grain": self._iterator.get_state(), "batches": self.batches,
-                "skipped_examples": self.skipped_examples, "process_index": self.process_index,
-                "process_count": self.process_count, "num_workers": self.num_workers}
+        return {
+            "grain": self._iterator.get_state(),
+            "batches": self.batches,
+            "skipped_examples": self.skipped_examples,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "num_workers": self.num_workers,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("process_count", "num_workers"):
             if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"iterator state saved with {key}={state[key]}, restoring into "
-                                 f"{key}={getattr(self, key)}: the batch order would differ")
+                raise ValueError(
+                    f"iterator state saved with {key}={state[key]}, restoring into "
+                    f"{key}={getattr(self, key)}: the batch order would differ"
+                )
         self._iterator.set_state(state["grain"])
         self.batches = int(state["batches"])
         self.skipped_examples = int(state["skipped_examples"])
@@ -297,8 +317,7 @@ class TrainIterator:
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict:
         import jax
 
-        return {key: jax.make_array_from_process_local_data(self.sharding, value)
-                for key, value in batch.items()}
+        return {key: jax.make_array_from_process_local_data(self.sharding, value) for key, value in batch.items()}
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -324,8 +343,9 @@ class TrainIterator:
         if self._thread is None:
             self._stop = threading.Event()
             self._queue = queue.Queue(maxsize=self.prefetch_batches)
-            self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
-                                            name="p3m-device-prefetch", daemon=True)
+            self._thread = threading.Thread(
+                target=self._produce, args=(self._queue, self._stop), name="p3m-device-prefetch", daemon=True
+            )
             self._thread.start()
 
     def _stop_prefetch(self) -> None:
@@ -358,23 +378,42 @@ class TrainIterator:
         self.host.close()
 
 
-def create_host_iterator(data_config, *, seed: int, batch_size: int, process_index: int | None = None,
-                         process_count: int | None = None, extra_transforms: Sequence[Any] = (),
-                         num_workers: int | None = None) -> HostBatchIterator:
+def create_host_iterator(
+    data_config,
+    *,
+    seed: int,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    extra_transforms: Sequence[Any] = (),
+    num_workers: int | None = None,
+) -> HostBatchIterator:
     """Numpy batches of `batch_size` (PER PROCESS) without devices (tests, benchmarks)."""
     process_index, process_count = _process(process_index, process_count)
     workers = int(data_config.num_workers if num_workers is None else num_workers)
-    dataset = build_train_dataset(data_config, seed=seed, batch_size=batch_size,
-                                  process_index=process_index, process_count=process_count,
-                                  extra_transforms=extra_transforms, num_workers=workers)
-    return HostBatchIterator(dataset, process_index=process_index, process_count=process_count,
-                             num_workers=workers)
+    dataset = build_train_dataset(
+        data_config,
+        seed=seed,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        extra_transforms=extra_transforms,
+        num_workers=workers,
+    )
+    return HostBatchIterator(dataset, process_index=process_index, process_count=process_count, num_workers=workers)
 
 
-def create_train_iterator(data_config, *, seed: int, global_batch_size: int, sharding,
-                          process_index: int | None = None, process_count: int | None = None,
-                          extra_transforms: Sequence[Any] = (), num_workers: int | None = None
-                          ) -> TrainIterator:
+def create_train_iterator(
+    data_config,
+    *,
+    seed: int,
+    global_batch_size: int,
+    sharding,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    extra_transforms: Sequence[Any] = (),
+    num_workers: int | None = None,
+) -> TrainIterator:
     """Endless training batches as global jax.Arrays on `sharding` (a `NamedSharding(mesh, P('data'))`).
 
     Each process reads its disjoint share of train (minus the validation slice) and builds
@@ -383,9 +422,15 @@ def create_train_iterator(data_config, *, seed: int, global_batch_size: int, sha
     process_index, process_count = _process(process_index, process_count)
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
-    host = create_host_iterator(data_config, seed=seed, batch_size=global_batch_size // process_count,
-                                process_index=process_index, process_count=process_count,
-                                extra_transforms=extra_transforms, num_workers=num_workers)
+    host = create_host_iterator(
+        data_config,
+        seed=seed,
+        batch_size=global_batch_size // process_count,
+        process_index=process_index,
+        process_count=process_count,
+        extra_transforms=extra_transforms,
+        num_workers=num_workers,
+    )
     return TrainIterator(host, sharding, prefetch_batches=int(data_config.get("prefetch_batches", 2)))
 
 
@@ -425,8 +470,9 @@ class EvalDataset(collections.abc.Sequence):
             example[key] = array if key == "image" else array[..., None]
         for key in keys[1:]:
             if example[key].shape[:2] != example["image"].shape[:2]:
-                raise BadExampleError(name, index, f"{key} is {example[key].shape[:2]} but image is "
-                                      f"{example['image'].shape[:2]}")
+                raise BadExampleError(
+                    name, index, f"{key} is {example[key].shape[:2]} but image is {example['image'].shape[:2]}"
+                )
         return example
 
 
@@ -436,8 +482,9 @@ def _share(order: Sequence[int], names: Sequence[str], process_index, process_co
     return order, [names[i] for i in order]
 
 
-def validation_dataset(data_config, *, process_index: int | None = None,
-                       process_count: int | None = None) -> EvalDataset:
+def validation_dataset(
+    data_config, *, process_index: int | None = None, process_count: int | None = None
+) -> EvalDataset:
     """The held-out validation slice of train (full size), in name order, this process's share."""
     names = source_lib.split_names(data_config, source_lib.TRAIN_SPLIT)
     held_out, _ = source_lib.validation_split(names, source_lib.validation_count(data_config, len(names)))
@@ -446,8 +493,9 @@ def validation_dataset(data_config, *, process_index: int | None = None,
     return EvalDataset(data_config, source_lib.TRAIN_SPLIT, indices, share)
 
 
-def test_dataset(data_config, split: str, *, process_index: int | None = None,
-                 process_count: int | None = None) -> EvalDataset:
+def test_dataset(
+    data_config, split: str, *, process_index: int | None = None, process_count: int | None = None
+) -> EvalDataset:
     """A test split ('p3m_500_p' / 'p3m_500_np', full size), in name order, this process's share."""
     if split not in source_lib.TEST_SPLITS:
         raise ValueError(f"unknown test split {split!r}; expected one of {source_lib.TEST_SPLITS}")

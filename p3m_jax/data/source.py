@@ -72,8 +72,13 @@ def synthetic_builder_config(tfds_name: str):
     height, width, num_train, num_test, num_test2, seed = match.groups()
     if num_test != num_test2:
         raise ValueError(f"{tfds_name!r}: synthetic configs have equal test split sizes")
-    return builder_lib.synthetic_config(image_size=(int(height), int(width)), num_train=int(num_train),
-                                        num_test=int(num_test), seed=int(seed or 0), name=config)
+    return builder_lib.synthetic_config(
+        image_size=(int(height), int(width)),
+        num_train=int(num_train),
+        num_test=int(num_test),
+        seed=int(seed or 0),
+        name=config,
+    )
 
 
 def get_builder(data_config):
@@ -115,28 +120,36 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
     synthetic = synthetic_builder_config(data_config.tfds_name)
     data_dir = os.path.expanduser(data_config.data_dir)
     if synthetic is None or not data_config.get("build_synthetic", False):
-        how = (f"python -m tfds_p3m10k.build --manual_dir=<folder with P3M-10k/ or its zip> "
-               f"--data_dir={data_config.data_dir}")
+        how = (
+            f"python -m tfds_p3m10k.build --manual_dir=<folder with P3M-10k/ or its zip> "
+            f"--data_dir={data_config.data_dir}"
+        )
         if synthetic is not None:
-            how = (f"set config.data.build_synthetic=True, or python -m tfds_p3m10k.build --config=synthetic "
-                   f"--synthetic_image_size={synthetic.synthetic_image_size[0]}x{synthetic.synthetic_image_size[1]} "
-                   f"--synthetic_num_train={synthetic.synthetic_num_train} "
-                   f"--synthetic_num_test={synthetic.synthetic_num_test} --data_dir={data_config.data_dir}")
+            how = (
+                f"set config.data.build_synthetic=True, or python -m tfds_p3m10k.build --config=synthetic "
+                f"--synthetic_image_size={synthetic.synthetic_image_size[0]}x{synthetic.synthetic_image_size[1]} "
+                f"--synthetic_num_train={synthetic.synthetic_num_train} "
+                f"--synthetic_num_test={synthetic.synthetic_num_test} --data_dir={data_config.data_dir}"
+            )
         raise FileNotFoundError(
             f"TFDS dataset config.data.tfds_name={data_config.tfds_name!r} is not built in "
-            f"config.data.data_dir={data_config.data_dir!r} ({data_dir}). Build it with: {how}")
+            f"config.data.data_dir={data_config.data_dir!r} ({data_dir}). Build it with: {how}"
+        )
     if process_index is None:
         process_index = _process_index()
     if process_index == 0:
         _log.info("building %s into %s (first use)", data_config.tfds_name, data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+        )
     else:
         deadline = time.time() + wait_timeout_s
         while not builder.is_prepared():
             if time.time() > deadline:
-                raise TimeoutError(f"process {process_index}: {data_config.tfds_name} not built by process 0 "
-                                   f"within {wait_timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"process {process_index}: {data_config.tfds_name} not built by process 0 "
+                    f"within {wait_timeout_s:.0f} s"
+                )
             time.sleep(2.0)
             builder = get_builder(data_config)
     return get_builder(data_config).info
@@ -206,18 +219,22 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
             pos += 2
             continue
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if pos + 9 > n:
                 return None
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
             return int(height), int(width)
         pos += 2 + length
     return None
 
 
-_REDUCED_COLOR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                  8: cv2.IMREAD_REDUCED_COLOR_8}
+_REDUCED_COLOR = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 
 
 def decode_bgr(data: bytes, reduce: int = 1) -> np.ndarray | None:
@@ -301,8 +318,10 @@ def validation_count(data_config, num_train: int) -> int:
     fraction = float(data_config.get("validation_fraction", 0.0) or 0.0)
     count = int(round(fraction * num_train)) if fraction > 0 else int(data_config.get("validation_count", 0))
     if not 0 <= count < num_train:
-        raise ValueError(f"validation slice of {count} examples out of {num_train} train examples: "
-                         f"check config.data.validation_count / validation_fraction")
+        raise ValueError(
+            f"validation slice of {count} examples out of {num_train} train examples: "
+            f"check config.data.validation_count / validation_fraction"
+        )
     return count
 
 

@@ -64,8 +64,7 @@ def elliptical_trimap(alpha: np.ndarray, kernel: int) -> np.ndarray:
 
     Erode/dilate are OpenCV's with a k x k `MORPH_ELLIPSE` element, computed bit for bit by
     `morphology.dilate_and_erode` (4-5x faster than `cv2.dilate` at k = 30)."""
-    reach, solid = morphology.dilate_and_erode((alpha > 0).view(np.uint8), (alpha == 255).view(np.uint8),
-                                               kernel)
+    reach, solid = morphology.dilate_and_erode((alpha > 0).view(np.uint8), (alpha == 255).view(np.uint8), kernel)
     trimap = reach * np.uint8(128)
     trimap[solid.view(bool)] = 255
     return trimap
@@ -86,8 +85,9 @@ def transition_grid(alpha: np.ndarray, kernel: int) -> tuple[np.ndarray, int]:
     return elliptical_trimap(small, max(1, int(round(kernel / stride)))) == 128, stride
 
 
-def sample_crop(alpha: np.ndarray, rng: np.random.Generator, *, crop_sizes, kernel_range,
-                transition_crop_prob: float) -> Crop:
+def sample_crop(
+    alpha: np.ndarray, rng: np.random.Generator, *, crop_sizes, kernel_range, transition_crop_prob: float
+) -> Crop:
     """Draws the trimap kernel and the crop window (steps 1-3 of the module docstring)."""
     height, width = alpha.shape
     kernel = int(rng.integers(int(kernel_range[0]), int(kernel_range[1]) + 1))
@@ -129,8 +129,7 @@ def align_crop(crop: Crop, size: int) -> Crop:
     return dataclasses.replace(crop, y0=crop.y0 - crop.y0 % factor, x0=crop.x0 - crop.x0 % factor)
 
 
-def warp_crop(array: np.ndarray, crop: Crop, size: int, flip: bool, *, origin=(0, 0),
-              reduce: int = 1) -> np.ndarray:
+def warp_crop(array: np.ndarray, crop: Crop, size: int, flip: bool, *, origin=(0, 0), reduce: int = 1) -> np.ndarray:
     """Samples `crop` (full-resolution coordinates) of `array` to size x size, flipped if `flip`.
 
     `array` covers the full-resolution region starting at `origin` (y, x), at 1/`reduce` scale (JPEG DCT
@@ -141,7 +140,7 @@ def warp_crop(array: np.ndarray, crop: Crop, size: int, flip: bool, *, origin=(0
     """
     oy, ox = crop.y0 - origin[0], crop.x0 - origin[1]
     if not (oy % reduce or ox % reduce or crop.height % reduce or crop.width % reduce):
-        window = array[oy // reduce:(oy + crop.height) // reduce, ox // reduce:(ox + crop.width) // reduce]
+        window = array[oy // reduce : (oy + crop.height) // reduce, ox // reduce : (ox + crop.width) // reduce]
         out = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
         return cv2.flip(out, 1) if flip else out
     sx, sy = crop.width / size, crop.height / size
@@ -153,8 +152,9 @@ def warp_crop(array: np.ndarray, crop: Crop, size: int, flip: bool, *, origin=(0
         ax, bx = sx / r, (ox - shift - 0.5 + 0.5 * sx) / r
     ay, by = sy / r, (oy - shift - 0.5 + 0.5 * sy) / r
     matrix = np.array([[ax, 0.0, bx], [0.0, ay, by]], np.float64)
-    return cv2.warpAffine(array, matrix, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        array, matrix, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 class _Timer:
@@ -203,7 +203,8 @@ class TrainTransform(grain.transforms.RandomMap):
             use_fg_bg=bool(data_config.use_fg_bg),
             use_facemask=bool(data_config.get("use_facemask", True)),
             reduced_dct_decode=bool(data_config.reduced_dct_decode),
-            skip_bad_examples=bool(data_config.skip_bad_examples))
+            skip_bad_examples=bool(data_config.skip_bad_examples),
+        )
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         try:
@@ -231,8 +232,13 @@ class TrainTransform(grain.transforms.RandomMap):
         height, width = alpha.shape
         timer.lap("decode_alpha")
 
-        crop = sample_crop(alpha, rng, crop_sizes=self.crop_sizes, kernel_range=self.trimap_kernel_range,
-                           transition_crop_prob=self.transition_crop_prob)
+        crop = sample_crop(
+            alpha,
+            rng,
+            crop_sizes=self.crop_sizes,
+            kernel_range=self.trimap_kernel_range,
+            transition_crop_prob=self.transition_crop_prob,
+        )
         crop = align_crop(crop, size)
         flip = bool(rng.random() < self.flip_prob)
         timer.lap("sample_crop")
@@ -249,8 +255,9 @@ class TrainTransform(grain.transforms.RandomMap):
                 raise bad(f"{key} does not decode")
             expected = (-(-height // reduce), -(-width // reduce))
             if array.shape[:2] != expected:
-                raise bad(f"{key} is {array.shape[0]}x{array.shape[1]} (at 1/{reduce} scale) but alpha is "
-                          f"{height}x{width}")
+                raise bad(
+                    f"{key} is {array.shape[0]}x{array.shape[1]} (at 1/{reduce} scale) but alpha is {height}x{width}"
+                )
             return array, reduce
 
         def warp_colour(array: np.ndarray, reduce: int) -> np.ndarray:

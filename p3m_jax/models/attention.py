@@ -29,16 +29,22 @@ from p3m_jax.models.layers import Dtype
 # Upper bound on the number of attention logits (batch x heads x queries x keys) computed at
 # once by `global_attention`: 2**27 float32 logits are 512 MiB. (A batch of 8 training crops of
 # 512x512 needs 2 chunks in ViTAE's stage 2; a 1088x1600 test image 12.)
-MAX_LOGITS_PER_CHUNK = 2 ** 27
+MAX_LOGITS_PER_CHUNK = 2**27
 
 trunc_normal_init = nn.initializers.truncated_normal(stddev=0.02)
 
 
-def dense(features: int, *, name: str, use_bias: bool = True,
-          dtype: Dtype = jnp.float32) -> nn.Dense:
+def dense(features: int, *, name: str, use_bias: bool = True, dtype: Dtype = jnp.float32) -> nn.Dense:
     """A Linear layer initialised like the authors' transformers (``trunc_normal_(std=.02)``)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=trunc_normal_init, bias_init=nn.initializers.zeros, name=name)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=trunc_normal_init,
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
 
 
 def layer_norm(epsilon: float, *, name: str, dtype: Dtype = jnp.float32) -> nn.Module:
@@ -95,8 +101,11 @@ def _layer_norm_bwd(epsilon, residuals, g):
     g_bias = jnp.sum(g, axis=batch_axes)
     g_normalized = g * scale
     # d/dx of (x - mean) * rstd: rstd * (dy - mean(dy) - y * mean(dy * y)), y the normalized input.
-    g_x = rstd * (g_normalized - jnp.mean(g_normalized, axis=-1, keepdims=True)
-                  - normalized * jnp.mean(g_normalized * normalized, axis=-1, keepdims=True))
+    g_x = rstd * (
+        g_normalized
+        - jnp.mean(g_normalized, axis=-1, keepdims=True)
+        - normalized * jnp.mean(g_normalized * normalized, axis=-1, keepdims=True)
+    )
     return g_x.astype(x.dtype), g_scale, g_bias
 
 
@@ -123,8 +132,9 @@ class Mlp(nn.Module):
         return dense(out_features, name="fc2", dtype=self.dtype)(x)
 
 
-def global_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                     max_logits_per_chunk: int = MAX_LOGITS_PER_CHUNK) -> jax.Array:
+def global_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, max_logits_per_chunk: int = MAX_LOGITS_PER_CHUNK
+) -> jax.Array:
     """Softmax attention of every query over every key, ``softmax(q k^T / sqrt(d)) v``.
 
     Args:
@@ -145,8 +155,7 @@ def global_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     def attend(q_chunk):
         # float32 logits/softmax whatever the compute dtype (as PyTorch in float32).
-        out = _softmax_attention(q_chunk.astype(jnp.float32), k.astype(jnp.float32),
-                                 v.astype(jnp.float32))
+        out = _softmax_attention(q_chunk.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
         return out.astype(dtype)
 
     per_query = b * h * s
@@ -236,7 +245,8 @@ class DropPath(nn.Module):
             raise ValueError(
                 f"{'/'.join(self.path)}: stochastic depth (rate {self.rate:.3g} here) needs a "
                 "'dropout' PRNG in training: call apply(..., train=True, rngs={'dropout': key}), "
-                "or build the model with drop_path_rate=0.0")
+                "or build the model with drop_path_rate=0.0"
+            )
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, jnp.zeros_like(x))

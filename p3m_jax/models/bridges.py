@@ -27,9 +27,7 @@ class TFI(nn.Module):
     @nn.compact
     def __call__(self, global_feature, local_feature, encoder_feature, train: bool):
         transform = conv2d(self.planes // 2, 1, use_bias=False, name="transform", dtype=self.dtype)
-        x = jnp.concatenate(
-            [transform(global_feature), transform(local_feature), transform(encoder_feature)],
-            axis=-1)
+        x = jnp.concatenate([transform(global_feature), transform(local_feature), transform(encoder_feature)], axis=-1)
         x = conv2d(self.planes, 3, use_bias=False, name="conv1", dtype=self.dtype)(x)
         x = BatchNorm(dtype=self.dtype, name="bn1")(x, train)
         return nn.relu(x)
@@ -52,8 +50,7 @@ class SBFI(nn.Module):
 
     @nn.compact
     def __call__(self, local_feature, pooled_stem, train: bool):
-        a = conv2d(self.planes // 2, 1, use_bias=False, name="transform1", dtype=self.dtype)(
-            local_feature)
+        a = conv2d(self.planes // 2, 1, use_bias=False, name="transform1", dtype=self.dtype)(local_feature)
         step = self.stride // 2
         b = pooled_stem[:, ::step, ::step]
         b = conv2d(self.planes // 2, 1, use_bias=False, name="transform2", dtype=self.dtype)(b)
@@ -81,10 +78,8 @@ class DBFI(nn.Module):
 
     @nn.compact
     def __call__(self, global_feature, deep_feature, train: bool):
-        a = conv2d(self.planes // 2, 1, use_bias=False, name="transform1", dtype=self.dtype)(
-            global_feature)
-        b = conv2d(self.planes // 2, 1, use_bias=False, name="transform2", dtype=self.dtype)(
-            deep_feature)
+        a = conv2d(self.planes // 2, 1, use_bias=False, name="transform1", dtype=self.dtype)(global_feature)
+        b = conv2d(self.planes // 2, 1, use_bias=False, name="transform2", dtype=self.dtype)(deep_feature)
         b = upsample_bilinear(b, self.stride)
         x = jnp.concatenate([a, b], axis=-1)
         x = conv2d(self.planes, 3, use_bias=False, name="conv1", dtype=self.dtype)(x)

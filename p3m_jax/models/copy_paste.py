@@ -49,8 +49,7 @@ def check_layers(layers: Sequence[str]) -> tuple[str, ...]:
     layers = tuple(layers)
     unknown = [name for name in layers if name not in FCP_LAYERS]
     if unknown or not layers:
-        raise ValueError(f"FCP layers must be a non-empty subset of {sorted(FCP_LAYERS)}; got "
-                         f"{list(layers)}")
+        raise ValueError(f"FCP layers must be a non-empty subset of {sorted(FCP_LAYERS)}; got {list(layers)}")
     return layers
 
 
@@ -65,9 +64,13 @@ def mask_at(mask: jax.Array, height: int, width: int) -> jax.Array:
     return area > 0.5
 
 
-def replace_features(target: EncoderOutput, source: EncoderOutput, mask: jax.Array,
-                     apply: jax.Array, layers: Sequence[str] = DEFAULT_FCP_LAYERS
-                     ) -> EncoderOutput:
+def replace_features(
+    target: EncoderOutput,
+    source: EncoderOutput,
+    mask: jax.Array,
+    apply: jax.Array,
+    layers: Sequence[str] = DEFAULT_FCP_LAYERS,
+) -> EncoderOutput:
     """FCP: ``target`` with the chosen layers' masked positions taken from ``source``.
 
     Args:
@@ -98,8 +101,9 @@ def replace_features(target: EncoderOutput, source: EncoderOutput, mask: jax.Arr
     return EncoderOutput(deep=deep, features=tuple(features), indices=target.indices)
 
 
-def encode_source(parent: nn.Module, encoder: nn.Module, x: jax.Array, train: bool,
-                  run: jax.Array | None = None) -> EncoderOutput:
+def encode_source(
+    parent: nn.Module, encoder: nn.Module, x: jax.Array, train: bool, run: jax.Array | None = None
+) -> EncoderOutput:
     """The encoder's features of ``x`` with the encoder's current variables, no gradient and no
     running-statistics update (see the module docstring).
 
@@ -122,12 +126,12 @@ def encode_source(parent: nn.Module, encoder: nn.Module, x: jax.Array, train: bo
     if run is None:
         return forward(x)
     shapes = jax.eval_shape(forward, x)
-    return jax.lax.cond(run, forward,
-                        lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), x)
+    return jax.lax.cond(run, forward, lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), x)
 
 
-def apply_fcp(parent: nn.Module, encoder: nn.Module, target: EncoderOutput,
-              fcp: dict[str, Any], train: bool) -> EncoderOutput:
+def apply_fcp(
+    parent: nn.Module, encoder: nn.Module, target: EncoderOutput, fcp: dict[str, Any], train: bool
+) -> EncoderOutput:
     """The model hook: encodes ``fcp["source_image"]`` and replaces the target features.
 
     ``fcp`` keys: ``source_image`` (N, H, W, 3) float normalised like the input, ``mask``
@@ -138,12 +142,12 @@ def apply_fcp(parent: nn.Module, encoder: nn.Module, target: EncoderOutput,
         return target
     apply = jnp.asarray(fcp["apply"]).astype(bool)
     source = encode_source(parent, encoder, fcp["source_image"], train, run=jnp.any(apply))
-    return replace_features(target, source, fcp["mask"], apply,
-                            fcp.get("layers", DEFAULT_FCP_LAYERS))
+    return replace_features(target, source, fcp["mask"], apply, fcp.get("layers", DEFAULT_FCP_LAYERS))
 
 
-def fcp_inputs(batch: dict[str, jax.Array], step: jax.Array | int, start_step: int,
-               layers: Sequence[str] = DEFAULT_FCP_LAYERS) -> dict[str, Any]:
+def fcp_inputs(
+    batch: dict[str, jax.Array], step: jax.Array | int, start_step: int, layers: Sequence[str] = DEFAULT_FCP_LAYERS
+) -> dict[str, Any]:
     """The ``fcp`` argument of `P3MNet.__call__` from a uint8 training batch (jittable).
 
     Uses the batch keys ``fcp_source`` (B, S, S, 3) uint8, ``fcp_mask`` (B, S, S, 1) uint8 and
@@ -158,5 +162,13 @@ def fcp_inputs(batch: dict[str, jax.Array], step: jax.Array | int, start_step: i
     return {"source_image": source, "mask": mask, "apply": apply, "layers": check_layers(layers)}
 
 
-__all__ = ["FCP_LAYERS", "DEFAULT_FCP_LAYERS", "replace_features", "mask_at", "encode_source",
-           "apply_fcp", "fcp_inputs", "check_layers"]
+__all__ = [
+    "FCP_LAYERS",
+    "DEFAULT_FCP_LAYERS",
+    "replace_features",
+    "mask_at",
+    "encode_source",
+    "apply_fcp",
+    "fcp_inputs",
+    "check_layers",
+]

@@ -107,9 +107,12 @@ class P3MDecoder(nn.Module):
         pooled_stem = pool_stem(feats[0])  # one pooling for the three sBFIs
 
         def block(level, branch, inp):
-            return ConvBNReLUStack(spec.block_widths(level, branch),
-                                   plain_last=(level == 0 and branch == "global"),
-                                   dtype=self.dtype, name=f"decoder{level}_{branch[0]}")(inp, train)
+            return ConvBNReLUStack(
+                spec.block_widths(level, branch),
+                plain_last=(level == 0 and branch == "global"),
+                dtype=self.dtype,
+                name=f"decoder{level}_{branch[0]}",
+            )(inp, train)
 
         def unpool(v, k):
             return max_unpool_2x2(v, idx[k], spec.pool_window)
@@ -124,8 +127,7 @@ class P3MDecoder(nn.Module):
         d0_g, side0 = DBFI(w0, 16, dtype=self.dtype, name="dbfi_0")(d1_g, x, train)
         global_logits = upsample_bilinear(block(0, "global", d0_g), 2)
         if spec.global_head_conv:
-            global_logits = conv2d(3, 3, use_bias=True, name="decoder_final_g",
-                                   dtype=self.dtype)(global_logits)
+            global_logits = conv2d(3, 3, use_bias=True, name="decoder_final_g", dtype=self.dtype)(global_logits)
 
         # Local (detail) branch.
         d4_l = unpool(block(4, "local", x), 4)

@@ -42,9 +42,9 @@ def torch_conv_init(key, shape, dtype=jnp.float32):
 
 def _lax_same_conv(x, kernel, groups):
     ph, pw = kernel.shape[0] // 2, kernel.shape[1] // 2
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((ph, ph), (pw, pw)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=groups)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((ph, ph), (pw, pw)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
+    )
 
 
 def _pad_same(x, kh, kw):
@@ -62,7 +62,7 @@ def _tap_grouped_conv(x, kernel, groups):
     out = None
     for dy in range(kh):
         for dx in range(kw):
-            tap = xp[:, dy:dy + h, dx:dx + w, :].reshape(n, h, w, groups, cin_group)
+            tap = xp[:, dy : dy + h, dx : dx + w, :].reshape(n, h, w, groups, cin_group)
             term = jnp.einsum("nhwgc,cgo->nhwgo", tap, k[dy, dx])
             out = term if out is None else out + term
     return out.reshape(n, h, w, cout)
@@ -110,8 +110,9 @@ def _small_group_conv(x, kernel, groups):
         out = None
         for t in range(kh * kw):
             dy, dx = divmod(t, kw)
-            out = add_tap(out, xp[:, dy:dy + h, dx:dx + w], k[t])
+            out = add_tap(out, xp[:, dy : dy + h, dx : dx + w], k[t])
     else:
+
         def tap(t, acc):
             tap_input = jax.lax.dynamic_slice(xp, (0, t // kw, t % kw, 0, 0), (n, h, w, cin_group, groups))
             return add_tap(acc, tap_input, k[t])
@@ -144,11 +145,12 @@ def _stacked_taps_conv(x, kernel):
     kh, kw, cin, cout = kernel.shape
     h, w = x.shape[1], x.shape[2]
     xp = _pad_same(x, kh, kw)
-    taps = jnp.stack([xp[:, dy:dy + h, dx:dx + w] for dy in range(kh) for dx in range(kw)], axis=3)
+    taps = jnp.stack([xp[:, dy : dy + h, dx : dx + w] for dy in range(kh) for dx in range(kw)], axis=3)
     # (tap, Cin) contracted as two axes: merged into one (a reshaped kernel), the 8-device FSDP
     # P3M-CP step took 2m11s to compile instead of 80 s.
-    out = jax.lax.dot_general(taps, kernel.reshape(kh * kw, cin, cout), (((3, 4), (0, 1)), ((), ())),
-                              preferred_element_type=jnp.float32)
+    out = jax.lax.dot_general(
+        taps, kernel.reshape(kh * kw, cin, cout), (((3, 4), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+    )
     return out.astype(jnp.result_type(x, kernel))
 
 
@@ -198,8 +200,7 @@ def _padded_input_kernel_grad(x, g, kernel_shape, kernel_dtype):
     xp = _pad_same(x, kh, kw).astype(jnp.float32)
 
     def convolve(kernel):
-        return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     transpose = jax.linear_transpose(convolve, jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
     (grad,) = transpose(g.astype(jnp.float32))
@@ -222,9 +223,10 @@ def _stacked_cotangent_kernel_grad(x, g, kernel_shape, kernel_dtype):
     xp, gp, offsets = _padded_grid_rows(x, g, kernel_shape)
     rows, most = gp.shape[0], offsets[-1]
     gp = jnp.pad(gp, ((most, 0), (0, 0)))
-    shifted = jnp.stack([gp[most - s:most - s + rows] for s in offsets], axis=1)
-    out = jax.lax.dot_general(xp, shifted.reshape(rows, kh * kw * cout), (((0,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
+    shifted = jnp.stack([gp[most - s : most - s + rows] for s in offsets], axis=1)
+    out = jax.lax.dot_general(
+        xp, shifted.reshape(rows, kh * kw * cout), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
     return out.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3).astype(kernel_dtype)
 
 
@@ -272,8 +274,12 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
 
 
 def _platform_same_conv(x, kernel, groups):
-    return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(_cpu_same_conv, groups=groups),
-                                      default=functools.partial(_lax_same_conv, groups=groups))
+    return jax.lax.platform_dependent(
+        x,
+        kernel,
+        cpu=functools.partial(_cpu_same_conv, groups=groups),
+        default=functools.partial(_lax_same_conv, groups=groups),
+    )
 
 
 def _same_conv_fwd(x, kernel, groups):
@@ -283,8 +289,12 @@ def _same_conv_fwd(x, kernel, groups):
 def _same_conv_bwd(groups, residuals, g):
     x, kernel = residuals
     return jax.lax.platform_dependent(
-        x, kernel, g, cpu=functools.partial(_cpu_same_conv_vjp, groups),
-        default=functools.partial(_default_same_conv_vjp, groups))
+        x,
+        kernel,
+        g,
+        cpu=functools.partial(_cpu_same_conv_vjp, groups),
+        default=functools.partial(_default_same_conv_vjp, groups),
+    )
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
@@ -293,13 +303,20 @@ same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 def pointwise_conv(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
     """A 1x1 convolution (kernel (1, 1, Cin, Cout)) as the matmul it is: 2-4x faster than
     XLA:CPU's convolution forward and backward; other backends lower both to the same GEMM."""
-    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())),
-                               precision=precision)
+    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-def _flax_same_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                    rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                    precision=None):
+def _flax_same_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+):
     """`lax.conv_general_dilated` as flax's Conv calls it (stride 1, 'same' padding, set by
     `conv2d`), routed to `pointwise_conv` or `same_conv`."""
     del window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers
@@ -315,14 +332,23 @@ def _flax_same_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
 _traced_once_same_conv = jax.jit(same_conv, static_argnums=2)
 
 
-def conv2d(features: int, kernel_size: int, *, use_bias: bool, name: str,
-           groups: int = 1, dtype: Dtype = jnp.float32) -> nn.Conv:
+def conv2d(
+    features: int, kernel_size: int, *, use_bias: bool, name: str, groups: int = 1, dtype: Dtype = jnp.float32
+) -> nn.Conv:
     """A stride-1 'same' convolution, as PyTorch's ``Conv2d(k, padding=k // 2)``."""
     pad = kernel_size // 2
-    return nn.Conv(features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
-                   use_bias=use_bias, feature_group_count=groups, dtype=dtype,
-                   param_dtype=jnp.float32, kernel_init=torch_conv_init, name=name,
-                   conv_general_dilated=_flax_same_conv)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        feature_group_count=groups,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_conv_init,
+        name=name,
+        conv_general_dilated=_flax_same_conv,
+    )
 
 
 class BatchNorm(nn.Module):
@@ -450,16 +476,19 @@ def _disjoint_max_pool_grad(g, argmax, input_size, window, stride):
     """
     n, ho, wo, c = g.shape
     h, w = input_size
-    offsets = (jnp.arange(window, dtype=argmax.dtype)[:, None, None] * window
-               + jnp.arange(window, dtype=argmax.dtype)[None, None, :])  # (window, 1, window)
+    offsets = (
+        jnp.arange(window, dtype=argmax.dtype)[:, None, None] * window
+        + jnp.arange(window, dtype=argmax.dtype)[None, None, :]
+    )  # (window, 1, window)
     won = argmax[:, :, None, :, None, :] == offsets[..., None]  # (N, Ho, window, Wo, window, C)
     blocks = jnp.where(won, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
     extra = stride - window
     blocks = jnp.pad(blocks, ((0, 0), (0, 0), (0, extra), (0, 0), (0, extra), (0, 0)))
     plane = blocks.reshape(n, ho * stride, wo * stride, c)
     # The last windows may end before the plane does (or their padding past it).
-    return jax.lax.pad(plane, jnp.zeros((), g.dtype),
-                       ((0, 0, 0), (0, h - ho * stride, 0), (0, w - wo * stride, 0), (0, 0, 0)))
+    return jax.lax.pad(
+        plane, jnp.zeros((), g.dtype), ((0, 0, 0), (0, h - ho * stride, 0), (0, w - wo * stride, 0), (0, 0, 0))
+    )
 
 
 def _window_offsets(x: jax.Array, window: int, stride: int):
@@ -470,13 +499,19 @@ def _window_offsets(x: jax.Array, window: int, stride: int):
     wo = (w - window) // stride + 1
     for dy in range(window):
         for dx in range(window):
-            yield dy, dx, jax.lax.slice(
-                x, (0, dy, dx, 0), (n, dy + (ho - 1) * stride + 1, dx + (wo - 1) * stride + 1, c),
-                (1, stride, stride, 1))
+            yield (
+                dy,
+                dx,
+                jax.lax.slice(
+                    x,
+                    (0, dy, dx, 0),
+                    (n, dy + (ho - 1) * stride + 1, dx + (wo - 1) * stride + 1, c),
+                    (1, stride, stride, 1),
+                ),
+            )
 
 
-def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int
-                         ) -> tuple[jax.Array, jax.Array]:
+def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int) -> tuple[jax.Array, jax.Array]:
     """Max-pooling that also says where in each window the maximum was.
 
     Args:
@@ -502,8 +537,7 @@ def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int
     return _max_pool_with_argmax(x, window, stride, padding)
 
 
-def argmax_to_indices(argmax: jax.Array, window: int, stride: int, padding: int,
-                      input_width: int) -> jax.Array:
+def argmax_to_indices(argmax: jax.Array, window: int, stride: int, padding: int, input_width: int) -> jax.Array:
     """PyTorch's flat indices ``y * W + x`` (int32, into the unpadded input plane of width
     ``input_width``) from the window offsets of `max_pool_with_argmax`."""
     _, ho, wo, _ = argmax.shape
@@ -512,8 +546,7 @@ def argmax_to_indices(argmax: jax.Array, window: int, stride: int, padding: int,
     return rows * input_width + cols
 
 
-def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int
-                          ) -> tuple[jax.Array, jax.Array]:
+def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int) -> tuple[jax.Array, jax.Array]:
     """`max_pool_with_argmax` with PyTorch's ``return_indices=True`` output: int32 flat positions
     ``y * W + x`` in the (unpadded) input plane instead of offsets inside the window."""
     pooled, argmax = max_pool_with_argmax(x, window, stride, padding)
@@ -584,11 +617,11 @@ def _max_pool_grad_stride2(g, argmax, input_size, window, padding):
                     oy, ox = a + 2 * ky, b + 2 * kx
                     if oy >= window or ox >= window:
                         continue
-                    gs = g[:, 1 - ky:1 - ky + hc, 1 - kx:1 - kx + wc]
-                    won = argmax[:, 1 - ky:1 - ky + hc, 1 - kx:1 - kx + wc] == oy * window + ox
+                    gs = g[:, 1 - ky : 1 - ky + hc, 1 - kx : 1 - kx + wc]
+                    won = argmax[:, 1 - ky : 1 - ky + hc, 1 - kx : 1 - kx + wc] == oy * window + ox
                     value = value + jnp.where(won, gs, 0)
             classes.append(value)
-    return _interleave_2x2(classes)[:, padding:padding + h, padding:padding + w]
+    return _interleave_2x2(classes)[:, padding : padding + h, padding : padding + w]
 
 
 def _interleave_2x2(quads: list[jax.Array]) -> jax.Array:
@@ -604,7 +637,7 @@ def _shift_up_left(a: jax.Array, dy: int, dx: int, fill) -> jax.Array:
         return a
     n, h, w, c = a.shape
     a = jnp.pad(a, ((0, 0), (0, dy), (0, dx), (0, 0)), constant_values=fill)
-    return a[:, dy:dy + h, dx:dx + w, :]
+    return a[:, dy : dy + h, dx : dx + w, :]
 
 
 def max_unpool_2x2(x: jax.Array, argmax: jax.Array, pool_window: int = 2) -> jax.Array:
@@ -655,8 +688,9 @@ def _max_unpool_forward(x, argmax, pool_window):
     # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1), at
     # offset a + p - 2 dy inside window i + dy.
     reach = (0,) if pool_window == 2 else (0, 1)
-    shifted = {(dy, dx): (_shift_up_left(x, dy, dx, 0), _shift_up_left(argmax, dy, dx, -1))
-               for dy in reach for dx in reach}
+    shifted = {
+        (dy, dx): (_shift_up_left(x, dy, dx, 0), _shift_up_left(argmax, dy, dx, -1)) for dy in reach for dx in reach
+    }
     quads = []
     for a in (0, 1):
         for b in (0, 1):

@@ -9,8 +9,14 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from p3m_jax.models.decoder import (OUTPUT_NAMES, RESNET34_DECODER, SWIN_T_DECODER,
-                                    VITAE_S_DECODER, DecoderSpec, P3MDecoder)
+from p3m_jax.models.decoder import (
+    OUTPUT_NAMES,
+    RESNET34_DECODER,
+    SWIN_T_DECODER,
+    VITAE_S_DECODER,
+    DecoderSpec,
+    P3MDecoder,
+)
 from p3m_jax.models.layers import Dtype
 
 # Input normalization the networks were trained with (ImageNet statistics, RGB order).
@@ -27,6 +33,7 @@ def normalize_uint8(image: jax.Array) -> jax.Array:
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
     return (image.astype(jnp.float32) / 255.0 - mean) / std
+
 
 # arch name -> (module path, encoder class name, decoder spec). Encoders are imported lazily
 # so that building one variant does not import the others.
@@ -51,14 +58,14 @@ class P3MNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False,
-                 fcp: dict[str, Any] | None = None) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False, fcp: dict[str, Any] | None = None) -> dict[str, jax.Array]:
         """``fcp``: optional P3M-CP feature-level copy and paste inputs (keys ``source_image``,
         ``mask``, ``apply``, ``layers``; see `p3m_jax.models.copy_paste.apply_fcp`)."""
         check_input_shape(x.shape)
         features = self.encoder(x, train)
         if fcp is not None:
             from p3m_jax.models.copy_paste import apply_fcp  # imported here: no import cycle
+
             features = apply_fcp(self, self.encoder, features, fcp, train)
         return P3MDecoder(self.decoder_spec, dtype=self.dtype, name="decoder")(features, train)
 
@@ -66,12 +73,13 @@ class P3MNet(nn.Module):
 def check_input_shape(shape) -> None:
     """Raises ValueError unless ``shape`` is (N, H, W, 3) with H and W multiples of 32."""
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"P3M-Net expects an NHWC batch of RGB images (N, H, W, 3); got shape "
-                         f"{tuple(shape)}")
+        raise ValueError(f"P3M-Net expects an NHWC batch of RGB images (N, H, W, 3); got shape {tuple(shape)}")
     n, h, w, _ = shape
     if h % 32 or w % 32 or h == 0 or w == 0:
-        raise ValueError(f"P3M-Net needs height and width that are positive multiples of 32 "
-                         f"(five 2x poolings); got {h}x{w}. Resize or pad the image first.")
+        raise ValueError(
+            f"P3M-Net needs height and width that are positive multiples of 32 "
+            f"(five 2x poolings); got {h}x{w}. Resize or pad the image first."
+        )
 
 
 def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any) -> P3MNet:
@@ -85,8 +93,7 @@ def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     module_name, class_name, spec = ARCHITECTURES[arch]
-    encoder_cls: Callable[..., nn.Module] = getattr(importlib.import_module(module_name),
-                                                    class_name)
+    encoder_cls: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), class_name)
     encoder = encoder_cls(dtype=dtype, name="encoder", **encoder_options)
     return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype)
 
@@ -100,5 +107,14 @@ def init_variables(model: P3MNet, rng: jax.Array, image_size: tuple[int, int] = 
     return model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
 
 
-__all__ = ["P3MNet", "build_model", "normalize_uint8", "init_variables", "check_input_shape", "ARCHITECTURES",
-           "OUTPUT_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "P3MNet",
+    "build_model",
+    "normalize_uint8",
+    "init_variables",
+    "check_input_shape",
+    "ARCHITECTURES",
+    "OUTPUT_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

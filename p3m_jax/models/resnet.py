@@ -96,6 +96,11 @@ class ResNet34MP(nn.Module):
                 indices.append(ind)
         if self.is_initializing() and self.num_classes:
             # Create the ImageNet head's parameters only (see module docstring).
-            nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_conv_init,
-                     bias_init=nn.initializers.zeros, name="fc")(jnp.mean(h, axis=(1, 2)))
+            nn.Dense(
+                self.num_classes,
+                dtype=self.dtype,
+                kernel_init=torch_conv_init,
+                bias_init=nn.initializers.zeros,
+                name="fc",
+            )(jnp.mean(h, axis=(1, 2)))
         return EncoderOutput(deep=h, features=tuple(feats), indices=tuple(indices))

@@ -133,12 +133,13 @@ class WindowAttention(nn.Module):
     def __call__(self, x: jax.Array, labels: np.ndarray | None) -> jax.Array:
         bw, n, c = x.shape
         head_dim = c // self.num_heads
-        table = self.param("relative_position_bias_table", trunc_normal_init,
-                           ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32)
+        table = self.param(
+            "relative_position_bias_table", trunc_normal_init, ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32
+        )
         qkv = dense(3 * c, name="qkv", dtype=self.dtype)(x)
         qkv = qkv.reshape(bw, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         index = relative_position_index(self.window).reshape(-1)
         bias = table[index].reshape(n, n, self.num_heads).transpose(2, 0, 1)
@@ -177,8 +178,7 @@ class SwinBlock(nn.Module):
             x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
         labels = window_region_labels(h, w, win, shift)  # static: numpy at trace time
         windows = window_partition(x, win)
-        windows = WindowAttention(self.num_heads, win, dtype=self.dtype, name="attn")(windows,
-                                                                                      labels)
+        windows = WindowAttention(self.num_heads, win, dtype=self.dtype, name="attn")(windows, labels)
         x = window_reverse(windows, win, hp, wp)
         if shift:
             x = jnp.roll(x, (shift, shift), axis=(1, 2))
@@ -221,9 +221,15 @@ class _SwinBlocks(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         for i in range(self.depth):
-            x = SwinBlock(self.num_heads, self.window, 0 if i % 2 == 0 else self.window // 2,
-                          self.mlp_ratio, self.drop_paths[i], dtype=self.dtype,
-                          name=str(i))(x, train)
+            x = SwinBlock(
+                self.num_heads,
+                self.window,
+                0 if i % 2 == 0 else self.window // 2,
+                self.mlp_ratio,
+                self.drop_paths[i],
+                dtype=self.dtype,
+                name=str(i),
+            )(x, train)
         return x
 
 
@@ -240,8 +246,9 @@ class _SwinStage(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = _SwinBlocks(self.depth, self.num_heads, self.window, self.mlp_ratio,
-                        self.drop_paths, dtype=self.dtype, name="blocks")(x, train)
+        x = _SwinBlocks(
+            self.depth, self.num_heads, self.window, self.mlp_ratio, self.drop_paths, dtype=self.dtype, name="blocks"
+        )(x, train)
         if not self.downsample:
             return x, None, None
         return PoolingPatchMerging(2 * x.shape[-1], dtype=self.dtype, name="downsample")(x)
@@ -271,9 +278,16 @@ class _SwinLayers(nn.Module):
         start = 0
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             last = i == len(self.depths) - 1
-            x, idx, feat = stage_cls(depth, heads, self.window, self.mlp_ratio,
-                                      tuple(rates[start:start + depth]), not last,
-                                      dtype=self.dtype, name=str(i))(x, train)
+            x, idx, feat = stage_cls(
+                depth,
+                heads,
+                self.window,
+                self.mlp_ratio,
+                tuple(rates[start : start + depth]),
+                not last,
+                dtype=self.dtype,
+                name=str(i),
+            )(x, train)
             start += depth
             if not last:
                 feats.append(feat)
@@ -297,8 +311,7 @@ class StemPoolingPatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array):
-        f0 = nn.relu(conv2d(self.embed_dim // 2, 3, use_bias=True, name="proj1",
-                            dtype=self.dtype)(x))
+        f0 = nn.relu(conv2d(self.embed_dim // 2, 3, use_bias=True, name="proj1", dtype=self.dtype)(x))
         x, idx0 = max_pool_with_argmax(f0, 2, 2, 0)
         f1 = nn.relu(conv2d(self.embed_dim, 3, use_bias=True, name="proj2", dtype=self.dtype)(x))
         x, idx1 = max_pool_with_argmax(f1, 2, 2, 0)
@@ -332,11 +345,18 @@ class SwinTStemPooling(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> EncoderOutput:
         x = x.astype(self.dtype)
-        x, feats, indices = StemPoolingPatchEmbed(self.embed_dim, relu_last=True,
-                                                  dtype=self.dtype, name="patch_embed")(x)
+        x, feats, indices = StemPoolingPatchEmbed(self.embed_dim, relu_last=True, dtype=self.dtype, name="patch_embed")(
+            x
+        )
         x, stage_feats, stage_indices = _SwinLayers(
-            tuple(self.depths), tuple(self.num_heads), self.window_size, self.mlp_ratio,
-            self.drop_path_rate, dtype=self.dtype, remat=self.remat, name="layers")(x, train)
+            tuple(self.depths),
+            tuple(self.num_heads),
+            self.window_size,
+            self.mlp_ratio,
+            self.drop_path_rate,
+            dtype=self.dtype,
+            remat=self.remat,
+            name="layers",
+        )(x, train)
         x = layer_norm(SWIN_LAYER_NORM_EPS, name="norm", dtype=self.dtype)(x)
-        return EncoderOutput(deep=x, features=tuple(feats + stage_feats),
-                             indices=tuple(indices + stage_indices))
+        return EncoderOutput(deep=x, features=tuple(feats + stage_feats), indices=tuple(indices + stage_indices))

@@ -39,8 +39,7 @@ NORMAL_CELL_LAYER_NORM_EPS = 1e-6
 PERFORMER_EPSILON = 1e-8  # the authors' "for stable in division"
 
 
-def performer_features_init(key: jax.Array, num_heads: int, num_features: int,
-                            head_dim: int) -> jax.Array:
+def performer_features_init(key: jax.Array, num_heads: int, num_features: int, head_dim: int) -> jax.Array:
     """Orthogonal random features for the Performer, like the authors' construction:
     per head an (m, head_dim) matrix with orthonormal rows, scaled by sqrt(m)."""
     ortho = jax.nn.initializers.orthogonal()
@@ -62,8 +61,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, c = x.shape
         head_dim = c // self.num_heads
-        qkv = dense(3 * c, name="qkv", dtype=self.dtype)(x).reshape(b, n, 3, self.num_heads,
-                                                                    head_dim)
+        qkv = dense(3 * c, name="qkv", dtype=self.dtype)(x).reshape(b, n, 3, self.num_heads, head_dim)
         out = global_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return dense(c, name="proj", dtype=self.dtype)(out.reshape(b, n, c))
 
@@ -85,8 +83,9 @@ class PerformerAttention(nn.Module):
         b, n, c = x.shape
         head_dim = c // self.num_heads
         m = int(head_dim * self.kernel_ratio)
-        w = self.variable("constants", "w", lambda: performer_features_init(
-            self.make_rng("params"), self.num_heads, m, head_dim)).value
+        w = self.variable(
+            "constants", "w", lambda: performer_features_init(self.make_rng("params"), self.num_heads, m, head_dim)
+        ).value
         if self.is_initializing():
             layer_norm(NORMAL_CELL_LAYER_NORM_EPS, name="norm1", dtype=self.dtype)(x)
         kqv = dense(3 * c, name="kqv", dtype=self.dtype)(x).astype(jnp.float32)
@@ -164,8 +163,9 @@ class _NormalCells(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         for i in range(self.depth):
-            x = NormalCell(self.num_heads, self.groups, self.performer, self.mlp_ratio,
-                           dtype=self.dtype, name=str(i))(x, train)
+            x = NormalCell(self.num_heads, self.groups, self.performer, self.mlp_ratio, dtype=self.dtype, name=str(i))(
+                x, train
+            )
         return x
 
 
@@ -185,13 +185,13 @@ class _ViTAEStage(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.first:
-            x, feats, indices = StemPoolingPatchEmbed(self.token_dim, relu_last=False,
-                                                      dtype=self.dtype, name="RC")(x)
+            x, feats, indices = StemPoolingPatchEmbed(self.token_dim, relu_last=False, dtype=self.dtype, name="RC")(x)
         else:
             x, idx, feat = PoolingPatchMerging(self.token_dim, dtype=self.dtype, name="RC")(x)
             feats, indices = [feat], [idx]
-        x = _NormalCells(self.depth, self.num_heads, self.groups, self.performer,
-                         self.mlp_ratio, dtype=self.dtype, name="NC")(x, train)
+        x = _NormalCells(
+            self.depth, self.num_heads, self.groups, self.performer, self.mlp_ratio, dtype=self.dtype, name="NC"
+        )(x, train)
         return x, feats, indices
 
 
@@ -213,10 +213,17 @@ class _ViTAELayers(nn.Module):
         stage_cls = nn.remat(_ViTAEStage, static_argnums=(2,)) if self.remat else _ViTAEStage
         feats, indices = [], []
         for i in range(len(self.depths)):
-            x, f, idx = stage_cls(self.token_dims[i], self.depths[i], self.num_heads[i],
-                                    self.groups[i], performer=(i == 0), first=(i == 0),
-                                    mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                                    name=str(i))(x, train)
+            x, f, idx = stage_cls(
+                self.token_dims[i],
+                self.depths[i],
+                self.num_heads[i],
+                self.groups[i],
+                performer=(i == 0),
+                first=(i == 0),
+                mlp_ratio=self.mlp_ratio,
+                dtype=self.dtype,
+                name=str(i),
+            )(x, train)
             feats += f
             indices += idx
         return x, feats, indices
@@ -237,10 +244,16 @@ class ViTAESmall(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> EncoderOutput:
         x = x.astype(self.dtype)
-        x, feats, indices = _ViTAELayers(tuple(self.token_dims), tuple(self.depths),
-                                         tuple(self.num_heads), tuple(self.groups),
-                                         self.mlp_ratio, dtype=self.dtype, remat=self.remat,
-                                         name="layers")(x, train)
+        x, feats, indices = _ViTAELayers(
+            tuple(self.token_dims),
+            tuple(self.depths),
+            tuple(self.num_heads),
+            tuple(self.groups),
+            self.mlp_ratio,
+            dtype=self.dtype,
+            remat=self.remat,
+            name="layers",
+        )(x, train)
         if self.is_initializing() and self.num_classes:
             # Create the ImageNet head's parameters only (see module docstring).
             dense(self.num_classes, name="head", dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))

@@ -64,15 +64,14 @@ def _abstract_key_data(x):
 
 def abstract_savable(abstract_state: Any) -> dict:
     """The restore target matching `to_savable` for an abstract state (ShapeDtypeStructs with shardings)."""
-    return jax.tree_util.tree_map(lambda x: _abstract_key_data(x) if _is_key(x) else x,
-                                  _fields(abstract_state))
+    return jax.tree_util.tree_map(lambda x: _abstract_key_data(x) if _is_key(x) else x, _fields(abstract_state))
 
 
 def _key_impl_name(key) -> str:
     """The PRNG implementation of a key array or of an abstract key (dtype ``key<rbg>`` -> "rbg")."""
     if isinstance(key, jax.Array):
         return str(jax.random.key_impl(key))
-    return str(key.dtype)[len("key<"):-1]  # abstract keys expose their impl only in the dtype name
+    return str(key.dtype)[len("key<") : -1]  # abstract keys expose their impl only in the dtype name
 
 
 def from_savable(restored: dict, like: Any) -> Any:
@@ -109,9 +108,12 @@ def _drop_closed_loop_errors() -> None:
     def hook(unraisable):
         value, traceback = unraisable.exc_value, unraisable.exc_traceback
         # Only a callback entered from native code: the traceback starts in call_soon_threadsafe.
-        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-                and traceback is not None
-                and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+        if (
+            isinstance(value, RuntimeError)
+            and str(value) == "Event loop is closed"
+            and traceback is not None
+            and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"
+        ):
             return
         previous(unraisable)
 
@@ -135,8 +137,15 @@ class TrainCheckpointer:
       read_only: only read (another run may be writing: its unfinished saves are left alone).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True,
-                 read_only: bool = False, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int = 2,
+        asynchronous: bool = True,
+        read_only: bool = False,
+        log: Callable[[str], None] | None = None,
+    ):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -147,28 +156,40 @@ class TrainCheckpointer:
         self._failed = False
         _quiet_orbax_errors()
         _drop_closed_loop_errors()
-        policy = cm.AnyPreservationPolicy([
-            cm.LatestN(n=keep),
-            # BestN keeps the *largest* metric values: rank by -SAD.
-            cm.BestN(get_metric_fn=lambda m: -float(m[BEST_METRIC]), n=1,
-                     keep_checkpoints_without_metrics=False),
-        ])
+        policy = cm.AnyPreservationPolicy(
+            [
+                cm.LatestN(n=keep),
+                # BestN keeps the *largest* metric values: rank by -SAD.
+                cm.BestN(get_metric_fn=lambda m: -float(m[BEST_METRIC]), n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
         # best_fn only makes orbax record each save's metrics and answer `best_step`; what is
         # deleted is decided by the preservation policy.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=lambda m: float(m[BEST_METRIC]), best_mode="min",
-            enable_async_checkpointing=asynchronous and not read_only, create=not read_only,
+            preservation_policy=policy,
+            best_fn=lambda m: float(m[BEST_METRIC]),
+            best_mode="min",
+            enable_async_checkpointing=asynchronous and not read_only,
+            create=not read_only,
             # Leftovers of a killed save are removed on a writer's start; a reader leaves them.
-            cleanup_tmp_directories=not read_only, read_only=read_only)
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+        )
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=("state", "data"))
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         except OSError as e:
             raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, state: Any, data_iterator: Any | None, *,
-             metrics: dict[str, float] | None = None, force: bool = True) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: Any | None,
+        *,
+        metrics: dict[str, float] | None = None,
+        force: bool = True,
+    ) -> None:
         """Starts an (asynchronous) save of ``state`` and the iterator's state at ``step``."""
         import grain  # pylint: disable=import-outside-toplevel
 
@@ -181,8 +202,9 @@ class TrainCheckpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
-            self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                              metrics=dict(metrics) if metrics else None)
+            self.manager.save(
+                step, args=ocp.args.Composite(**items), force=force, metrics=dict(metrics) if metrics else None
+            )
         except Exception as e:  # pylint: disable=broad-except  (disk full, permissions)
             message = self._failure_message(step, e)
         else:
@@ -245,12 +267,18 @@ class TrainCheckpointer:
         what = f"saving step {step}" if step is not None else "a checkpoint save"
         message = f"{what} to {self.directory} failed: {cause}"
         # tensorstore reports a full disk as RESOURCE_EXHAUSTED with the OS error code in the text.
-        if (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or \
-                f"os_error_code='{errno.ENOSPC}'" in str(cause) or "No space left" in str(cause):
+        if (
+            (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT))
+            or f"os_error_code='{errno.ENOSPC}'" in str(cause)
+            or "No space left" in str(cause)
+        ):
             message += f" ({self._space_needed()})"
         good = [s for s in self._finished_steps() if s != step]
-        message += (f"; the earlier checkpoints are intact (latest: step {good[-1]})" if good
-                    else "; no earlier checkpoint exists")
+        message += (
+            f"; the earlier checkpoints are intact (latest: step {good[-1]})"
+            if good
+            else "; no earlier checkpoint exists"
+        )
         return message
 
     def _space_needed(self) -> str:
@@ -259,9 +287,11 @@ class TrainCheckpointer:
             free = mb(shutil.disk_usage(self.directory).free)
         except OSError:
             free = "unknown"
-        return (f"a checkpoint needs ~{mb(self._checkpoint_bytes)}, keeping {self.keep} needs room for "
-                f"{self.keep + 1} at once (~{mb((self.keep + 1) * self._checkpoint_bytes)}); "
-                f"{free} free")
+        return (
+            f"a checkpoint needs ~{mb(self._checkpoint_bytes)}, keeping {self.keep} needs room for "
+            f"{self.keep + 1} at once (~{mb((self.keep + 1) * self._checkpoint_bytes)}); "
+            f"{free} free"
+        )
 
     def _check_free_space(self) -> None:
         """Warns when the filesystem cannot hold ``keep`` + 1 checkpoints (a new one is written
@@ -311,8 +341,9 @@ def restore_variables(directory: str | os.PathLike, step: int | None = None) -> 
             metadata = reader.metadata(state_dir).item_metadata
             wanted = {k: v for k, v in metadata.items() if k in ("params", "batch_stats", "constants")}
             restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-            restored = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=wanted, restore_args=restore_args, partial_restore=True))
+            restored = reader.restore(
+                state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+            )
     finally:
         checkpointer.close()
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

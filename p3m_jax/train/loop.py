@@ -46,8 +46,7 @@ from p3m_jax.predictor import Predictor, init_key, variables_from_torch
 from p3m_jax.train import mesh as mesh_lib
 from p3m_jax.train import state as state_lib
 from p3m_jax.train import step as step_lib
-from p3m_jax.train.checkpointing import (CHECKPOINT_SUBDIR, RUN_CONFIG_FILE, TrainCheckpointer,
-                                         restore_variables)
+from p3m_jax.train.checkpointing import CHECKPOINT_SUBDIR, RUN_CONFIG_FILE, TrainCheckpointer, restore_variables
 from p3m_jax.train.summary import METRICS_FILE, MetricWriter, drop_rows_after
 from p3m_jax.train.workdir_lock import acquire_for_run
 
@@ -90,8 +89,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         if int(config[field]) < 0:
             fail(field, f"must be >= 0, got {config[field]}")
     if num_devices is not None and config.batch_size % num_devices:
-        fail("batch_size", f"{config.batch_size} is not divisible by the {num_devices} devices "
-                           f"of the mesh (the global batch is split evenly across devices)")
+        fail(
+            "batch_size",
+            f"{config.batch_size} is not divisible by the {num_devices} devices "
+            f"of the mesh (the global batch is split evenly across devices)",
+        )
     if config.param_sharding not in ("replicated", "fsdp"):
         fail("param_sharding", f"{config.param_sharding!r} is not 'replicated' or 'fsdp'")
     optimizer = config.optimizer
@@ -118,16 +120,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
             fail(f"data.{field}", f"must be >= 0, got {data[field]}")
     for level in ("icp", "fcp"):
         if not 0.0 <= config.copy_paste[level].prob <= 1.0:
-            fail(f"copy_paste.{level}.prob", f"must be a probability in [0, 1], "
-                                             f"got {config.copy_paste[level].prob}")
+            fail(f"copy_paste.{level}.prob", f"must be a probability in [0, 1], got {config.copy_paste[level].prob}")
     size = int(config.data.image_size)
     if size < 32 or size % 32:
         fail("data.image_size", f"must be a positive multiple of 32 (five 2x poolings), got {size}")
     if config.eval.strategy not in inference.STRATEGIES:
         fail("eval.strategy", f"{config.eval.strategy!r} is not one of {inference.STRATEGIES}")
     if config.eval.validation_strategy not in inference.STRATEGIES:
-        fail("eval.validation_strategy",
-             f"{config.eval.validation_strategy!r} is not one of {inference.STRATEGIES}")
+        fail("eval.validation_strategy", f"{config.eval.validation_strategy!r} is not one of {inference.STRATEGIES}")
     for field in ("pretrained_backbone", "checkpoint"):
         path = config.init[field]
         if path and not os.path.exists(os.path.expanduser(path)):
@@ -145,9 +145,11 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
         from tfds_p3m10k import p3m10k_dataset_builder as builder_lib  # pylint: disable=import-outside-toplevel
 
         known = ", ".join(f"p3m10k/{c.name}" for c in builder_lib.Builder.BUILDER_CONFIGS)
-        raise ConfigError(f"config.data.tfds_name: {config.data.tfds_name!r} is not a p3m10k build "
-                          f"config; expected one of {known}, or a synthetic size such as "
-                          f"p3m10k/synthetic_64x64_12_2_2") from None
+        raise ConfigError(
+            f"config.data.tfds_name: {config.data.tfds_name!r} is not a p3m10k build "
+            f"config; expected one of {known}, or a synthetic size such as "
+            f"p3m10k/synthetic_64x64_12_2_2"
+        ) from None
     num_train = info.splits["train"].num_examples
     try:
         data_lib.validation_count(config.data, num_train)
@@ -177,14 +179,16 @@ def model_options(config) -> dict:
 # ----------------------------------------------------------------------------------------------- init
 def initial_variables(config, model, rng) -> tuple[Any, str]:
     """Model variables to start from and a one-line description of where they came from."""
+
     def random_init():
         return jax.jit(lambda r: init_variables(model, r))(rng)
 
     if config.init.pretrained_backbone:
         from p3m_jax.weights.backbone import load_backbone  # pylint: disable=import-outside-toplevel
 
-        variables, report = load_backbone(os.path.expanduser(config.init.pretrained_backbone),
-                                          config.arch, random_init())
+        variables, report = load_backbone(
+            os.path.expanduser(config.init.pretrained_backbone), config.arch, random_init()
+        )
         return variables, f"ImageNet backbone {config.init.pretrained_backbone}: {report.summary()}"
     path = os.path.expanduser(config.init.checkpoint)
     if path:
@@ -241,16 +245,16 @@ def _combine_across_processes(per_image: list[dict]) -> tuple[dict, int]:
     PRIVACY metrics exist only for images with a facemask: means are NaN-aware per metric.
     """
     keys = metrics_lib.METRIC_KEYS + metrics_lib.PRIVACY_KEYS
-    values = np.array([[row.get(k, math.nan) for k in keys] for row in per_image],
-                      np.float64).reshape(-1, len(keys))
+    values = np.array([[row.get(k, math.nan) for k in keys] for row in per_image], np.float64).reshape(-1, len(keys))
     sums = np.nansum(values, axis=0)
     counts = np.sum(~np.isnan(values), axis=0).astype(np.float64)
     total = np.array([float(len(per_image))])
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-        sums, counts, total = (np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
-                               for x in (sums, counts, total))
+        sums, counts, total = (
+            np.asarray(multihost_utils.process_allgather(x)).sum(axis=0) for x in (sums, counts, total)
+        )
     means = {k: float(s / c) for k, s, c in zip(keys, sums, counts) if c}
     return means, int(total[0])
 
@@ -259,9 +263,13 @@ def evaluate_split(predictor, dataset, strategy: str, limit: int = 0) -> dict:
     """Scores ``dataset`` (this process's share) and returns the means over all processes."""
     result = evaluate_lib.evaluate(predictor, dataset, strategy, limit=limit or None, progress=False)
     means, count = _combine_across_processes(result["per_image"])
-    return {"strategy": strategy, "count": count, "mean": means,
-            "per_image": result["per_image"] if jax.process_count() == 1 else None,
-            "wall_seconds": result["wall_seconds"]}
+    return {
+        "strategy": strategy,
+        "count": count,
+        "mean": means,
+        "per_image": result["per_image"] if jax.process_count() == 1 else None,
+        "wall_seconds": result["wall_seconds"],
+    }
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -356,11 +364,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         with atomic_write(os.path.join(workdir, RUN_CONFIG_FILE)) as f:
-            json.dump({"arch": config.arch, "model_options": model_options(config),
-                       "config": json.loads(config.to_json_best_effort())}, f, indent=1)
+            json.dump(
+                {
+                    "arch": config.arch,
+                    "model_options": model_options(config),
+                    "config": json.loads(config.to_json_best_effort()),
+                },
+                f,
+                indent=1,
+            )
 
-    model = build_model(config.arch, dtype=_DTYPES[config.dtype], remat=bool(config.remat),
-                        **model_options(config))
+    model = build_model(config.arch, dtype=_DTYPES[config.dtype], remat=bool(config.remat), **model_options(config))
     optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
     image_size = (config.data.image_size, config.data.image_size)
     rng = init_key(config.seed)
@@ -371,13 +385,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     abstract_state = jax.eval_shape(fresh_state)
     shardings = state_lib.state_shardings(abstract_state, mesh, config.param_sharding)
     abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
 
     train_iter = data_lib.create_train_iterator(
-        config.data, seed=config.seed, global_batch_size=config.batch_size,
-        sharding=mesh_lib.batch_sharding(mesh), extra_transforms=copy_paste_transforms(config))
-    checkpointer = TrainCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), keep=config.keep_checkpoints,
-                                     log=_log)
+        config.data,
+        seed=config.seed,
+        global_batch_size=config.batch_size,
+        sharding=mesh_lib.batch_sharding(mesh),
+        extra_transforms=copy_paste_transforms(config),
+    )
+    checkpointer = TrainCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), keep=config.keep_checkpoints, log=_log)
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest, abstract_state, train_iter)
@@ -389,8 +407,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     if is_main:  # rows of steps after the checkpoint (all, without one) are logged again by this run
         for name in (METRICS_FILE, VALIDATION_LOG_FILE):
             drop_rows_after(os.path.join(workdir, name), int(state.step))
-    train_step = step_lib.make_train_step(model, optimizer, mesh, shardings, lr_schedule=lr_schedule,
-                                          **fcp_step_options(config))
+    train_step = step_lib.make_train_step(
+        model, optimizer, mesh, shardings, lr_schedule=lr_schedule, **fcp_step_options(config)
+    )
 
     writer = MetricWriter(workdir, enabled=is_main)
     validation = data_lib.validation_dataset(config.data)
@@ -402,8 +421,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     first_step = step
     last_validation: dict = {}
     stopped = "finished"
-    _log(f"training {config.arch} on {mesh.size} device(s) in {jax.process_count()} process(es), "
-         f"global batch {config.batch_size}, steps {step} -> {config.num_train_steps}, workdir {workdir}")
+    _log(
+        f"training {config.arch} on {mesh.size} device(s) in {jax.process_count()} process(es), "
+        f"global batch {config.batch_size}, steps {step} -> {config.num_train_steps}, workdir {workdir}"
+    )
 
     def flush_metrics(step: int) -> None:
         """Reads the metrics summed since the last read: logs them, and stops on NaN/Inf."""
@@ -416,9 +437,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
                 f"non-finite training loss between steps {step - steps + 1} and {step} "
                 f"({', '.join(f'{k}={means.get(k)}' for k in _LOSS_PARTS)}); stopped without saving it. "
                 f"{_last_good(checkpointer)} "
-                f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.")
-        losses = (f"loss {means['loss']:.4f} (global {means['global']:.4f} local {means['local']:.4f} "
-                  f"fusion {means['fusion']:.4f} comp {means['composition']:.4f})")
+                f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            )
+        losses = (
+            f"loss {means['loss']:.4f} (global {means['global']:.4f} local {means['local']:.4f} "
+            f"fusion {means['fusion']:.4f} comp {means['composition']:.4f})"
+        )
         scalars = {f"train/{k}": v for k, v in means.items()}
         if step == first_step + 1:  # this step also compiled the program: no speed to report
             writer.write_scalars(step, scalars)
@@ -427,13 +451,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         per_step = elapsed / steps
         images_per_s = config.batch_size / per_step
         eta = per_step * (config.num_train_steps - step)
-        writer.write_scalars(step, {**scalars, "train/images_per_second": images_per_s,
-                                    "train/images_per_second_per_device": images_per_s / mesh.size,
-                                    "train/step_seconds": per_step})
-        _log(f"step {step}/{config.num_train_steps} | {losses} | lr {means.get('learning_rate', math.nan):.2e} | "
-             f"{images_per_s:.1f} img/s ({images_per_s / mesh.size:.1f}/device) | {per_step:.3f} s/step | "
-             f"ETA {_format_eta(eta)}"
-             + "".join(f" | {name} {means[name]:.2f}" for name in _CP_COUNTS.values() if name in means))
+        writer.write_scalars(
+            step,
+            {
+                **scalars,
+                "train/images_per_second": images_per_s,
+                "train/images_per_second_per_device": images_per_s / mesh.size,
+                "train/step_seconds": per_step,
+            },
+        )
+        _log(
+            f"step {step}/{config.num_train_steps} | {losses} | lr {means.get('learning_rate', math.nan):.2e} | "
+            f"{images_per_s:.1f} img/s ({images_per_s / mesh.size:.1f}/device) | {per_step:.3f} s/step | "
+            f"ETA {_format_eta(eta)}"
+            + "".join(f" | {name} {means[name]:.2f}" for name in _CP_COUNTS.values() if name in means)
+        )
 
     def run_validation(step: int) -> dict:
         nonlocal predictor
@@ -449,27 +481,33 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
             images = {}
             for index in range(min(config.num_summary_images, len(validation))):
                 example = validation[index]
-                alpha = inference.predict_alpha(predictor, np.asarray(example["image"]),
-                                                 config.eval.validation_strategy)
+                alpha = inference.predict_alpha(
+                    predictor, np.asarray(example["image"]), config.eval.validation_strategy
+                )
                 images[f"val_matte/{index}"] = alpha
             writer.write_images(step, images)
             with open(os.path.join(workdir, VALIDATION_LOG_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "count": result["count"], **means}) + "\n")
-        _log(f"validation @ {step} ({result['count']} images, {config.eval.validation_strategy}): "
-             + ", ".join(f"{k} {means[k]:.4f}" for k in ("SAD", "MSE", "GRAD", "CONN") if k in means))
+        _log(
+            f"validation @ {step} ({result['count']} images, {config.eval.validation_strategy}): "
+            + ", ".join(f"{k} {means[k]:.4f}" for k in ("SAD", "MSE", "GRAD", "CONN") if k in means)
+        )
         return means
 
     if step < config.num_train_steps:
         # Said before the long silence: XLA:GPU's compile and autotuning of a real step takes minutes.
-        _log("compiling the train step on the first batch (minutes on a GPU; persistent compilation cache: "
-             f"{jax.config.jax_compilation_cache_dir or 'off'})")
+        _log(
+            "compiling the train step on the first batch (minutes on a GPU; persistent compilation cache: "
+            f"{jax.config.jax_compilation_cache_dir or 'off'})"
+        )
     try:
         while step < config.num_train_steps:
             batch = next(train_iter)
             state, metrics = train_step(state, batch)
             # P3M-CP: how many samples of the batch got a pasted face (ICP) / replaced features (FCP).
-            metrics.update({name: jnp.sum(batch[key], dtype=jnp.float32) for key, name in _CP_COUNTS.items()
-                            if key in batch})
+            metrics.update(
+                {name: jnp.sum(batch[key], dtype=jnp.float32) for key, name in _CP_COUNTS.items() if key in batch}
+            )
             step += 1
             meter.add(metrics, config.batch_size)
             checkpointer.poll()  # a failed background save stops the run now, naming its step
@@ -479,10 +517,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
                     writer.write_text(0, {"config": f"```\n{config}\n```"})
             is_last = step == config.num_train_steps
             preempted = preemption.should_stop(step)
-            evaluate_now = bool(config.eval_every_steps) and not preempted and (
-                step % config.eval_every_steps == 0 or is_last)
-            save_now = (is_last or preempted or evaluate_now
-                        or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
+            evaluate_now = (
+                bool(config.eval_every_steps) and not preempted and (step % config.eval_every_steps == 0 or is_last)
+            )
+            save_now = (
+                is_last
+                or preempted
+                or evaluate_now
+                or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+            )
             if step % config.log_every_steps == 0 or save_now:
                 flush_metrics(step)  # also the NaN guard: nothing non-finite is ever saved
             if save_now or evaluate_now:
@@ -492,7 +535,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
                     raise NonFiniteLossError(
                         f"non-finite values in {bad_leaf} after step {step}; stopped without saving or "
                         f"scoring them. {_last_good(checkpointer)} "
-                        f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.")
+                        f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+                    )
             if evaluate_now:
                 last_validation = run_validation(step)
             if save_now:
@@ -516,8 +560,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     return {"step": step, "stopped": stopped, "validation": last_validation, "test": test_results}
 
 
-def evaluate_test_splits(config, checkpointer: TrainCheckpointer, workdir: str, predictor=None,
-                         step: int | None = None) -> dict:
+def evaluate_test_splits(
+    config, checkpointer: TrainCheckpointer, workdir: str, predictor=None, step: int | None = None
+) -> dict:
     """Scores a checkpoint (default: the best by validation SAD) on config.eval.test_splits.
 
     Writes ``<workdir>/test_results.json`` (process 0) and returns {split: result}.
@@ -532,17 +577,19 @@ def evaluate_test_splits(config, checkpointer: TrainCheckpointer, workdir: str, 
         dataset = data_lib.test_dataset(config.data, split)
         results[split] = evaluate_split(predictor, dataset, config.eval.strategy, config.eval.limit)
         means = results[split]["mean"]
-        _log(f"test {split} @ step {step} ({results[split]['count']} images, {config.eval.strategy}): "
-             + ", ".join(f"{k} {means[k]:.4f}" for k in evaluate_lib.REPORTED_KEYS if k in means))
+        _log(
+            f"test {split} @ step {step} ({results[split]['count']} images, {config.eval.strategy}): "
+            + ", ".join(f"{k} {means[k]:.4f}" for k in evaluate_lib.REPORTED_KEYS if k in means)
+        )
     if jax.process_index() == 0:
-        evaluate_lib.write_json(os.path.join(workdir, TEST_RESULTS_FILE),
-                                {"step": step, "arch": config.arch, "strategy": config.eval.strategy,
-                                 "splits": results})
+        evaluate_lib.write_json(
+            os.path.join(workdir, TEST_RESULTS_FILE),
+            {"step": step, "arch": config.arch, "strategy": config.eval.strategy, "splits": results},
+        )
     return results
 
 
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                     which: str = "best") -> dict:
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str = "best") -> dict:
     """`--mode=eval`: scores the best (or latest) checkpoint of ``workdir`` on the test splits."""
     validate_config(config)
     mesh_lib.initialize_distributed_if_needed()

@@ -20,8 +20,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all
     processes, ``jax.devices()``), axis type Auto."""
     devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                         devices=devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -68,5 +67,4 @@ def initialize_distributed_if_needed(**kwargs) -> bool:
     return True
 
 
-__all__ = ["DATA_AXIS", "make_mesh", "batch_sharding", "replicated",
-           "initialize_distributed_if_needed"]
+__all__ = ["DATA_AXIS", "make_mesh", "batch_sharding", "replicated", "initialize_distributed_if_needed"]

@@ -68,8 +68,9 @@ def make_learning_rate_schedule(optimizer_config, num_train_steps: int) -> optax
     raise ValueError(f"unknown learning-rate schedule {kind!r}; expected constant|warmup_cosine")
 
 
-def make_optimizer(optimizer_config=None, num_train_steps: int = 1
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optimizer_config=None, num_train_steps: int = 1
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optimizer from ``config.optimizer`` (a ConfigDict, dict or None = defaults).
 
     Fields: ``name`` adam|adamw, ``learning_rate`` (default 1e-5, the paper's), ``schedule``
@@ -100,9 +101,13 @@ def make_optimizer(optimizer_config=None, num_train_steps: int = 1
     return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule
 
 
-def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.Array,
-                       image_size: int | tuple[int, int] = 64,
-                       variables: PyTree | None = None) -> TrainState:
+def create_train_state(
+    model,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    image_size: int | tuple[int, int] = 64,
+    variables: PyTree | None = None,
+) -> TrainState:
     """A fresh `TrainState`.
 
     Args:
@@ -118,6 +123,7 @@ def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.
     init_rng, state_rng = jax.random.split(rng)
     if variables is None:
         from p3m_jax.models import init_variables
+
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         variables = jax.jit(lambda r: init_variables(model, r, size))(init_rng)
     variables = flax.core.unfreeze(variables)
@@ -125,8 +131,14 @@ def create_train_state(model, optimizer: optax.GradientTransformation, rng: jax.
     params = jax.tree_util.tree_map(to_f32, variables["params"])
     batch_stats = jax.tree_util.tree_map(to_f32, variables.get("batch_stats", {}))
     constants = jax.tree_util.tree_map(jnp.asarray, variables.get("constants", {}))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      constants=constants, opt_state=optimizer.init(params), rng=state_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        constants=constants,
+        opt_state=optimizer.init(params),
+        rng=state_rng,
+    )
 
 
 def fsdp_spec(shape, num_shards: int) -> P:
@@ -158,27 +170,38 @@ def state_shardings(state: PyTree, mesh: Mesh, param_sharding: str = "replicated
     def sharded(leaf):
         if param_sharding == "replicated":
             return rep
-        return NamedSharding(mesh, fsdp_spec(np.shape(leaf) if not hasattr(leaf, "shape")
-                                             else leaf.shape, n))
+        return NamedSharding(mesh, fsdp_spec(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape, n))
 
     all_rep = lambda tree: jax.tree_util.tree_map(lambda _: rep, tree)
-    return TrainState(step=rep,
-                      params=jax.tree_util.tree_map(sharded, state.params),
-                      batch_stats=all_rep(state.batch_stats),
-                      constants=all_rep(state.constants),
-                      opt_state=jax.tree_util.tree_map(sharded, state.opt_state),
-                      rng=rep)
+    return TrainState(
+        step=rep,
+        params=jax.tree_util.tree_map(sharded, state.params),
+        batch_stats=all_rep(state.batch_stats),
+        constants=all_rep(state.constants),
+        opt_state=jax.tree_util.tree_map(sharded, state.opt_state),
+        rng=rep,
+    )
 
 
-__all__ = ["TrainState", "make_optimizer", "make_learning_rate_schedule",
-           "create_train_state", "state_shardings", "fsdp_spec"]
+__all__ = [
+    "TrainState",
+    "make_optimizer",
+    "make_learning_rate_schedule",
+    "create_train_state",
+    "state_shardings",
+    "fsdp_spec",
+]
 
 
-def create_sharded_train_state(model, optimizer: optax.GradientTransformation, rng: jax.Array,
-                               image_size: int | tuple[int, int], mesh: Mesh,
-                               param_sharding: str = "replicated",
-                               variables: PyTree | None = None
-                               ) -> tuple[TrainState, TrainState]:
+def create_sharded_train_state(
+    model,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    image_size: int | tuple[int, int],
+    mesh: Mesh,
+    param_sharding: str = "replicated",
+    variables: PyTree | None = None,
+) -> tuple[TrainState, TrainState]:
     """`create_train_state` run under ``jit`` straight into its shardings (every process
     must pass the same ``rng``). Returns ``(state, shardings)``."""
     make = lambda r, v: create_train_state(model, optimizer, r, image_size, v)

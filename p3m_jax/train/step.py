@@ -45,14 +45,12 @@ def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
     conv = lambda x: normalize_uint8(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
     out = {"image": conv(image)}
     alpha = batch["alpha"]
-    out["alpha"] = (alpha.astype(jnp.float32) / 255.0 if alpha.dtype == jnp.uint8
-                    else alpha.astype(jnp.float32))
+    out["alpha"] = alpha.astype(jnp.float32) / 255.0 if alpha.dtype == jnp.uint8 else alpha.astype(jnp.float32)
     out["trimap"] = batch["trimap"].astype(jnp.float32)
     if "fg" in batch and "bg" in batch:
         out["fg"], out["bg"] = conv(batch["fg"]), conv(batch["bg"])
         has = batch.get("has_fg_bg")
-        out["has_fg_bg"] = (jnp.ones((n,), jnp.float32) if has is None
-                            else has.astype(jnp.float32).reshape(n))
+        out["has_fg_bg"] = jnp.ones((n,), jnp.float32) if has is None else has.astype(jnp.float32).reshape(n)
     else:
         out["fg"] = out["bg"] = jnp.zeros_like(out["image"])
         out["has_fg_bg"] = jnp.zeros((n,), jnp.float32)
@@ -73,9 +71,15 @@ def dropout_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
-def train_step(state: TrainState, batch: Batch, *, model, optimizer: optax.GradientTransformation,
-               lr_schedule: optax.Schedule | None = None,
-               model_kwargs_fn: ModelKwargsFn | None = None) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: optax.Schedule | None = None,
+    model_kwargs_fn: ModelKwargsFn | None = None,
+) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch`` (the uint8 host-contract dict; unknown keys ignored).
 
     Returns the new state and float32 scalar metrics: ``loss``, ``global``, ``local``,
@@ -88,8 +92,7 @@ def train_step(state: TrainState, batch: Batch, *, model, optimizer: optax.Gradi
 
     def loss_fn(params):
         variables = {**state.variables(), "params": params}
-        outputs, updates = model.apply(variables, fb["image"], train=True,
-                                       mutable=["batch_stats"], rngs=rngs, **extra)
+        outputs, updates = model.apply(variables, fb["image"], train=True, mutable=["batch_stats"], rngs=rngs, **extra)
         total, parts = p3m_loss(_as_float32(outputs), fb)
         return total, (parts, updates)
 
@@ -97,17 +100,20 @@ def train_step(state: TrainState, batch: Batch, *, model, optimizer: optax.Gradi
     grad_norm = optax.tree.norm(grads)
     param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
-    lr = (jnp.asarray(lr_schedule(state.step), jnp.float32) if lr_schedule is not None
-          else jnp.float32(jnp.nan))
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=updates.get("batch_stats", state.batch_stats),
-                              opt_state=opt_state)
+    lr = jnp.asarray(lr_schedule(state.step), jnp.float32) if lr_schedule is not None else jnp.float32(jnp.nan)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+    )
     metrics = {"loss": loss, **parts, "learning_rate": lr, "grad_norm": grad_norm}
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def eval_step(state: TrainState, batch: Batch, *, model,
-              model_kwargs_fn: ModelKwargsFn | None = None) -> tuple[dict, dict]:
+def eval_step(
+    state: TrainState, batch: Batch, *, model, model_kwargs_fn: ModelKwargsFn | None = None
+) -> tuple[dict, dict]:
     """Eval-mode forward (running BatchNorm statistics, no stochastic depth) and the loss on a
     training-style batch. Returns ``(metrics, outputs)``: metrics ``loss``, ``global``,
     ``local``, ``fusion``, ``composition`` (float32 scalars) and the model's float32 outputs."""
@@ -118,34 +124,53 @@ def eval_step(state: TrainState, batch: Batch, *, model,
     return {"loss": loss, **parts}, outputs
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_sharding, lr_schedule: optax.Schedule | None = None,
-                    model_kwargs_fn: ModelKwargsFn | None = None,
-                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    state_sharding,
+    lr_schedule: optax.Schedule | None = None,
+    model_kwargs_fn: ModelKwargsFn | None = None,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step` jitted over ``mesh``: state in/out with ``state_sharding`` (from
     `state_shardings`), batch sharded on ``data``, metrics replicated, the state donated,
     compiled with the options of the mesh's platform (`p3m_jax.compile_options`)."""
-    fn = functools.partial(train_step, model=model, optimizer=optimizer,
-                           lr_schedule=lr_schedule, model_kwargs_fn=model_kwargs_fn)
-    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)),
-                   donate_argnums=(0,) if donate else (),
-                   compiler_options=_mesh_compiler_options(mesh))
+    fn = functools.partial(
+        train_step, model=model, optimizer=optimizer, lr_schedule=lr_schedule, model_kwargs_fn=model_kwargs_fn
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+        compiler_options=_mesh_compiler_options(mesh),
+    )
 
 
-def make_eval_step(model, mesh: Mesh, state_sharding,
-                   model_kwargs_fn: ModelKwargsFn | None = None
-                   ) -> Callable[[TrainState, Batch], tuple[dict, dict]]:
+def make_eval_step(
+    model, mesh: Mesh, state_sharding, model_kwargs_fn: ModelKwargsFn | None = None
+) -> Callable[[TrainState, Batch], tuple[dict, dict]]:
     """`eval_step` jitted over ``mesh``: metrics replicated, outputs sharded like the batch."""
     fn = functools.partial(eval_step, model=model, model_kwargs_fn=model_kwargs_fn)
-    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding(mesh)),
-                   out_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   compiler_options=_mesh_compiler_options(mesh))
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), batch_sharding(mesh)),
+        compiler_options=_mesh_compiler_options(mesh),
+    )
 
 
 def _mesh_compiler_options(mesh: Mesh) -> dict | None:
     return compiler_options(mesh.devices.flat[0].platform)
 
 
-__all__ = ["prepare_batch", "train_step", "eval_step", "make_train_step", "make_eval_step",
-           "dropout_key", "METRIC_NAMES"]
+__all__ = [
+    "prepare_batch",
+    "train_step",
+    "eval_step",
+    "make_train_step",
+    "make_eval_step",
+    "dropout_key",
+    "METRIC_NAMES",
+]

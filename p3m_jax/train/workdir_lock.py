@@ -42,21 +42,29 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
-    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
-            f"started {holder.get('started', '?')}")
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
 
 
 class WorkdirLock:
     """The lock of one workdir; `acquire` takes it (or raises), `release` gives it back."""
 
-    def __init__(self, workdir: str | os.PathLike, *, stale_after_s: float = STALE_AFTER_S,
-                 heartbeat_s: float = HEARTBEAT_S, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        stale_after_s: float = STALE_AFTER_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        log: Callable[[str], None] = print,
+    ):
         self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         self.log = log
-        self._me = {"host": socket.gethostname(), "pid": os.getpid(),
-                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        self._me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,7 +112,8 @@ class WorkdirLock:
                 raise WorkdirLockedError(
                     f"{os.path.dirname(self.path)} is in use by another training run ({_describe(holder)}); "
                     f"wait for it to finish or stop it, or use another --workdir. If no such run exists, "
-                    f"delete {self.path}")
+                    f"delete {self.path}"
+                )
             # Renaming is atomic: of two runs taking over the same stale lock, one wins.
             aside = f"{self.path}.stale.{os.getpid()}"
             try:

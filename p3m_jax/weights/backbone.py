@@ -35,5 +35,4 @@ def load_backbone(path: str | os.PathLike, arch: str, variables: Any) -> tuple[d
       FileNotFoundError, CheckpointImportError (naming the file and the offending keys).
     """
     state_dict = read_torch_checkpoint(path)
-    return convert_state_dict(state_dict, arch, variables, backbone_only=True,
-                              source=os.fspath(path))
+    return convert_state_dict(state_dict, arch, variables, backbone_only=True, source=os.fspath(path))

@@ -52,7 +52,7 @@ def _resnet34_rename(key: str) -> str | None:
     # The authors' ResNet P3M-Net registers every encoder tensor twice: once under the
     # backbone ("resnet.") and once under the nn.Sequential views "encoder0".."encoder4".
     if key.startswith("resnet."):
-        return "encoder." + key[len("resnet."):]
+        return "encoder." + key[len("resnet.") :]
     m = re.match(r"encoder0\.(\d+)\.(.*)", key)
     if m:
         module = {"0": "conv1", "1": "bn1"}.get(m.group(1))
@@ -124,8 +124,9 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-        raise ImportError("reading a PyTorch checkpoint needs PyTorch: "
-                          "pip install -r requirements-test.txt (CPU build is enough)") from e
+        raise ImportError(
+            "reading a PyTorch checkpoint needs PyTorch: pip install -r requirements-test.txt (CPU build is enough)"
+        ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
@@ -145,14 +146,13 @@ def state_dict_to_numpy(obj: Any, source: str = "state dict") -> dict[str, np.nd
     out = {}
     for key, value in obj.items():
         if not hasattr(value, "shape"):
-            raise CheckpointImportError(f"{source}: entry {key!r} is not a tensor "
-                                        f"({type(value).__name__})")
+            raise CheckpointImportError(f"{source}: entry {key!r} is not a tensor ({type(value).__name__})")
         if hasattr(value, "detach"):
             value = value.detach().cpu()
             if value.is_floating_point():
                 value = value.float()
             value = value.numpy()
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         out[key] = np.asarray(value)
     return out
 
@@ -201,15 +201,15 @@ class ImportReport:
     ignored: list[str]
 
     def summary(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors; {len(self.left_at_init)} variables left at "
-                 f"init; {len(self.ignored)} checkpoint keys ignored"]
+        lines = [
+            f"loaded {len(self.loaded)} tensors; {len(self.left_at_init)} variables left at "
+            f"init; {len(self.ignored)} checkpoint keys ignored"
+        ]
         if self.left_at_init:
             groups = sorted({"/".join(p.split("/")[:3]) for p in self.left_at_init})
-            lines.append("left at init: " + ", ".join(groups[:20])
-                         + (" ..." if len(groups) > 20 else ""))
+            lines.append("left at init: " + ", ".join(groups[:20]) + (" ..." if len(groups) > 20 else ""))
         if self.ignored:
-            lines.append("ignored: " + ", ".join(self.ignored[:20])
-                         + (" ..." if len(self.ignored) > 20 else ""))
+            lines.append("ignored: " + ", ".join(self.ignored[:20]) + (" ..." if len(self.ignored) > 20 else ""))
         return "\n".join(lines)
 
 
@@ -219,9 +219,14 @@ def _listing(items, limit=15) -> str:
     return text + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, reference: Mapping,
-                       *, backbone_only: bool = False, source: str = "state dict"
-                       ) -> tuple[dict, ImportReport]:
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    arch: str,
+    reference: Mapping,
+    *,
+    backbone_only: bool = False,
+    source: str = "state dict",
+) -> tuple[dict, ImportReport]:
     """Maps an authors' state dict onto ``reference`` (initialized variables of ``arch``).
 
     Args:
@@ -283,8 +288,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, referenc
     missing = [k for k in ref_flat if k not in converted]
     # Non-trained constants (e.g. random features) that a checkpoint may lack are drawn at
     # init; with a backbone the decoder is trained from scratch, but the encoder must be full.
-    left_at_init = [k for k in missing if k.split("/")[0] not in ("params", "batch_stats")
-                    or (backbone_only and k.split("/")[1:2] != ["encoder"])]
+    left_at_init = [
+        k
+        for k in missing
+        if k.split("/")[0] not in ("params", "batch_stats") or (backbone_only and k.split("/")[1:2] != ["encoder"])
+    ]
     missing = [k for k in missing if k not in left_at_init]
     problems = []
     if unknown:
@@ -298,11 +306,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, referenc
     if problems:
         raise CheckpointImportError(
             f"{source} does not match the {arch} P3M-Net"
-            f"{' encoder' if backbone_only else ''}:\n  " + "\n  ".join(problems))
+            f"{' encoder' if backbone_only else ''}:\n  " + "\n  ".join(problems)
+        )
     merged = {k: converted.get(k, v) for k, v in ref_flat.items()}
     # Abstract entries (jax.ShapeDtypeStruct) stay abstract for the caller to fill from init.
-    variables = _unflatten({tuple(k.split("/")): v if k not in converted else converted[k]
-                            for k, v in merged.items()})
+    variables = _unflatten({tuple(k.split("/")): v if k not in converted else converted[k] for k, v in merged.items()})
     return variables, ImportReport(sorted(origin.values()), sorted(left_at_init), sorted(ignored))
 
 
