@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any
 
 import cv2
@@ -157,20 +156,6 @@ def warp_crop(array: np.ndarray, crop: Crop, size: int, flip: bool, *, origin=(0
     )
 
 
-class _Timer:
-    """Accumulates seconds per stage into a dict (benchmark only)."""
-
-    def __init__(self, into: dict | None):
-        self.into = into
-        self.last = time.perf_counter()
-
-    def lap(self, stage: str):
-        if self.into is not None:
-            now = time.perf_counter()
-            self.into[stage] = self.into.get(stage, 0.0) + now - self.last
-            self.last = now
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
     """Raw record -> training element at `image_size` (see the module docstring).
@@ -215,12 +200,11 @@ class TrainTransform(grain.transforms.RandomMap):
             _log.warning("skipping %s", e)
             return {BAD: e.name, "index": e.index, "reason": e.reason}
 
-    def apply(self, raw: dict[str, Any], rng: np.random.Generator, timings: dict | None = None):
-        """The transform itself; `timings` (optional) accumulates seconds per stage."""
+    def apply(self, raw: dict[str, Any], rng: np.random.Generator):
+        """The transform itself."""
         name, index = raw.get("name", ""), int(raw.get("index", -1))
         if "error" in raw:
             raise BadExampleError(name, index, raw["error"])
-        timer = _Timer(timings)
         size = self.image_size
 
         def bad(reason: str):
@@ -230,7 +214,6 @@ class TrainTransform(grain.transforms.RandomMap):
         if alpha is None:
             raise bad("alpha does not decode as an 8-bit image")
         height, width = alpha.shape
-        timer.lap("decode_alpha")
 
         crop = sample_crop(
             alpha,
@@ -241,7 +224,6 @@ class TrainTransform(grain.transforms.RandomMap):
         )
         crop = align_crop(crop, size)
         flip = bool(rng.random() < self.flip_prob)
-        timer.lap("sample_crop")
 
         def decode_colour(key: str) -> tuple[np.ndarray, int]:
             data = raw[key]
@@ -264,10 +246,8 @@ class TrainTransform(grain.transforms.RandomMap):
             return warp_crop(array, crop, size, flip, reduce=reduce)[..., ::-1]  # BGR -> RGB
 
         image, reduce = decode_colour("image")
-        timer.lap("decode_image")
         out = {"image": np.ascontiguousarray(warp_colour(image, reduce))}
         out["alpha"] = warp_crop(alpha, crop, size, flip)[..., None]
-        timer.lap("warp")
 
         margin = crop.kernel
         wy0, wx0 = max(0, crop.y0 - margin), max(0, crop.x0 - margin)
@@ -275,14 +255,12 @@ class TrainTransform(grain.transforms.RandomMap):
         trimap = elliptical_trimap(alpha[wy0:wy1, wx0:wx1], crop.kernel)
         trimap = warp_crop(trimap, crop, size, flip, origin=(wy0, wx0))
         out["trimap"] = quantise_trimap(trimap)[..., None]
-        timer.lap("trimap")
 
         has_fg_bg = bool(raw.get("has_fg_bg", False)) and self.use_fg_bg
         if has_fg_bg:
             for key in ("fg", "bg"):
                 array, key_reduce = decode_colour(key)
                 out[key] = np.ascontiguousarray(warp_colour(array, key_reduce))
-            timer.lap("fg_bg")
         else:
             out["fg"] = np.zeros((size, size, 3), np.uint8)
             out["bg"] = np.zeros((size, size, 3), np.uint8)
@@ -296,7 +274,6 @@ class TrainTransform(grain.transforms.RandomMap):
             if facemask.shape != alpha.shape:
                 raise bad(f"facemask is {facemask.shape[0]}x{facemask.shape[1]} but alpha is {height}x{width}")
             out["facemask"] = warp_crop(facemask, crop, size, flip)[..., None]
-            timer.lap("facemask")
         else:
             out["facemask"] = np.zeros((size, size, 1), np.uint8)
         out["has_facemask"] = np.bool_(has_facemask)
