@@ -1,7 +1,7 @@
 """Input pipeline throughput: examples/s for 0 (in-process), 1, 2 and N grain worker processes, and ms per stage.
 
     python benchmarks/bench_input.py [--workers 1,2,4] [--seconds 10] \
-        [--sample_dir /work/shared/p3m10k_sample] [--skip_synthetic]
+        [--sample_dir DIR] [--skip_synthetic]
 
 Two datasets, both built into a temporary TFDS data_dir (never into the repo):
   * synthetic: the quickstart's config (configs/default.py data group, its own small sizes);
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--workers", default=f"1,2,{os.cpu_count()}", help="comma-separated worker counts")
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per worker count")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--sample_dir", default="/work/shared/p3m10k_sample")
+    parser.add_argument("--sample_dir", default=None, help="a folder in the release layout (P3M-10k/...)")
     parser.add_argument("--skip_synthetic", action="store_true")
     parser.add_argument("--no_reduced_dct", action="store_true", help="decode JPEGs at full scale")
     args = parser.parse_args()

@@ -7,9 +7,8 @@ uses; `--authors-edt` adds that step so the NumPy column has the authors' cost p
     python benchmarks/bench_metrics.py [--size 1080 1440] [--repeats 3] [--batch 4] [--authors-edt]
         [--sample_dir DIR]
 
-The ground-truth matte is the first mask of the P3M-500-P sample (default: the shared folder beside the
-repository, ../shared/p3m10k_sample/P3M-10k/validation/P3M-500-P) resized to --size, or a synthetic matte
-when that folder is absent. Prints the median seconds per image of each implementation and the ratio
+The ground-truth matte is the first mask of --sample_dir (a P3M-500-P folder of the release) resized to
+--size, or a synthetic matte without one. Prints the median seconds per image of each implementation and the ratio
 NumPy / JAX.
 """
 
@@ -28,10 +27,6 @@ import numpy as np
 from scipy import ndimage
 
 from p3m_jax.metrics import matting_metrics
-
-# the shared folder sits beside the repository checkout
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-SAMPLE = SHARED / "p3m10k_sample" / "P3M-10k" / "validation" / "P3M-500-P"
 
 
 def numpy_metrics(pred, gt, trimap, authors_edt=False):
@@ -75,7 +70,7 @@ def numpy_metrics(pred, gt, trimap, authors_edt=False):
     return out
 
 
-def make_pair(height, width, seed=0, sample_dir=SAMPLE):
+def make_pair(height, width, seed=0, sample_dir=None):
     """A real matte from `sample_dir` (resized) or a synthetic one, and a noisy 8-bit prediction of it.
 
     Returns `(pred, gt, trimap, source)`, source naming the matte used.
@@ -83,8 +78,8 @@ def make_pair(height, width, seed=0, sample_dir=SAMPLE):
     import cv2
 
     rng = np.random.default_rng(seed)
-    sample_dir = pathlib.Path(sample_dir)
-    masks = sorted((sample_dir / "mask").glob("*.png")) if sample_dir.exists() else []
+    sample_dir = pathlib.Path(sample_dir) if sample_dir else None
+    masks = sorted((sample_dir / "mask").glob("*.png")) if sample_dir and sample_dir.exists() else []
     source = str(masks[0]) if masks else "synthetic (no sample found)"
     if masks:
         gt8 = cv2.resize(cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE), (width, height))
@@ -116,8 +111,8 @@ def main():
     parser.add_argument(
         "--sample_dir",
         type=pathlib.Path,
-        default=SAMPLE,
-        help="P3M-500-P folder whose first mask/*.png is the ground truth (synthetic if absent)",
+        default=None,
+        help="P3M-500-P folder whose first mask/*.png is the ground truth (default: a synthetic matte)",
     )
     args = parser.parse_args()
     height, width = args.size

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_predict.py [--arch resnet34 swin_t vitae_s] [--strategy hybrid resize] \
         [--image PHOTO] [--height 1080 --width 1620] [--repeats 2] [--bucket 0] [--dtype float32] \
-        [--torch --authors_repo /tmp/p3m_authors]
+        [--torch --authors_repo DIR]
 
 The photo (default: the sample's P3M-500-NP portrait) is resized to --height x --width (the issue's 1080x1620)
 and converted to RGB uint8. Weights are random (timing does not depend on them).
@@ -35,13 +35,17 @@ import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SAMPLE = "/work/shared/p3m10k_sample/P3M-10k/validation/P3M-500-NP/original_image/p_818e689d.jpg"
 
 
-def load_photo(path: str, height: int, width: int):
+def load_photo(path: str | None, height: int, width: int):
+    """The photo at ``path`` resized to height x width RGB, or without a path a smooth random image
+    (the network's speed does not depend on what the photo shows)."""
     import cv2
     import numpy as np
 
+    if path is None:
+        noise = np.random.default_rng(0).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        return np.ascontiguousarray(cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC))
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
         raise SystemExit(f"cannot read {path}")
@@ -166,7 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--strategy", nargs="+", default=["hybrid", "resize"], choices=["hybrid", "resize"])
-    parser.add_argument("--image", default=SAMPLE)
+    parser.add_argument("--image", default=None, help="a photo (default: a smooth random image)")
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--width", type=int, default=1620)
     parser.add_argument("--repeats", type=int, default=2)
@@ -175,7 +179,7 @@ def main() -> int:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--torch", action="store_true", help="time the authors' PyTorch inference side by side")
-    parser.add_argument("--authors_repo", default="/tmp/p3m_authors")
+    parser.add_argument("--authors_repo", default=None, help="checkout of the authors' repository (for --torch)")
     parser.add_argument("--no_breakdown", action="store_true")
     parser.add_argument(
         "--cache_dir",
@@ -197,6 +201,8 @@ def main() -> int:
         jax.config.update("jax_enable_compilation_cache", False)  # a cold first call, whatever the user's setup
     from p3m_jax.predictor import Predictor
 
+    if args.torch and not args.authors_repo:
+        parser.error("--torch needs --authors_repo DIR (a checkout of github.com/ViTAE-Transformer/P3M-Net)")
     image = load_photo(args.image, args.height, args.width)
     device = jax.devices()[0]
     print(

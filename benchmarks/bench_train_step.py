@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_step.py --arch resnet34 swin_t vitae_s --size 512 --batch 8 \
         --dtype float32 bfloat16 [--remat] [--param_sharding fsdp] \
-        [--torch --authors_repo /tmp/p3m_authors] [--memory_only] [--profile DIR]
+        [--torch --authors_repo DIR] [--memory_only] [--profile DIR]
     python benchmarks/bench_train_step.py --torch_only --torch_device cuda --torch_precision float32 float16 \
         --arch resnet34 --size 512 --batch 32 --authors_repo DIR
 
@@ -283,12 +283,14 @@ def main(argv=None):
     )
     parser.add_argument(
         "--authors_repo",
-        default="/tmp/p3m_authors",
-        help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch)",
+        default=None,
+        help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch and --torch_only)",
     )
     parser.add_argument("--profile", default="", help="write a jax.profiler trace of one step here and print top ops")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if (args.torch or args.torch_only) and not args.authors_repo:
+        parser.error("--torch and --torch_only need --authors_repo DIR (a checkout of the authors' repository)")
 
     if args.torch_only:
         return _main_torch_only(args)

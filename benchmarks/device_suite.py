@@ -289,7 +289,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--autotune_cache",
-        default="/tmp/xla_autotune",
+        default=str(REPO / ".devrun" / "xla_autotune"),
         help="XLA:GPU's per-fusion autotuning results go here, packed into "
         "OUT/xla_autotune.tgz after every job; a .devrun/xla_autotune.tgz carried from an "
         "earlier lease is unpacked here first ('' for none)",
