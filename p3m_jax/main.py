@@ -103,7 +103,7 @@ def _flag_error_text(error: BaseException) -> str:
     config_file = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "the config")
     flag = next((a.split("=", 1)[0] for a in sys.argv if a.startswith("--config.") and field in a), None)
     if flag is None:
-        return f"bad config override: {field}"
+        return f"cannot read the config or its overrides: {error}"
     return f"{flag}: no such field in {config_file}"
 
 
