@@ -21,6 +21,24 @@ def _gradient_image(height, width):
     )
 
 
+def predict_resize(checkpoint, inputs, out, tmp_path):
+    """`python -m p3m_jax.predict` with the RESIZE strategy and a cache in ``tmp_path``; its exit status."""
+    return predict.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--strategy",
+            "resize",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+
+
 def test_image_loading_variants(tmp_path):
     rgb = _gradient_image(45, 67)
     Image.fromarray(rgb).save(tmp_path / "a.png")
@@ -55,20 +73,7 @@ def test_predict_cli_on_mixed_inputs(checkpoint, tmp_path):
     Image.fromarray(_gradient_image(48, 64)).save(inputs / "web.webp")
     (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     out = tmp_path / "out"
-    code = predict.main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--input",
-            str(inputs),
-            "--output",
-            str(out),
-            "--strategy",
-            "resize",
-            "--cache_dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    code = predict_resize(checkpoint, inputs, out, tmp_path)
     assert code == 1  # one file failed, the others were processed
     expected = {"odd": (61, 83), "gray": (70, 50), "rgba": (33, 97), "rotated": (72, 40), "web": (48, 64)}
     for name, shape in expected.items():
@@ -181,20 +186,7 @@ def test_inputs_sharing_a_stem_get_their_own_outputs(checkpoint, tmp_path, capsy
     Image.fromarray(_gradient_image(64, 64)[::-1].copy()).save(inputs / "portrait.png")
     Image.fromarray(_gradient_image(32, 64)).save(inputs / "solo.png")
     out = tmp_path / "out"
-    code = predict.main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--input",
-            str(inputs),
-            "--output",
-            str(out),
-            "--strategy",
-            "resize",
-            "--cache_dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    code = predict_resize(checkpoint, inputs, out, tmp_path)
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "portrait.jpg_alpha.png",
@@ -279,19 +271,7 @@ def test_nothing_is_created_when_every_input_fails(checkpoint, tmp_path):
     inputs.mkdir()
     (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     out = tmp_path / "out"
-    code = predict.main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--input",
-            str(inputs),
-            "--output",
-            str(out),
-            "--cache_dir",
-            str(tmp_path / "cache"),
-        ]
-    )
-    assert code == 1 and not out.exists()
+    assert predict_resize(checkpoint, inputs, out, tmp_path) == 1 and not out.exists()
 
 
 def test_a_failed_write_leaves_neither_file_of_the_pair(checkpoint, tmp_path, monkeypatch):

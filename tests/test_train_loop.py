@@ -297,6 +297,19 @@ def test_interrupted_run_resumes_bitwise(quickstart_run, data_dir, tmp_path, mon
     assert_trees_equal(final_params(tmp_path / "interrupted", 4), final_params(quickstart_run[0], 4))
 
 
+def start_main(args):
+    """`python -m p3m_jax.main ARGS` on the CPU in the background, stdout and stderr together."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "p3m_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def run_main(args, env_extra=None, **kwargs):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.run(
@@ -387,15 +400,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(da
         "--config.eval.test_splits=()",
         "--config.optimizer.schedule=constant",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "p3m_jax.main", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_main(args)
     lines = []
     try:
         for line in process.stdout:
@@ -431,15 +436,7 @@ def _run_until_killed(args, when):
     true (checked every few milliseconds); returns the output up to the kill."""
     import threading
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "p3m_jax.main", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_main(args)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
