@@ -85,15 +85,10 @@ def run() -> None:
     try:
         app.run(main)
     except (KeyError, AttributeError, ValueError, TypeError) as e:
-        if not _is_config_flag_error(e):
+        if FLAGS.is_parsed():  # raised by main, not while absl parsed the --config.* flags
             raise
         print(f"error: {_flag_error_text(e)}", file=sys.stderr)
         sys.exit(1)
-
-
-def _is_config_flag_error(error: BaseException) -> bool:
-    # Raised while absl parses the --config.* flags, before main runs: FLAGS is not parsed yet.
-    return not FLAGS.is_parsed()
 
 
 def _flag_error_text(error: BaseException) -> str:

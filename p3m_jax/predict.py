@@ -118,15 +118,31 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def remove_if_empty(output_dir, created: bool) -> None:
+    """Removes ``output_dir`` if this run created it and nothing was written into it."""
+    output_dir = pathlib.Path(output_dir)
+    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+
+
 def run(
-    predictor, inputs, output_dir, strategy: str = "hybrid", bucket: int | None = None, progress: bool = True
+    predictor,
+    inputs,
+    output_dir,
+    strategy: str = "hybrid",
+    bucket: int | None = None,
+    progress: bool = True,
+    output_created: bool | None = None,
 ) -> tuple[list[pathlib.Path], list[tuple[pathlib.Path, str]]]:
-    """Processes `inputs` (paths); returns (written alpha paths, [(failed path, reason)])."""
+    """Processes `inputs` (paths); returns (written alpha paths, [(failed path, reason)]).
+
+    ``output_created``: whether the caller already made ``output_dir`` with `prepare_output` (None:
+    prepare it here); a folder made for this run is removed again when nothing is written."""
     from tqdm import tqdm
 
     runner = inference.NetworkRunner(predictor, bucket or None)
     output_dir = pathlib.Path(output_dir)
-    created = prepare_output(output_dir)
+    created = prepare_output(output_dir) if output_created is None else output_created
     names, shared = output_names(inputs)
     if shared:
         print(
@@ -154,8 +170,7 @@ def run(
                 print(f"skipped {path}: {error}", file=sys.stderr)
                 failed.append((path, str(error)))
     finally:
-        if created and not written and output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()  # nothing was written: leave nothing behind
+        remove_if_empty(output_dir, created)  # nothing was written: leave nothing behind
     return written, failed
 
 
@@ -165,19 +180,17 @@ def main(argv=None) -> int:
     from p3m_jax.predictor import CHECKPOINT_ERRORS, load_pretrained
 
     enable_compilation_cache(args.cache_dir or DEFAULT_CACHE_DIR)
+    created = False
     try:
         inputs = list_inputs(args.input)
         # Before the model loads: an unusable output folder should not cost a compile.
-        if prepare_output(args.output):
-            pathlib.Path(args.output).rmdir()  # made again by `run`, removed if nothing is written
+        created = prepare_output(args.output)
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
-    except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
+    except (*CHECKPOINT_ERRORS, OSError) as error:  # a missing input, checkpoint or output folder
+        remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # the output folder
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    written, failed = run(predictor, inputs, args.output, args.strategy, args.bucket)
+    written, failed = run(predictor, inputs, args.output, args.strategy, args.bucket, output_created=created)
     print(f"wrote {len(written)} matte(s) to {args.output}" + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0
 

@@ -297,6 +297,26 @@ def test_interrupted_run_resumes_bitwise(quickstart_run, data_dir, tmp_path, mon
     assert_trees_equal(final_params(tmp_path / "interrupted", 4), final_params(quickstart_run[0], 4))
 
 
+def tiny_main_args(workdir, data_dir, fields: dict) -> list[str]:
+    """`python -m p3m_jax.main` arguments of a tiny run: 64x64, batch 2, 2 validation images, a log
+    line every step, no validation, checkpoints or test splits, unless ``fields`` (config field ->
+    value) say otherwise."""
+    fields = {
+        "data.data_dir": data_dir,
+        "data.tfds_name": TFDS_NAME,
+        "data.image_size": 64,
+        "data.crop_sizes": "(64,)",
+        "data.validation_count": 2,
+        "batch_size": 2,
+        "log_every_steps": 1,
+        "eval_every_steps": 0,
+        "checkpoint_every_steps": 0,
+        "eval.test_splits": "()",
+        **fields,
+    }
+    return ["--config=configs/default.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
+
+
 def start_main(args):
     """`python -m p3m_jax.main ARGS` on the CPU in the background, stdout and stderr together."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -384,22 +404,8 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    args = [
-        "--config=configs/default.py",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        f"--config.data.tfds_name={TFDS_NAME}",
-        "--config.data.image_size=64",
-        "--config.data.crop_sizes=(64,)",
-        "--config.data.validation_count=2",
-        "--config.batch_size=2",
-        "--config.num_train_steps=1000",
-        "--config.log_every_steps=1",
-        "--config.eval_every_steps=0",
-        "--config.checkpoint_every_steps=0",
-        "--config.eval.test_splits=()",
-        "--config.optimizer.schedule=constant",
-    ]
+    fields = {"num_train_steps": 1000, "optimizer.schedule": "constant"}
+    args = tiny_main_args(workdir, data_dir, fields)
     process = start_main(args)
     lines = []
     try:
@@ -424,7 +430,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(da
     leftover = workdir / "checkpoints" / f"{saved + 5}.orbax-checkpoint-tmp-1234567890"
     (leftover / "state").mkdir(parents=True)
     (leftover / "state" / "partial").write_bytes(b"\0" * 16)
-    resumed = run_main(args[:8] + ["--config.num_train_steps=%d" % (saved + 1)] + args[9:])
+    resumed = run_main(tiny_main_args(workdir, data_dir, {**fields, "num_train_steps": saved + 1}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {workdir / 'checkpoints'}/{saved} (step {saved})" in resumed.stdout
     assert f"step {saved + 1}/{saved + 1}" in resumed.stdout
@@ -462,23 +468,16 @@ def test_runs_killed_during_a_save_and_after_a_step_resume_bitwise(quickstart_ru
     workdir lock) and the run ends bit for bit where the uninterrupted quickstart run ended."""
     workdir = tmp_path / "killed"
     checkpoints = workdir / "checkpoints"
-    args = [
-        "--config=configs/default.py",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        f"--config.data.tfds_name={TFDS_NAME}",
-        "--config.data.image_size=64",
-        "--config.data.crop_sizes=(64,)",
-        "--config.data.trimap_kernel_range=(3,5)",
-        "--config.data.validation_count=2",
-        "--config.batch_size=2",
-        "--config.num_train_steps=4",
-        "--config.log_every_steps=1",
-        "--config.eval_every_steps=0",
-        "--config.checkpoint_every_steps=1",
-        "--config.eval.test_splits=()",
-        "--config.optimizer.schedule=constant",
-    ]
+    args = tiny_main_args(
+        workdir,
+        data_dir,
+        {
+            "data.trimap_kernel_range": "(3,5)",
+            "num_train_steps": 4,
+            "checkpoint_every_steps": 1,
+            "optimizer.schedule": "constant",
+        },
+    )
 
     def saving(lines):
         return checkpoints.is_dir() and any("orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir())
@@ -513,29 +512,18 @@ def test_checkpoint_moves_between_device_counts_bitwise(tmp_path):
 def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
     """ICP and FCP on, global batch 8 over 8 virtual devices, FSDP parameters: steps run and paste."""
     workdir = tmp_path / "cp"
+    fields = {
+        "batch_size": 8,
+        "num_train_steps": 3,
+        "param_sharding": "fsdp",
+        "copy_paste.icp.enabled": True,
+        "copy_paste.icp.prob": 1.0,
+        "copy_paste.fcp.enabled": True,
+        "copy_paste.fcp.prob": 1.0,
+        "copy_paste.fcp.layers": "('e2','e3')",
+    }
     result = run_main(
-        [
-            "--config=configs/default.py",
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}",
-            f"--config.data.tfds_name={TFDS_NAME}",
-            "--config.data.image_size=64",
-            "--config.data.crop_sizes=(64,)",
-            "--config.data.validation_count=2",
-            "--config.batch_size=8",
-            "--config.num_train_steps=3",
-            "--config.log_every_steps=1",
-            "--config.eval_every_steps=0",
-            "--config.checkpoint_every_steps=0",
-            "--config.eval.test_splits=()",
-            "--config.param_sharding=fsdp",
-            "--config.copy_paste.icp.enabled=True",
-            "--config.copy_paste.icp.prob=1.0",
-            "--config.copy_paste.fcp.enabled=True",
-            "--config.copy_paste.fcp.prob=1.0",
-            "--config.copy_paste.fcp.layers=('e2','e3')",
-        ],
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        tiny_main_args(workdir, data_dir, fields), {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 8 device(s)" in result.stdout

@@ -82,7 +82,9 @@ def synthetic_builder_config(tfds_name: str):
 
 
 def get_builder(data_config):
-    """The TFDS builder for `data_config.tfds_name` in `data_config.data_dir` (not built here)."""
+    """The TFDS builder for `data_config.tfds_name` in `data_config.data_dir` (not built here).
+
+    Raises ValueError naming the known configs when the name is not one of them."""
     import tensorflow_datasets as tfds
 
     from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
@@ -91,7 +93,14 @@ def get_builder(data_config):
     synthetic = synthetic_builder_config(data_config.tfds_name)
     if synthetic is not None:
         return builder_lib.Builder(config=synthetic, data_dir=data_dir)
-    return tfds.builder(data_config.tfds_name, data_dir=data_dir)
+    try:
+        return tfds.builder(data_config.tfds_name, data_dir=data_dir)
+    except (ValueError, KeyError):  # TFDS: an unknown builder config
+        known = ", ".join(f"p3m10k/{c.name}" for c in builder_lib.Builder.BUILDER_CONFIGS)
+        raise ValueError(
+            f"{data_config.tfds_name!r} is not a p3m10k build config; expected one of {known}, or a "
+            f"synthetic size such as p3m10k/synthetic_64x64_12_2_2"
+        ) from None
 
 
 def _process_index() -> int:

@@ -14,6 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
+from p3m_jax.fileio import atomic_write
+
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -28,8 +30,6 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> None:
         return
     kept = [line for line in lines if line.strip() and _row_step(line) <= step]
     if len(kept) != len(lines):
-        from p3m_jax.fileio import atomic_write  # pylint: disable=import-outside-toplevel
-
         with atomic_write(path) as f:
             f.writelines(kept)
 
