@@ -3,7 +3,8 @@
     python -m p3m_jax.demo --output demo_out [--arch resnet34] [--checkpoint PATH] [--size 256]
 
 Renders a synthetic portrait (tfds_p3m10k.synthetic), runs P3M-Net on it and writes the
-image, the true alpha and the predicted alpha as PNGs. Without ``--checkpoint`` the network
+image, the true alpha and the predicted alpha as PNGs, and ``overview.png``: the image, the
+predicted matte and the cutout over a checkerboard, side by side. Without ``--checkpoint`` the network
 has random (untrained) weights, so the predicted matte is noise: the demo then checks the
 installation and shows the API; pass converted weights (``python -m p3m_jax.convert``) for a
 real matte.
@@ -19,9 +20,21 @@ import time
 import numpy as np
 from PIL import Image
 
-from p3m_jax.inference import normalize
+from p3m_jax.inference import Predictor, load_pretrained
+from p3m_jax.inference.strategies import normalize
 from p3m_jax.models import ARCHITECTURES
-from p3m_jax.predictor import Predictor, load_pretrained
+from tfds_p3m10k.synthetic import render_portrait
+
+
+def overview(image: np.ndarray, alpha: np.ndarray, square: int = 8) -> np.ndarray:
+    """(H, 3W, 3) uint8: the image, the matte, and the image composited by the matte over a
+    light-grey checkerboard (what a cutout looks like in an editor)."""
+    h, w = alpha.shape
+    rows, cols = np.indices((h, w)) // square
+    board = np.where((rows + cols) % 2 == 0, 230.0, 190.0)[..., None]
+    cutout = alpha[..., None] * image + (1.0 - alpha[..., None]) * board
+    matte = np.repeat(alpha[..., None] * 255.0, 3, axis=2)
+    return np.round(np.concatenate([image.astype(np.float64), matte, cutout], axis=1)).clip(0, 255).astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size <= 0 or args.size % 32:
         parser.error(f"--size must be a positive multiple of 32, got {args.size}")
-
-    from tfds_p3m10k.synthetic import render_portrait  # pylint: disable=import-outside-toplevel
 
     sample = render_portrait(args.seed, args.size, args.size)
     t0 = time.perf_counter()
@@ -59,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     Image.fromarray(sample.image).save(os.path.join(args.output, "image.png"))
     Image.fromarray(sample.alpha).save(os.path.join(args.output, "alpha_true.png"))
     Image.fromarray(np.round(alpha * 255).astype(np.uint8)).save(os.path.join(args.output, "alpha_pred.png"))
+    Image.fromarray(overview(sample.image, alpha)).save(os.path.join(args.output, "overview.png"))
     classes = np.bincount(out["global"][0].argmax(-1).ravel(), minlength=3) / alpha.size
     sad = np.abs(alpha - sample.alpha / 255.0).sum() / 1000
     print("outputs: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         f"foreground {classes[2]:.1%}; SAD vs true alpha {sad:.2f}"
     )
     print(f"model setup {t1 - t0:.1f} s, first call (compiles) {t2 - t1:.1f} s, second call {t3 - t2:.2f} s")
-    print(f"wrote {args.output}/image.png, alpha_true.png, alpha_pred.png")
+    print(f"wrote {args.output}/image.png, alpha_true.png, alpha_pred.png, overview.png")
     return 0
 
 
