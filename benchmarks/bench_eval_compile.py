@@ -35,7 +35,7 @@ def synthetic_examples(count: int, n_sizes: int, seed: int = 0):
 
 
 def portrait_example(seed: int, height: int, width: int, name: str) -> dict:
-    """One rendered synthetic portrait in the layout `p3m_jax.evaluate.evaluate` reads."""
+    """One rendered synthetic portrait in the layout `p3m_jax.evaluation.scoring.evaluate` reads."""
     from tfds_p3m10k import synthetic
 
     portrait = synthetic.render_portrait(seed, height, width)
@@ -60,17 +60,18 @@ def main():
     parser.add_argument("--cache_dir", default=None, help="enable JAX's persistent compilation cache here")
     args = parser.parse_args()
 
-    from p3m_jax import evaluate
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.common import compilation_cache
+    from p3m_jax.evaluation import scoring
+    from p3m_jax.inference.predictor import Predictor
 
     if args.cache_dir:
-        evaluate.enable_compilation_cache(args.cache_dir)
+        compilation_cache.enable_compilation_cache(args.cache_dir)
     examples, sizes = synthetic_examples(args.images, args.sizes)
     predictor = Predictor.random(args.arch, seed=0)
     results = {}
     for mode in ("bucketed", "exact"):
         start = time.perf_counter()
-        results[mode] = evaluate.evaluate(
+        results[mode] = scoring.evaluate(
             predictor,
             examples,
             args.strategy,

@@ -4,7 +4,7 @@
         [--images 32] [--height 512 --width 512] [--strategy hybrid] [--bucket 128] [--json FILE]
 
 Renders `--images` synthetic portraits (`tfds_p3m10k.synthetic`, the renderer behind the `p3m10k/synthetic`
-TFDS config) and runs `p3m_jax.evaluate.evaluate` on them twice per (arch, dtype) with random weights: the first
+TFDS config) and runs `p3m_jax.evaluation.scoring.evaluate` on them twice per (arch, dtype) with random weights: the first
 pass includes compiling the network and metric programs, the second (after every first pass) is the steady state,
 reported as images/s (the whole `evaluate` loop: host resizing, the network, the jitted metrics). For every dtype
 after the first, the dataset means are compared with the first dtype's (the metric change of bfloat16 against
@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from p3m_jax import evaluate
+    from p3m_jax.evaluation import scoring
     from device_turns import end_device_turn, wait_for_device_turn
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
     jax.config.update("jax_enable_compilation_cache", False)  # the first pass is a cold start
     device = jax.devices()[0]
@@ -73,13 +73,13 @@ def main(argv=None) -> int:
         for dtype_name in args.dtype:
             predictor = Predictor.random(arch, dtype=jnp.dtype(dtype_name))
             start = time.perf_counter()
-            evaluate.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
+            scoring.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
             runs.append((arch, dtype_name, predictor, time.perf_counter() - start))
     wait_for_device_turn()
     rows, references = [], {}
     for arch, dtype_name, predictor, first_s in runs:
         start = time.perf_counter()
-        result = evaluate.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
+        result = scoring.evaluate(predictor, examples, args.strategy, bucket=args.bucket, progress=False)
         steady_s = time.perf_counter() - start
         mean = result["mean"]
         row = {

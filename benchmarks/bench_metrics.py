@@ -1,4 +1,4 @@
-"""Speed of `p3m_jax.metrics.matting_metrics` against a NumPy/SciPy/scikit-image version of the same metrics.
+"""Speed of `p3m_jax.evaluation.metrics.matting_metrics` against a NumPy/SciPy/scikit-image version of the same metrics.
 
 The NumPy version below is written from docs/design.md section 6 (one image at a time, as the authors' evaluation
 loops). The authors' Conn additionally runs a Euclidean distance transform per threshold whose result it never
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-from p3m_jax.metrics import matting_metrics
+from p3m_jax.evaluation.metrics import matting_metrics
 
 
 def numpy_metrics(pred, gt, trimap, authors_edt=False):

@@ -25,7 +25,7 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from p3m_jax.models import build_model, init_variables
-from p3m_jax.predictor import init_key
+from p3m_jax.weights.initialize import init_key
 
 
 def timed(fn, *args, repeats):

@@ -7,7 +7,7 @@
 The photo (default: the sample's P3M-500-NP portrait) is resized to --height x --width (the issue's 1080x1620)
 and converted to RGB uint8. Weights are random (timing does not depend on them).
 
-Ours: `p3m_jax.inference.predict_alpha` through a `NetworkRunner` with `--bucket` (0 = exact shapes, the
+Ours: `p3m_jax.inference.strategies.predict_alpha` through a `NetworkRunner` with `--bucket` (0 = exact shapes, the
 `predict` command's default), the persistent compilation cache off (unless --cache_dir), so "first" is a cold
 first image in a fresh process: compilation of every network program of the strategy included. "steady" is the median of
 `--repeats` later calls. Where the time goes (steady state): host resizing and normalisation of the inputs,
@@ -65,7 +65,7 @@ class OurBreakdown:
     def __init__(self, predictor, bucket):
         import jax
 
-        from p3m_jax import inference
+        from p3m_jax.inference import strategies as inference
 
         self.inference = inference
         self.runner = inference.NetworkRunner(predictor, bucket or None)
@@ -192,14 +192,14 @@ def main() -> int:
     import jax
     import jax.numpy as jnp
 
-    from p3m_jax import inference
-    from p3m_jax.evaluate import enable_compilation_cache
+    from p3m_jax.inference import strategies as inference
+    from p3m_jax.common.compilation_cache import enable_compilation_cache
 
     if args.cache_dir:
         enable_compilation_cache(args.cache_dir)
     else:
         jax.config.update("jax_enable_compilation_cache", False)  # a cold first call, whatever the user's setup
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
     if args.torch and not args.authors_repo:
         parser.error("--torch needs --authors_repo DIR (a checkout of github.com/ViTAE-Transformer/P3M-Net)")

@@ -92,7 +92,7 @@ def step_flops(step, abstract_state, abstract_batch, n_devices: int) -> float:
     Not the compiled program's own analysis: XLA:GPU compiles convolutions to cuDNN custom
     calls, which its cost analysis counts as nothing (a ResNet-34 step at 512x512, batch 32,
     reported 0.28 of its 11 TFLOP on an H200), and on the CPU some convolution gradients run as
-    loops over kernel taps (see `layers.same_conv`) whose bodies are counted once. The
+    loops over kernel taps (see `p3m_jax.ops.conv_cpu`) whose bodies are counted once. The
     GPU lowering has every convolution and dot as one plain HLO op, on any backend."""
     lowered = step.trace(abstract_state, abstract_batch).lower(lowering_platforms=("cuda",))
     analysis = lowered.cost_analysis()

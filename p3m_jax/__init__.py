@@ -6,7 +6,7 @@ Public API:
 """
 
 from p3m_jax.models import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAMES, build_model, init_variables
-from p3m_jax.predictor import Predictor, load_pretrained
+from p3m_jax.inference import Predictor, load_pretrained
 
 __all__ = [
     "build_model",

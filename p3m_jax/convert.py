@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from p3m_jax import checkpoints
 from p3m_jax.models import ARCHITECTURES
-from p3m_jax.predictor import variables_from_torch
+from p3m_jax.weights import model_checkpoint
+from p3m_jax.weights.initialize import variables_from_torch
 from p3m_jax.weights.torch_import import CheckpointImportError
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         variables, report = variables_from_torch(
             args.torch_checkpoint, args.arch, backbone_only=args.backbone_only, seed=args.seed
         )
-        out = checkpoints.save_model_checkpoint(args.output, args.arch, variables, overwrite=args.overwrite)
+        out = model_checkpoint.save_model_checkpoint(args.output, args.arch, variables, overwrite=args.overwrite)
     except (CheckpointImportError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,7 +11,6 @@ can be overridden with --config.<field>=<value>.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -30,36 +29,18 @@ flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "eval mode: which ch
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def enable_compilation_cache(config) -> str | None:
-    """Turns on JAX's persistent compilation cache in `config.compilation_cache_dir` (on by default; ""
-    turns it off) unless JAX already has a cache folder (e.g. from JAX_COMPILATION_CACHE_DIR). Returns the
-    folder in use, or None."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
-    folder = str(config.get("compilation_cache_dir", "") or "")
-    if not folder:
-        return None
-    from p3m_jax import evaluate  # pylint: disable=import-outside-toplevel
-
-    try:
-        return evaluate.enable_compilation_cache(os.path.expanduser(folder))
-    except OSError as e:  # an unwritable cache must not stop training: it only saves compile time
-        logging.warning("compilation cache %s unusable (%s); compiling without it", folder, e)
-        return None
-
-
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
-    from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel  (after flag parsing)
+    # Imported after flag parsing, so that `--help` and flag errors do not wait for JAX.
+    from p3m_jax.common import compilation_cache  # pylint: disable=import-outside-toplevel
+    from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel
     from p3m_jax.train.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
     from p3m_jax.train.workdir_lock import WorkdirLockedError  # pylint: disable=import-outside-toplevel
 
-    enable_compilation_cache(FLAGS.config)
+    compilation_cache.enable_unless_set(FLAGS.config.get("compilation_cache_dir", ""))
 
     try:
         if FLAGS.mode == "eval":

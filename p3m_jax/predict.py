@@ -30,7 +30,12 @@ import tempfile
 
 import numpy as np
 
-from p3m_jax import image_io, inference
+from tqdm import tqdm
+
+from p3m_jax.common import image_io
+from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
+from p3m_jax.inference import strategies
+from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 
 SHORT_SIDE_LIMIT = 1080  # the authors' SHORTER_PATH_LIMITATION
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -92,10 +97,10 @@ def predict_image(runner, image: np.ndarray, strategy: str) -> np.ndarray:
         scale = SHORT_SIDE_LIMIT / min(height, width)
         size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
         work = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-    alpha = inference.predict_alpha(runner, work, strategy)
+    alpha = strategies.predict_alpha(runner, work, strategy)
     if work.shape[:2] != (height, width):
         alpha = cv2.resize(alpha.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    return inference.quantize(alpha)
+    return strategies.quantize(alpha)
 
 
 def parse_args(argv=None):
@@ -106,7 +111,7 @@ def parse_args(argv=None):
     parser.add_argument("--arch", default=None, help="resnet34 | swin_t | vitae_s (required for a .pth)")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--strategy", default="hybrid", choices=inference.STRATEGIES)
+    parser.add_argument("--strategy", default="hybrid", choices=strategies.STRATEGIES)
     parser.add_argument("--bucket", type=int, default=0, help="pad network inputs to multiples (0: exact)")
     parser.add_argument(
         "--dtype",
@@ -138,9 +143,7 @@ def run(
 
     ``output_created``: whether the caller already made ``output_dir`` with `prepare_output` (None:
     prepare it here); a folder made for this run is removed again when nothing is written."""
-    from tqdm import tqdm
-
-    runner = inference.NetworkRunner(predictor, bucket or None)
+    runner = strategies.NetworkRunner(predictor, bucket or None)
     output_dir = pathlib.Path(output_dir)
     created = prepare_output(output_dir) if output_created is None else output_created
     names, shared = output_names(inputs)
@@ -176,9 +179,6 @@ def run(
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from p3m_jax.evaluate import DEFAULT_CACHE_DIR, enable_compilation_cache
-    from p3m_jax.predictor import CHECKPOINT_ERRORS, load_pretrained
-
     enable_compilation_cache(args.cache_dir or DEFAULT_CACHE_DIR)
     created = False
     try:

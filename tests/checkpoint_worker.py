@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from p3m_jax.predictor import init_key  # noqa: E402
+from p3m_jax.weights.initialize import init_key  # noqa: E402
 from p3m_jax.train import mesh as mesh_lib  # noqa: E402
 from p3m_jax.train import state as state_lib  # noqa: E402
 from p3m_jax.train.checkpointing import TrainCheckpointer, to_savable  # noqa: E402

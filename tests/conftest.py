@@ -36,7 +36,7 @@ def resnet34_variables():
     import jax
 
     from p3m_jax.models import build_model, init_variables
-    from p3m_jax.predictor import init_key
+    from p3m_jax.weights.initialize import init_key
 
     model = build_model("resnet34")
     return jax.jit(lambda rng: init_variables(model, rng))(init_key(0))

@@ -163,7 +163,7 @@ def test_corrupt_record_stops_or_is_skipped(synthetic, tmp_path):
 
 
 def test_eval_sequences_feed_evaluate(synthetic):
-    from p3m_jax.evaluate import _plain
+    from p3m_jax.data.evaluation_data import plain_example as _plain
 
     for split in ("p3m_500_p", "p3m_500_np"):
         whole = data.test_dataset(synthetic, split, process_index=0, process_count=1)

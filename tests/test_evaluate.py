@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p3m_jax import evaluate, inference
-from p3m_jax.metrics import matting_metrics
+from p3m_jax import evaluate
+from p3m_jax.data import evaluation_data
+from p3m_jax.evaluation import report, scoring
+from p3m_jax.inference import strategies as inference
+from p3m_jax.evaluation.metrics import matting_metrics
 
 # Bucketed network inputs move predictions. Measured on exactly the setting of the bound test below
 # (random-weight ResNet-34 seed 1, three portraits of 130-230 px, RESIZE, bucket 64: 64x96 inputs padded to
@@ -49,7 +52,7 @@ def _portrait(seed, height, width):
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release") / "P3M-10k"
-    for split, (folder, image_folder) in evaluate.SPLITS.items():
+    for split, (folder, image_folder) in evaluation_data.RELEASE_SPLITS.items():
         base = root / folder
         for sub in (image_folder, "mask", "trimap") + (("facemask",) if split == "p3m_500_p" else ()):
             (base / sub).mkdir(parents=True)
@@ -66,21 +69,21 @@ def release(tmp_path_factory):
 
 def test_folder_dataset_reads_the_release_layout(release, tmp_path):
     for root in (release, release / "P3M-10k", release / "P3M-10k" / "validation"):
-        dataset = evaluate.FolderDataset(root, "p3m_500_p")
+        dataset = evaluation_data.FolderDataset(root, "p3m_500_p")
         assert len(dataset) == 3
     example = dataset[2]
-    assert example["image"].shape == (96, 80, 3) and example["alpha"].shape == (96, 80)
+    assert example["image"].shape == (96, 80, 3) and example["alpha"].shape == (96, 80, 1)
     assert example["has_facemask"] and example["facemask"].max() == 255
-    assert not evaluate.FolderDataset(release, "p3m_500_np")[0]["has_facemask"]
+    assert not evaluation_data.FolderDataset(release, "p3m_500_np")[0]["has_facemask"]
     with pytest.raises(FileNotFoundError, match="release layout"):
-        evaluate.FolderDataset(tmp_path, "p3m_500_p")
+        evaluation_data.FolderDataset(tmp_path, "p3m_500_p")
     with pytest.raises(ValueError, match="unknown split"):
-        evaluate.FolderDataset(release, "train")
+        evaluation_data.FolderDataset(release, "train")
 
 
 def test_evaluate_scores_quantized_predictions(release, tmp_path):
-    dataset = evaluate.FolderDataset(release, "p3m_500_p")
-    result = evaluate.evaluate(
+    dataset = evaluation_data.FolderDataset(release, "p3m_500_p")
+    result = scoring.evaluate(
         FakePredictor(), dataset, "hybrid", mode="exact", save_png_dir=tmp_path / "png", progress=False
     )
     assert result["count"] == 3 and result["network_shapes"] == 3  # (32, 32), (64, 64), (96, 64)
@@ -99,14 +102,14 @@ def test_evaluate_scores_quantized_predictions(release, tmp_path):
             np.testing.assert_allclose(row[key], float(value), rtol=1e-6, err_msg=key)
     for key in ("SAD", "CONN", "SAD_PRIVACY"):
         np.testing.assert_allclose(result["mean"][key], np.mean([r[key] for r in result["per_image"]]))
-    table = evaluate.format_table({"p3m_500_p": result})
+    table = report.format_table({"p3m_500_p": result})
     assert "SAD_PRIVACY" in table and "| p3m_500_p | 3 |" in table
 
 
 def test_metric_bucketing_is_exact(release):
-    dataset = evaluate.FolderDataset(release, "p3m_500_np")
-    exact = evaluate.evaluate(FakePredictor(), dataset, "resize", mode="exact", progress=False)
-    bucketed = evaluate.evaluate(
+    dataset = evaluation_data.FolderDataset(release, "p3m_500_np")
+    exact = scoring.evaluate(FakePredictor(), dataset, "resize", mode="exact", progress=False)
+    bucketed = scoring.evaluate(
         FakePredictor(), dataset, "resize", mode="bucketed", bucket=128, metric_bucket=128, progress=False
     )
     assert bucketed["metric_shapes"] == 1 and exact["metric_shapes"] == 3
@@ -115,23 +118,23 @@ def test_metric_bucketing_is_exact(release):
 
 
 def test_bucketed_model_stays_within_the_documented_bound():
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
     predictor = Predictor.random("resnet34", seed=1)
     dataset = []
     for i, (h, w) in enumerate([(130, 200), (200, 150), (140, 230)]):  # RESIZE inputs 64x96, 96x64, 64x96
         image, alpha, trimap, facemask = _portrait(i, h, w)
         dataset.append({"name": str(i), "image": image, "alpha": alpha, "trimap": trimap})
-    exact = evaluate.evaluate(predictor, dataset, "resize", mode="exact", progress=False)
-    bucketed = evaluate.evaluate(predictor, dataset, "resize", mode="bucketed", bucket=64, progress=False)
+    exact = scoring.evaluate(predictor, dataset, "resize", mode="exact", progress=False)
+    bucketed = scoring.evaluate(predictor, dataset, "resize", mode="bucketed", bucket=64, progress=False)
     assert (exact["network_shapes"], bucketed["network_shapes"]) == (2, 2)  # 64x96, 96x64 -> 64x128, 128x64
-    for key in evaluate.REPORTED_KEYS:
+    for key in report.REPORTED_KEYS:
         relative = abs(bucketed["mean"][key] - exact["mean"][key]) / max(abs(exact["mean"][key]), 1e-6)
         assert relative < BUCKETED_RELATIVE_BOUND[key], (key, exact["mean"][key], bucketed["mean"][key])
 
 
 def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkeypatch, capsys):
-    from p3m_jax import predictor
+    from p3m_jax.inference import predictor
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights loaded before the test sets were found")
@@ -173,9 +176,9 @@ def test_cli_reports_a_missing_checkpoint(release, tmp_path, capsys):
 
 
 def test_cli_writes_json(release, tmp_path):
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
-    from p3m_jax.predictor import clear_compiled_programs
+    from p3m_jax.inference.predictor import clear_compiled_programs
 
     checkpoint = Predictor.random("resnet34", seed=0).save(tmp_path / "ckpt")
     clear_compiled_programs()  # earlier tests of this process compiled the same programs

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from skimage.transform import resize as skimage_resize
 
-from p3m_jax import inference
+from p3m_jax.inference import strategies as inference
 from tests.hlo_helpers import ynnpack_convolutions
 
 
@@ -109,7 +109,7 @@ def test_bucketed_runner_pads_and_crops():
 
 
 def test_strategies_run_a_real_random_model():
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
     predictor = Predictor.random("resnet34")
     image = _image(np.random.default_rng(4), 70, 90)
@@ -126,7 +126,7 @@ def test_strategies_run_a_real_random_model():
 def test_random_predictors_share_an_initializer_but_follow_their_seed():
     import jax
 
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
     first, other_seed, same_seed = (Predictor.random("resnet34", seed=s) for s in (0, 1, 0))
     leaves = [jax.tree_util.tree_leaves(p.variables) for p in (first, other_seed, same_seed)]
@@ -136,7 +136,7 @@ def test_random_predictors_share_an_initializer_but_follow_their_seed():
 
 
 def test_background_compilation_is_joined_by_forward_and_its_errors_reach_the_caller(monkeypatch):
-    from p3m_jax import predictor as predictor_lib
+    from p3m_jax.inference import predictor as predictor_lib
 
     predictor = predictor_lib.Predictor.random("resnet34")
     shape = (1, 64, 160, 3)  # a shape no other test compiles: the programs are shared process-wide
@@ -168,7 +168,7 @@ def test_background_compilation_is_joined_by_forward_and_its_errors_reach_the_ca
 def test_next_program_lowers_while_the_one_before_it_compiles(monkeypatch):
     import threading
 
-    from p3m_jax import predictor as predictor_lib
+    from p3m_jax.inference import predictor as predictor_lib
 
     predictor = predictor_lib.Predictor.random("resnet34")
     shape = (1, 64, 192, 3)  # a shape no other test compiles
@@ -198,7 +198,7 @@ def test_next_program_lowers_while_the_one_before_it_compiles(monkeypatch):
 
 
 def test_predictor_computes_only_the_outputs_asked_and_shares_programs():
-    from p3m_jax import predictor as predictor_lib
+    from p3m_jax.inference import predictor as predictor_lib
 
     predictor = predictor_lib.Predictor.random("resnet34")
     x = np.random.default_rng(5).normal(size=(1, 64, 96, 3)).astype(np.float32)
@@ -235,8 +235,8 @@ def test_cpu_inference_programs_use_xla_convolutions_and_fall_back_when_refused(
     import jax
     import jax.numpy as jnp
 
-    from p3m_jax import compile_options
-    from p3m_jax import predictor as predictor_lib
+    from p3m_jax.common import compile_options
+    from p3m_jax.inference import predictor as predictor_lib
 
     predictor = predictor_lib.Predictor.random("resnet34")
     lowered = predictor._program(("local",)).lower(

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from p3m_jax.models import layers
+from p3m_jax.ops import conv as conv_ops
+from p3m_jax.ops import conv_cpu, conv_xla, pooling, resize
 from p3m_jax.models.bridges import DBFI, SBFI, TFI, pool_stem
 
 RTOL = ATOL = 1e-5
@@ -30,7 +32,7 @@ def conv_kernel(w):
 @pytest.mark.parametrize("window,padding,shape", [(3, 1, (2, 16, 12, 3)), (2, 0, (1, 8, 14, 5))])
 def test_max_pool_indices_match_torch(window, padding, shape):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    y, idx = layers.max_pool_with_indices(jnp.asarray(x), window, 2, padding)
+    y, idx = pooling.max_pool_with_indices(jnp.asarray(x), window, 2, padding)
     ty, tidx = F.max_pool2d(nchw(x), window, 2, padding, return_indices=True)
     np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
     np.testing.assert_array_equal(np.asarray(idx), nhwc(tidx))
@@ -50,7 +52,7 @@ def test_max_pool_with_indices_gradient_matches_torch(window, padding, shape):
     ty, _ = F.max_pool2d(tx, window, 2, padding, return_indices=True)
     cot = rng.standard_normal(nhwc(ty).shape).astype(np.float32)
     (ty * nchw(cot)).sum().backward()
-    (y, idx), vjp = jax.vjp(lambda a: layers.max_pool_with_indices(a, window, 2, padding), jnp.asarray(x))
+    (y, idx), vjp = jax.vjp(lambda a: pooling.max_pool_with_indices(a, window, 2, padding), jnp.asarray(x))
     (gx,) = vjp((jnp.asarray(cot), np.zeros(idx.shape, jax.dtypes.float0)))
     np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
     np.testing.assert_allclose(np.asarray(gx), nhwc(tx.grad), rtol=1e-6, atol=1e-6)
@@ -61,7 +63,7 @@ def test_max_pool_ties_take_first_maximum_and_padding_never_wins():
     # All-equal negative input: every window ties, and the -inf padding must not be chosen.
     x = np.full((1, 6, 6, 1), -3.0, np.float32)
     x[0, 2:4, 2:4, 0] = 1.0  # a 2x2 plateau shared by several overlapping windows
-    _, idx = layers.max_pool_with_indices(jnp.asarray(x), 3, 2, 1)
+    _, idx = pooling.max_pool_with_indices(jnp.asarray(x), 3, 2, 1)
     _, tidx = F.max_pool2d(nchw(x), 3, 2, 1, return_indices=True)
     np.testing.assert_array_equal(np.asarray(idx), nhwc(tidx))
     assert np.asarray(idx)[0, 0, 0, 0] == 0  # first element of the window, not padding
@@ -87,7 +89,7 @@ def test_max_pool_and_its_gradient_match_torch_with_ties(window, stride, size):
     ty = F.max_pool2d(tx, window, stride)
     cot = np.random.default_rng(3).standard_normal(nhwc(ty).shape).astype(np.float32)
     (ty * nchw(cot)).sum().backward()
-    y, vjp = jax.vjp(lambda a: layers.max_pool(a, window, stride), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda a: pooling.max_pool(a, window, stride), jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(y), nhwc(ty))
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(cot))[0]), nhwc(tx.grad))
 
@@ -108,10 +110,10 @@ def test_max_unpool_and_its_gradient_match_torch_including_overlaps(window, padd
     pooled_rows = np.arange(8)[None, :, None, None] * 2 - padding
     pooled_cols = np.arange(8)[None, None, :, None] * 2 - padding
     argmax = (rows - pooled_rows) * window + (cols - pooled_cols)
-    _, ours = layers.max_pool_with_argmax(jnp.asarray(x), window, 2, padding)
+    _, ours = pooling.max_pool_with_argmax(jnp.asarray(x), window, 2, padding)
     np.testing.assert_array_equal(np.asarray(ours), argmax)
     got, vjp = jax.vjp(
-        lambda v: layers.max_unpool_2x2(v, jnp.asarray(argmax, jnp.int32), window), jnp.asarray(nhwc(values))
+        lambda v: pooling.max_unpool_2x2(v, jnp.asarray(argmax, jnp.int32), window), jnp.asarray(nhwc(values))
     )
     assert got.shape == (2, 16, 16, 4)
     np.testing.assert_array_equal(np.asarray(got), nhwc(expected))
@@ -126,14 +128,14 @@ def test_max_unpool_and_its_gradient_match_torch_including_overlaps(window, padd
 
 def test_max_unpool_rejects_unknown_window():
     with pytest.raises(ValueError, match="pool_window"):
-        layers.max_unpool_2x2(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1), jnp.int32), 4)
+        pooling.max_unpool_2x2(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1), jnp.int32), 4)
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8, 16, 32])
 def test_upsample_bilinear_matches_torch(factor):
     x = np.random.default_rng(factor).standard_normal((2, 3, 5, 4)).astype(np.float32)
     expected = F.interpolate(nchw(x), scale_factor=factor, mode="bilinear", align_corners=False)
-    got = layers.upsample_bilinear(jnp.asarray(x), factor)
+    got = resize.upsample_bilinear(jnp.asarray(x), factor)
     np.testing.assert_allclose(np.asarray(got), nhwc(expected), rtol=RTOL, atol=ATOL)
 
 
@@ -354,7 +356,7 @@ def test_same_conv_and_its_gradients_match_torch(cin, cout, kernel, groups, hw):
     assert_close_to_scale(gx, nhwc(tx.grad))
     assert_close_to_scale(gw, conv_kernel(tw.grad))
     if kernel > 1:  # the bare function too
-        _, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), jnp.asarray(x), jnp.asarray(conv_kernel(tw)))
+        _, vjp = jax.vjp(lambda a, b: conv_ops.same_conv(a, b, groups), jnp.asarray(x), jnp.asarray(conv_kernel(tw)))
         assert_close_to_scale(vjp(jnp.asarray(cot))[1], conv_kernel(tw.grad))
 
 
@@ -371,7 +373,7 @@ def test_cpu_compiled_conv_and_its_gradients_match_torch(cin, cout, groups):
     # Training, evaluation and inference programs compile on the CPU with XLA's own convolutions
     # (`compile_options`), not YNNPACK's (which takes convolutions with more than 16 channels);
     # the forward pass and both gradients still give PyTorch's, plain and grouped.
-    from p3m_jax.compile_options import compiler_options
+    from p3m_jax.common.compile_options import compiler_options
 
     options = compiler_options("cpu")
     assert options is not None
@@ -385,7 +387,7 @@ def test_cpu_compiled_conv_and_its_gradients_match_torch(cin, cout, groups):
     (ty * nchw(cot)).sum().backward()
 
     def forward_and_grads(a, b, g):
-        y, vjp = jax.vjp(lambda a, b: layers.same_conv(a, b, groups), a, b)
+        y, vjp = jax.vjp(lambda a, b: conv_ops.same_conv(a, b, groups), a, b)
         return (y, *vjp(g))
 
     y, gx, gw = jax.jit(forward_and_grads, compiler_options=options)(
@@ -404,12 +406,12 @@ def test_cpu_kernel_grads_match_xlas_convolution_gradient(kernel, cin, cout):
     x = jnp.asarray(rng.standard_normal((2, 13, 11, cin)), jnp.float32)
     g = jnp.asarray(rng.standard_normal((2, 13, 11, cout)), jnp.float32)
     kernel_shape = (kernel, kernel, cin, cout)
-    _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x, b, 1), jnp.zeros(kernel_shape))
+    _, vjp = jax.vjp(lambda b: conv_xla.lax_same_conv(x, b, 1), jnp.zeros(kernel_shape))
     (want,) = vjp(g)
     kernel_grad = (
-        layers._stacked_cotangent_kernel_grad
-        if cout < layers._MIN_OUTPUT_CHANNELS_FOR_XLA_KERNEL_GRAD
-        else layers._padded_input_kernel_grad
+        conv_cpu._stacked_cotangent_kernel_grad
+        if cout < conv_cpu._MIN_OUTPUT_CHANNELS_FOR_XLA_KERNEL_GRAD
+        else conv_cpu._padded_input_kernel_grad
     )
     got = kernel_grad(x, g, kernel_shape, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
@@ -418,9 +420,9 @@ def test_cpu_kernel_grads_match_xlas_convolution_gradient(kernel, cin, cout):
 @pytest.mark.parametrize(
     "kernel_grad,cin,cout",
     [
-        (layers._padded_input_kernel_grad, 16, 16),
-        (layers._stacked_cotangent_kernel_grad, 16, 3),
-        (layers._padded_input_kernel_grad, 3, 16),
+        (conv_cpu._padded_input_kernel_grad, 16, 16),
+        (conv_cpu._stacked_cotangent_kernel_grad, 16, 3),
+        (conv_cpu._padded_input_kernel_grad, 3, 16),
     ],
 )
 def test_kernel_grads_in_bfloat16_accumulate_in_float32(kernel_grad, cin, cout):
@@ -428,7 +430,7 @@ def test_kernel_grads_in_bfloat16_accumulate_in_float32(kernel_grad, cin, cout):
     x = jnp.asarray(rng.standard_normal((1, 32, 32, cin)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((1, 32, 32, cout)), jnp.bfloat16)
     kernel = jnp.zeros((3, 3, cin, cout), jnp.bfloat16)
-    _, vjp = jax.vjp(lambda b: layers._lax_same_conv(x.astype(jnp.float32), b, 1), kernel.astype(jnp.float32))
+    _, vjp = jax.vjp(lambda b: conv_xla.lax_same_conv(x.astype(jnp.float32), b, 1), kernel.astype(jnp.float32))
     (want,) = vjp(g.astype(jnp.float32))
     got = kernel_grad(x, g, kernel.shape, kernel.dtype)
     assert got.dtype == jnp.bfloat16

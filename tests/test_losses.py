@@ -1,4 +1,4 @@
-"""p3m_jax.losses against the public code's values (shared/reference) and the loss's contract."""
+"""p3m_jax.train.losses against the public code's values (shared/reference) and the loss's contract."""
 
 import json
 import pathlib
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p3m_jax import losses
+from p3m_jax.train import losses
 
 DATA = pathlib.Path(__file__).parent / "data"
 REFERENCE = json.loads((DATA / "reference_values.json").read_text())["cases"]

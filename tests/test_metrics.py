@@ -1,4 +1,4 @@
-"""Tests of p3m_jax.metrics against the authors' reference values and plain NumPy/SciPy/scikit-image versions."""
+"""Tests of p3m_jax.evaluation.metrics against the authors' reference values and plain NumPy/SciPy/scikit-image versions."""
 
 import json
 import pathlib
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from p3m_jax.metrics import METRIC_KEYS, PRIVACY_KEYS, largest_component, matting_metrics
+from p3m_jax.evaluation.metrics import METRIC_KEYS, PRIVACY_KEYS, largest_component, matting_metrics
 
 DATA = pathlib.Path(__file__).parent / "data"
 

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p3m_jax import image_io, predict
+from p3m_jax import predict
+from p3m_jax.common import image_io
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from p3m_jax.predictor import Predictor
+    from p3m_jax.inference.predictor import Predictor
 
     return Predictor.random("resnet34", seed=0).save(tmp_path_factory.mktemp("ckpt") / "model")
 
@@ -95,7 +96,7 @@ def test_predict_large_image_is_downscaled_and_scaled_back(checkpoint, tmp_path)
             self.shapes.append(x.shape[1:3])
             return self.inner.forward(x)
 
-    from p3m_jax.predictor import load_pretrained
+    from p3m_jax.inference.loading import load_pretrained
 
     recorder = Recorder(load_pretrained(checkpoint))
     path = tmp_path / "big.jpg"
@@ -136,7 +137,7 @@ def test_missing_checkpoint_is_reported(tmp_path, capsys):
 def test_written_files_get_the_usual_permissions(tmp_path, umask, expected):
     import os
 
-    from p3m_jax import fileio
+    from p3m_jax.common import fileio
 
     previous = os.umask(umask)
     try:
@@ -150,7 +151,7 @@ def test_written_files_get_the_usual_permissions(tmp_path, umask, expected):
 
 
 def test_bfloat16_option(checkpoint, tmp_path):
-    from p3m_jax.predictor import load_pretrained
+    from p3m_jax.inference.loading import load_pretrained
 
     full = load_pretrained(checkpoint)
     half = load_pretrained(checkpoint, dtype="bfloat16")
@@ -275,7 +276,7 @@ def test_nothing_is_created_when_every_input_fails(checkpoint, tmp_path):
 
 
 def test_a_failed_write_leaves_neither_file_of_the_pair(checkpoint, tmp_path, monkeypatch):
-    from p3m_jax.predictor import load_pretrained
+    from p3m_jax.inference.loading import load_pretrained
 
     Image.fromarray(_gradient_image(64, 64)).save(tmp_path / "a.png")
     save_png = image_io.save_png

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from p3m_jax.models import build_model, init_variables  # noqa: E402
-from p3m_jax.models.layers import argmax_to_indices  # noqa: E402
+from p3m_jax.ops.pooling import argmax_to_indices  # noqa: E402
 from p3m_jax.models.swin import (
     PoolingPatchMerging,
     StemPoolingPatchEmbed,  # noqa: E402

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import p3m_jax
-from p3m_jax import checkpoints, convert
-from p3m_jax.predictor import variables_from_torch
+from p3m_jax import convert
+from p3m_jax.weights import model_checkpoint as checkpoints
+from p3m_jax.weights.initialize import variables_from_torch
 from p3m_jax.weights.torch_import import CheckpointImportError, convert_state_dict
 
 

@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from p3m_jax.losses import p3m_loss  # noqa: E402
+from p3m_jax.train.losses import p3m_loss  # noqa: E402
 from p3m_jax.models import OUTPUT_NAMES, build_model, init_variables  # noqa: E402
 from p3m_jax.train.step import prepare_batch  # noqa: E402
 from p3m_jax.weights.torch_import import convert_state_dict  # noqa: E402

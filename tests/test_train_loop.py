@@ -536,25 +536,28 @@ def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
 
 
 def test_training_turns_the_persistent_compilation_cache_on(tmp_path, compilation_cache):
-    from p3m_jax import evaluate, main
+    from p3m_jax.common import compilation_cache as compilation_cache_lib
 
     config = default_config.get_config()
     try:
         # A folder JAX already has (JAX_COMPILATION_CACHE_DIR, or this test session's) is kept.
         config.compilation_cache_dir = str(tmp_path / "ignored")
-        assert main.enable_compilation_cache(config) == compilation_cache
+        assert compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) == compilation_cache
         jax.config.update("jax_compilation_cache_dir", None)
         config.compilation_cache_dir = ""
-        assert main.enable_compilation_cache(config) is None and not jax.config.jax_compilation_cache_dir
+        assert (
+            compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) is None
+            and not jax.config.jax_compilation_cache_dir
+        )
         config.compilation_cache_dir = str(tmp_path / "xla")
-        assert main.enable_compilation_cache(config) == str(tmp_path / "xla")
+        assert compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) == str(tmp_path / "xla")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
         jax.config.update("jax_compilation_cache_dir", None)
         (tmp_path / "file").write_text("")
         config.compilation_cache_dir = str(tmp_path / "file" / "xla")  # cannot be created: training goes on
-        assert main.enable_compilation_cache(config) is None
+        assert compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) is None
     finally:
-        evaluate.enable_compilation_cache(compilation_cache)
+        compilation_cache_lib.enable_compilation_cache(compilation_cache)
 
 
 def test_metric_writer_makes_no_event_file_before_its_first_write(tmp_path):

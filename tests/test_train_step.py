@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from p3m_jax.models import build_model, init_variables
-from p3m_jax.predictor import init_key
+from p3m_jax.weights.initialize import init_key
 from p3m_jax.train import (
     create_sharded_train_state,
     create_train_state,

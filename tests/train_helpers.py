@@ -14,7 +14,9 @@ import numpy as np
 import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath
-from p3m_jax.models.layers import BatchNorm, conv2d, max_pool_with_argmax, max_unpool_2x2, upsample_bilinear
+from p3m_jax.models.layers import BatchNorm, conv2d
+from p3m_jax.ops.pooling import max_pool_with_argmax, max_unpool_2x2
+from p3m_jax.ops.resize import upsample_bilinear
 
 
 class TinyP3M(nn.Module):

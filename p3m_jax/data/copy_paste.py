@@ -44,6 +44,8 @@ import cv2
 import grain
 import numpy as np
 
+from p3m_jax.data.faces import open_face_source
+
 # Binary threshold of uint8 masks (facemask, face-source mask).
 _MASK_THRESHOLD = 128
 
@@ -298,8 +300,6 @@ def make_copy_paste_transforms(copy_paste_config, seed: int = 0) -> list:
     """The grain transforms ``config.copy_paste`` asks for (ICP first, then the FCP inputs),
     for ``create_train_iterator(..., extra_transforms=...)``; an empty list when both are off.
     Both share one face source when their source settings agree."""
-    from p3m_jax.data.faces import open_face_source
-
     transforms = []
     sources: dict[tuple, Any] = {}
     for key, cls in (("icp", ImageCopyPaste), ("fcp", FeatureCopyPasteInputs)):

@@ -14,13 +14,11 @@ The same seed, process count and `num_workers` give the same batches. The iterat
 is that of the batches handed to the caller, not of those prefetched, and works as an orbax item:
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
 
-Evaluation (`validation_dataset`, `test_dataset`): random-access sequences of full-size examples in
-name order; a process takes every `process_count`-th one starting at `process_index`.
+Evaluation data (the validation slice, the test splits) is opened by `p3m_jax.data.evaluation_data`.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import json
 import logging
 import queue
@@ -32,7 +30,6 @@ import numpy as np
 
 from p3m_jax.data import source as source_lib
 from p3m_jax.data import transforms as transforms_lib
-from p3m_jax.data.source import BadExampleError
 
 _log = logging.getLogger(__name__)
 
@@ -40,17 +37,6 @@ _SKIPPED = "_skipped"  # per-element count of bad examples dropped just before i
 
 
 # ------------------------------------------------------------------------------------------ indices
-def _process(process_index, process_count) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return int(process_index), int(process_count)
-
-
 def train_indices(data_config) -> np.ndarray:
     """Record indices of the train split minus the validation slice, sorted (all processes together)."""
     names = source_lib.split_names(data_config, source_lib.TRAIN_SPLIT)
@@ -389,7 +375,7 @@ def create_host_iterator(
     num_workers: int | None = None,
 ) -> HostBatchIterator:
     """Numpy batches of `batch_size` (PER PROCESS) without devices (tests, benchmarks)."""
-    process_index, process_count = _process(process_index, process_count)
+    process_index, process_count = source_lib.resolve_process(process_index, process_count)
     workers = int(data_config.num_workers if num_workers is None else num_workers)
     dataset = build_train_dataset(
         data_config,
@@ -419,7 +405,7 @@ def create_train_iterator(
     Each process reads its disjoint share of train (minus the validation slice) and builds
     `global_batch_size // process_count` examples per batch.
     """
-    process_index, process_count = _process(process_index, process_count)
+    process_index, process_count = source_lib.resolve_process(process_index, process_count)
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
     host = create_host_iterator(
@@ -435,74 +421,3 @@ def create_train_iterator(
 
 
 # --------------------------------------------------------------------------------------- evaluation
-class EvalDataset(collections.abc.Sequence):
-    """Full-size examples of one split, in name order, this process's share (strided).
-
-    Items: image (H, W, 3) uint8 RGB, alpha / trimap (H, W, 1) uint8, facemask (H, W, 1) uint8 when
-    `has_facemask` (else absent), has_facemask bool, name str: what `p3m_jax.evaluate.evaluate` takes.
-    For the validation slice of train the trimap is the stored one (fixed kernel,
-    `tfds_p3m10k.maps.trimap_kernel_size`); the test splits carry the released trimaps.
-    """
-
-    def __init__(self, data_config, split: str, indices: Sequence[int], names: Sequence[str]):
-        self.split = split
-        self._source = source_lib.RawSource(source_lib.open_split(data_config, split), indices)
-        self.names = list(names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        raw = self._source[i % len(self)]
-        name, index = raw.get("name", ""), raw["index"]
-        if "error" in raw:
-            raise BadExampleError(name, index, raw["error"])
-        example = {"name": name, "has_facemask": raw["has_facemask"]}
-        keys = ("image", "alpha", "trimap") + (("facemask",) if raw["has_facemask"] else ())
-        for key in keys:
-            array = source_lib.decode_rgb(raw[key]) if key == "image" else source_lib.decode_grey(raw[key])
-            if array is None:
-                raise BadExampleError(name, index, f"{key} does not decode")
-            example[key] = array if key == "image" else array[..., None]
-        for key in keys[1:]:
-            if example[key].shape[:2] != example["image"].shape[:2]:
-                raise BadExampleError(
-                    name, index, f"{key} is {example[key].shape[:2]} but image is {example['image'].shape[:2]}"
-                )
-        return example
-
-
-def _share(order: Sequence[int], names: Sequence[str], process_index, process_count) -> tuple:
-    process_index, process_count = _process(process_index, process_count)
-    order = list(order)[process_index::process_count]
-    return order, [names[i] for i in order]
-
-
-def validation_dataset(
-    data_config, *, process_index: int | None = None, process_count: int | None = None
-) -> EvalDataset:
-    """The held-out validation slice of train (full size), in name order, this process's share."""
-    names = source_lib.split_names(data_config, source_lib.TRAIN_SPLIT)
-    held_out, _ = source_lib.validation_split(names, source_lib.validation_count(data_config, len(names)))
-    order = sorted(held_out.tolist(), key=lambda i: names[i])
-    indices, share = _share(order, names, process_index, process_count)
-    return EvalDataset(data_config, source_lib.TRAIN_SPLIT, indices, share)
-
-
-def test_dataset(
-    data_config, split: str, *, process_index: int | None = None, process_count: int | None = None
-) -> EvalDataset:
-    """A test split ('p3m_500_p' / 'p3m_500_np', full size), in name order, this process's share."""
-    if split not in source_lib.TEST_SPLITS:
-        raise ValueError(f"unknown test split {split!r}; expected one of {source_lib.TEST_SPLITS}")
-    names = source_lib.split_names(data_config, split)
-    order = sorted(range(len(names)), key=lambda i: names[i])
-    indices, share = _share(order, names, process_index, process_count)
-    return EvalDataset(data_config, split, indices, share)
-
-
-test_dataset.__test__ = False  # not a pytest test when imported into a test module

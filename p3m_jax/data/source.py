@@ -103,6 +103,18 @@ def get_builder(data_config):
         ) from None
 
 
+def resolve_process(process_index, process_count) -> tuple[int, int]:
+    """(process index, process count), JAX's own where None (JAX imported only then)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return int(process_index), int(process_count)
+
+
 def _process_index() -> int:
     try:
         import jax

@@ -15,7 +15,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
-from p3m_jax.models.layers import BatchNorm, Dtype, conv2d, max_pool, upsample_bilinear
+from p3m_jax.models.layers import BatchNorm, Dtype, conv2d
+from p3m_jax.ops.pooling import max_pool
+from p3m_jax.ops.resize import upsample_bilinear
 
 
 class TFI(nn.Module):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from p3m_jax.models.decoder import EncoderOutput
+from p3m_jax.ops.normalize import normalize_uint8
 
 # Layer name -> index into EncoderOutput.features (None: EncoderOutput.deep).
 FCP_LAYERS: dict[str, int | None] = {"e0": 0, "e1": 1, "e2": 2, "e3": 3, "e4": 4, "deep": None}
@@ -154,8 +155,6 @@ def fcp_inputs(
     ``fcp_apply`` (B,) bool added by `p3m_jax.data.copy_paste.FeatureCopyPasteInputs`;
     ``apply`` is additionally false before ``start_step``.
     """
-    from p3m_jax.models.p3mnet import normalize_uint8  # here: p3mnet imports this module lazily
-
     source = normalize_uint8(jnp.asarray(batch["fcp_source"]))
     mask = jnp.asarray(batch["fcp_mask"]).astype(jnp.float32) / 255.0
     apply = jnp.asarray(batch["fcp_apply"]).astype(bool) & (jnp.asarray(step) >= start_step)

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from p3m_jax.models.bridges import DBFI, SBFI, TFI, pool_stem
-from p3m_jax.models.layers import ConvBNReLUStack, Dtype, conv2d, max_unpool_2x2, upsample_bilinear
+from p3m_jax.models.layers import ConvBNReLUStack, Dtype, conv2d
+from p3m_jax.ops.pooling import max_unpool_2x2
+from p3m_jax.ops.resize import upsample_bilinear
 
 OUTPUT_NAMES = ("global", "local", "fusion", "side2", "side1", "side0")
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from p3m_jax.common.constants import IMAGENET_MEAN, IMAGENET_STD
+from p3m_jax.models.copy_paste import apply_fcp
 from p3m_jax.models.decoder import (
     OUTPUT_NAMES,
     RESNET34_DECODER,
@@ -18,29 +19,16 @@ from p3m_jax.models.decoder import (
     P3MDecoder,
 )
 from p3m_jax.models.layers import Dtype
+from p3m_jax.models.resnet import ResNet34MP
+from p3m_jax.models.swin import SwinTStemPooling
+from p3m_jax.models.vitae import ViTAESmall
+from p3m_jax.ops.normalize import normalize_uint8
 
-# Input normalization the networks were trained with (ImageNet statistics, RGB order).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize_uint8(image: jax.Array) -> jax.Array:
-    """uint8 RGB (..., 3) in 0..255 -> the network's float32 input (ImageNet mean/std), jittable.
-
-    The input pipelines ship uint8 to the devices (4x less traffic than float32) and call this
-    inside the compiled step.
-    """
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (image.astype(jnp.float32) / 255.0 - mean) / std
-
-
-# arch name -> (module path, encoder class name, decoder spec). Encoders are imported lazily
-# so that building one variant does not import the others.
-ARCHITECTURES: dict[str, tuple[str, str, DecoderSpec]] = {
-    "resnet34": ("p3m_jax.models.resnet", "ResNet34MP", RESNET34_DECODER),
-    "swin_t": ("p3m_jax.models.swin", "SwinTStemPooling", SWIN_T_DECODER),
-    "vitae_s": ("p3m_jax.models.vitae", "ViTAESmall", VITAE_S_DECODER),
+# arch name -> (encoder class, decoder spec).
+ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], DecoderSpec]] = {
+    "resnet34": (ResNet34MP, RESNET34_DECODER),
+    "swin_t": (SwinTStemPooling, SWIN_T_DECODER),
+    "vitae_s": (ViTAESmall, VITAE_S_DECODER),
 }
 
 
@@ -64,8 +52,6 @@ class P3MNet(nn.Module):
         check_input_shape(x.shape)
         features = self.encoder(x, train)
         if fcp is not None:
-            from p3m_jax.models.copy_paste import apply_fcp  # imported here: no import cycle
-
             features = apply_fcp(self, self.encoder, features, fcp, train)
         return P3MDecoder(self.decoder_spec, dtype=self.dtype, name="decoder")(features, train)
 
@@ -92,8 +78,7 @@ def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    module_name, class_name, spec = ARCHITECTURES[arch]
-    encoder_cls: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), class_name)
+    encoder_cls, spec = ARCHITECTURES[arch]
     encoder = encoder_cls(dtype=dtype, name="encoder", **encoder_options)
     return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype)
 

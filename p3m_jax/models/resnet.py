@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from p3m_jax.models.decoder import EncoderOutput
-from p3m_jax.models.layers import BatchNorm, Dtype, conv2d, max_pool_with_argmax, torch_conv_init
+from p3m_jax.models.layers import BatchNorm, Dtype, conv2d, torch_conv_init
+from p3m_jax.ops.pooling import max_pool_with_argmax
 
 RESNET34_LAYERS = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)

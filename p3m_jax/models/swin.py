@@ -32,7 +32,8 @@ import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath, Mlp, dense, layer_norm, trunc_normal_init
 from p3m_jax.models.decoder import EncoderOutput
-from p3m_jax.models.layers import Dtype, conv2d, max_pool_with_argmax
+from p3m_jax.models.layers import Dtype, conv2d
+from p3m_jax.ops.pooling import max_pool_with_argmax
 
 SWIN_LAYER_NORM_EPS = 1e-5
 # Value the authors add to the logits of masked pairs (not -inf: a fully masked row stays finite).

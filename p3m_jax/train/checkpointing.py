@@ -22,20 +22,15 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
-import logging
 import os
 import shutil
 import sys
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as cm
 
-CHECKPOINT_SUBDIR = "checkpoints"  # <workdir>/checkpoints/<step>/...
-RUN_CONFIG_FILE = "config.json"  # <workdir>/config.json: arch, model options and the full config
-BEST_METRIC = "SAD"  # lower is better; written by the validation in the loop as metrics["SAD"]
+from p3m_jax.weights import training_checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -85,17 +80,6 @@ def from_savable(restored: dict, like: Any) -> Any:
     return like.replace(**jax.tree_util.tree_map(back, restored, _fields(like)))
 
 
-_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
-
-
-class _OrbaxBackgroundErrors(logging.Filter):
-    """Drops orbax's own error logs (each with a long traceback, from every background thread
-    of a failed save): the failure reaches the caller as one CheckpointError naming the step."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _ORBAX_PATH in record.pathname)
-
-
 def _drop_closed_loop_errors() -> None:
     """When a save fails, tensorstore still completes the save's outstanding writes and calls
     back into orbax's event loop, which is closed by then: each callback reports a traceback of
@@ -119,12 +103,6 @@ def _drop_closed_loop_errors() -> None:
 
     hook._p3m_drops_closed_loop = True
     sys.unraisablehook = hook
-
-
-def _quiet_orbax_errors() -> None:
-    logger = logging.getLogger("absl")  # orbax logs through absl.logging
-    if not any(isinstance(f, _OrbaxBackgroundErrors) for f in logger.filters):
-        logger.addFilter(_OrbaxBackgroundErrors())
 
 
 class TrainCheckpointer:
@@ -154,29 +132,11 @@ class TrainCheckpointer:
         self._pending_step: int | None = None  # the step of the save still in flight
         self._checkpoint_bytes = 0  # the state's size, estimated at the first save
         self._failed = False
-        _quiet_orbax_errors()
         _drop_closed_loop_errors()
-        policy = cm.AnyPreservationPolicy(
-            [
-                cm.LatestN(n=keep),
-                # BestN keeps the *largest* metric values: rank by -SAD.
-                cm.BestN(get_metric_fn=lambda m: -float(m[BEST_METRIC]), n=1, keep_checkpoints_without_metrics=False),
-            ]
-        )
-        # best_fn only makes orbax record each save's metrics and answer `best_step`; what is
-        # deleted is decided by the preservation policy.
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy,
-            best_fn=lambda m: float(m[BEST_METRIC]),
-            best_mode="min",
-            enable_async_checkpointing=asynchronous and not read_only,
-            create=not read_only,
-            # Leftovers of a killed save are removed on a writer's start; a reader leaves them.
-            cleanup_tmp_directories=not read_only,
-            read_only=read_only,
-        )
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+            self.manager = training_checkpoint.open_manager(
+                self.directory, keep=keep, asynchronous=asynchronous, read_only=read_only
+            )
         except OSError as e:
             raise CheckpointError(f"cannot use checkpoint directory {self.directory}: {e}") from e
 
@@ -309,8 +269,7 @@ class TrainCheckpointer:
 
     def best_step(self) -> int | None:
         """The kept step with the lowest validation SAD (the latest when none was evaluated)."""
-        best = self.manager.best_step()
-        return best if best is not None else self.latest_step()
+        return training_checkpoint.best_or_latest_step(self.manager)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restores the state onto ``abstract_state``'s shardings; sets the iterator's state in place."""
@@ -321,32 +280,3 @@ class TrainCheckpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return from_savable(restored["state"], abstract_state)
-
-
-def restore_variables(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """Reads the model variables (params, batch_stats, constants) of a training checkpoint as numpy.
-
-    Used by `p3m_jax.load_pretrained(workdir)`: no mesh, no optimizer, no input pipeline needed.
-    ``step`` None picks the best step by validation SAD (the latest when none was evaluated).
-    """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no training checkpoints at {directory}")
-    checkpointer = TrainCheckpointer(directory, read_only=True)
-    try:
-        step = checkpointer.best_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no finished training checkpoint in {checkpointer.directory}")
-        state_dir = os.path.join(checkpointer.directory, str(step), "state")
-        with ocp.PyTreeCheckpointer() as reader:
-            metadata = reader.metadata(state_dir).item_metadata
-            wanted = {k: v for k, v in metadata.items() if k in ("params", "batch_stats", "constants")}
-            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-            restored = reader.restore(
-                state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
-            )
-    finally:
-        checkpointer.close()
-    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
-    if restored.get("constants"):
-        variables["constants"] = restored["constants"]
-    return step, variables

@@ -26,8 +26,6 @@ import datetime
 import json
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -37,235 +35,29 @@ import ml_collections
 import numpy as np
 
 from p3m_jax import data as data_lib
-from p3m_jax import evaluate as evaluate_lib
-from p3m_jax import inference
-from p3m_jax import metrics as metrics_lib
-from p3m_jax.fileio import atomic_write
-from p3m_jax.models import ARCHITECTURES, build_model, init_variables
-from p3m_jax.predictor import Predictor, init_key, variables_from_torch
+from p3m_jax.common.constants import CHECKPOINT_SUBDIR, METRICS_FILE, VALIDATION_LOG_FILE
+from p3m_jax.evaluation.scoring import evaluate_split
+from p3m_jax.inference import strategies
+from p3m_jax.inference.predictor import Predictor
+from p3m_jax.models import build_model
 from p3m_jax.train import mesh as mesh_lib
 from p3m_jax.train import state as state_lib
 from p3m_jax.train import step as step_lib
-from p3m_jax.train.checkpointing import CHECKPOINT_SUBDIR, RUN_CONFIG_FILE, TrainCheckpointer, restore_variables
-from p3m_jax.train.summary import METRICS_FILE, MetricWriter, drop_rows_after
+from p3m_jax.train.checkpointing import TrainCheckpointer
+from p3m_jax.train.config_checks import DTYPES, ConfigError, check_dataset, model_options, validate_config
+from p3m_jax.train.guards import NonFiniteLossError, PreemptionWatcher, first_non_finite_leaf, last_good_checkpoint
+from p3m_jax.train.initialization import copy_paste_transforms, initial_variables, prepare_workdir, write_run_config
+from p3m_jax.train.scoring import evaluate_test_splits, local_variables, log as _log
+from p3m_jax.train.summary import MetricWriter, drop_rows_after
 from p3m_jax.train.workdir_lock import acquire_for_run
+from p3m_jax.weights.initialize import init_key
 
-TEST_RESULTS_FILE = "test_results.json"
-VALIDATION_LOG_FILE = "validation.jsonl"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["ConfigError", "NonFiniteLossError", "PreemptionWatcher", "evaluate_workdir", "train_and_evaluate"]
+
 _LOSS_PARTS = ("loss", "global", "local", "fusion", "composition")
 _CP_COUNTS = {"icp_pasted": "icp_pasted_per_batch", "fcp_apply": "fcp_samples_per_batch"}
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field (e.g. ``config.batch_size``)."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss or state (parameters, BatchNorm statistics, optimizer state) became NaN
-    or infinite; nothing non-finite was saved and the last good checkpoint is kept."""
-
-
-# --------------------------------------------------------------------------------------------- checks
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError naming the first bad field. ``num_devices`` checks batch divisibility.
-
-    Without ``num_devices`` nothing here touches the JAX backend, so it can run before
-    ``jax.distributed.initialize()`` (the device count of every process divides the mesh size,
-    so divisibility by devices implies divisibility by processes).
-    """
-
-    def fail(field, message):
-        raise ConfigError(f"config.{field}: {message}")
-
-    if config.arch not in ARCHITECTURES:
-        fail("arch", f"unknown architecture {config.arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    if config.dtype not in _DTYPES:
-        fail("dtype", f"{config.dtype!r} is not one of {sorted(_DTYPES)}")
-    for field in ("batch_size", "num_train_steps", "log_every_steps", "keep_checkpoints"):
-        if int(config[field]) < 1:
-            fail(field, f"must be >= 1, got {config[field]}")
-    for field in ("eval_every_steps", "checkpoint_every_steps", "num_summary_images"):
-        if int(config[field]) < 0:
-            fail(field, f"must be >= 0, got {config[field]}")
-    if num_devices is not None and config.batch_size % num_devices:
-        fail(
-            "batch_size",
-            f"{config.batch_size} is not divisible by the {num_devices} devices "
-            f"of the mesh (the global batch is split evenly across devices)",
-        )
-    if config.param_sharding not in ("replicated", "fsdp"):
-        fail("param_sharding", f"{config.param_sharding!r} is not 'replicated' or 'fsdp'")
-    optimizer = config.optimizer
-    if optimizer.name not in ("adam", "adamw"):
-        fail("optimizer.name", f"{optimizer.name!r} is not 'adam' or 'adamw'")
-    if optimizer.schedule not in ("constant", "warmup_cosine"):
-        fail("optimizer.schedule", f"{optimizer.schedule!r} is not 'constant' or 'warmup_cosine'")
-    for field in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm"):
-        if optimizer[field] < 0:
-            fail(f"optimizer.{field}", f"must be >= 0, got {optimizer[field]}")
-    data = config.data
-    if not str(data.tfds_name).startswith("p3m10k/"):
-        fail("data.tfds_name", f"must name a p3m10k config ('p3m10k/<config>'), got {data.tfds_name!r}")
-    if not data.crop_sizes or min(data.crop_sizes) < 1:
-        fail("data.crop_sizes", f"needs at least one positive size, got {data.crop_sizes}")
-    low, high = data.trimap_kernel_range
-    if not 1 <= low <= high:
-        fail("data.trimap_kernel_range", f"needs 1 <= low <= high, got {data.trimap_kernel_range}")
-    for field in ("transition_crop_prob", "flip_prob"):
-        if not 0.0 <= data[field] <= 1.0:
-            fail(f"data.{field}", f"must be a probability in [0, 1], got {data[field]}")
-    for field in ("validation_count", "num_workers"):
-        if int(data[field]) < 0:
-            fail(f"data.{field}", f"must be >= 0, got {data[field]}")
-    for level in ("icp", "fcp"):
-        if not 0.0 <= config.copy_paste[level].prob <= 1.0:
-            fail(f"copy_paste.{level}.prob", f"must be a probability in [0, 1], got {config.copy_paste[level].prob}")
-    size = int(config.data.image_size)
-    if size < 32 or size % 32:
-        fail("data.image_size", f"must be a positive multiple of 32 (five 2x poolings), got {size}")
-    if config.eval.strategy not in inference.STRATEGIES:
-        fail("eval.strategy", f"{config.eval.strategy!r} is not one of {inference.STRATEGIES}")
-    if config.eval.validation_strategy not in inference.STRATEGIES:
-        fail("eval.validation_strategy", f"{config.eval.validation_strategy!r} is not one of {inference.STRATEGIES}")
-    for field in ("pretrained_backbone", "checkpoint"):
-        path = config.init[field]
-        if path and not os.path.exists(os.path.expanduser(path)):
-            fail(f"init.{field}", f"no such file or directory: {path}")
-    if config.init.pretrained_backbone and config.init.checkpoint:
-        fail("init", "set at most one of init.pretrained_backbone and init.checkpoint")
-
-
-def check_dataset(config: ml_collections.ConfigDict) -> None:
-    """Finds (or builds, for the synthetic stand-in) the dataset and checks the data fields that
-    depend on it; raises ConfigError naming the field, FileNotFoundError for an unbuilt dataset."""
-    try:
-        info = data_lib.ensure_dataset(config.data)
-    except ValueError as e:  # an unknown or malformed name
-        raise ConfigError(f"config.data.tfds_name: {e}") from None
-    num_train = info.splits["train"].num_examples
-    try:
-        data_lib.validation_count(config.data, num_train)
-    except ValueError as e:
-        raise ConfigError(f"config.data.validation_count: {e}") from e
-
-
-def prepare_workdir(workdir: str | os.PathLike) -> str:
-    """Creates ``workdir`` and proves it is writable (a clear error now, not at the first save)."""
-    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}_{os.getpid()}")
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
-    return workdir
-
-
-def model_options(config) -> dict:
-    """build_model kwargs of the run (also stored in config.json for load_pretrained)."""
-    return dict(config.model.to_dict()) if config.model else {}
-
-
-# ----------------------------------------------------------------------------------------------- init
-def initial_variables(config, model, rng) -> tuple[Any, str]:
-    """Model variables to start from and a one-line description of where they came from."""
-
-    def random_init():
-        return jax.jit(lambda r: init_variables(model, r))(rng)
-
-    if config.init.pretrained_backbone:
-        from p3m_jax.weights.backbone import load_backbone  # pylint: disable=import-outside-toplevel
-
-        variables, report = load_backbone(
-            os.path.expanduser(config.init.pretrained_backbone), config.arch, random_init()
-        )
-        return variables, f"ImageNet backbone {config.init.pretrained_backbone}: {report.summary()}"
-    path = os.path.expanduser(config.init.checkpoint)
-    if path:
-        if os.path.isdir(path):
-            from p3m_jax.predictor import load_pretrained  # pylint: disable=import-outside-toplevel
-
-            loaded = load_pretrained(path, config.arch)
-            return loaded.variables, f"fine-tuning from p3m-jax checkpoint {path}"
-        loaded, _ = variables_from_torch(path, config.arch, options=model_options(config))
-        return loaded, f"fine-tuning from the authors' checkpoint {path}"
-    return random_init(), "random initialisation"
-
-
-# ------------------------------------------------------------------------------------------ preemption
-class PreemptionWatcher:
-    """Turns SIGTERM into a flag the loop checks between steps (agreed across processes)."""
-
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):  # noqa: ARG002
-        self._flag.set()
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            # Every process must stop at the same step to save together: jax's preemption sync
-            # point agrees on one (it is notified of SIGTERM by the distributed runtime).
-            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-            return bool(multihost_utils.reached_preemption_sync_point(step)) or self._flag.is_set()
-        return self._flag.is_set()
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def _local_variables(state, gather) -> dict:
-    """The state's model variables gathered whole onto this process's first device (for Predictor).
-
-    ``gather`` is a jitted identity with replicated output shardings, built once per run.
-    """
-    gathered = gather(state.variables())
-    return jax.tree_util.tree_map(lambda a: a.addressable_data(0), gathered)
-
-
-def _combine_across_processes(per_image: list[dict]) -> tuple[dict, int]:
-    """Dataset means over the images of every process (each scored its own share).
-
-    PRIVACY metrics exist only for images with a facemask: means are NaN-aware per metric.
-    """
-    keys = metrics_lib.METRIC_KEYS + metrics_lib.PRIVACY_KEYS
-    values = np.array([[row.get(k, math.nan) for k in keys] for row in per_image], np.float64).reshape(-1, len(keys))
-    sums = np.nansum(values, axis=0)
-    counts = np.sum(~np.isnan(values), axis=0).astype(np.float64)
-    total = np.array([float(len(per_image))])
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-        sums, counts, total = (
-            np.asarray(multihost_utils.process_allgather(x)).sum(axis=0) for x in (sums, counts, total)
-        )
-    means = {k: float(s / c) for k, s, c in zip(keys, sums, counts) if c}
-    return means, int(total[0])
-
-
-def evaluate_split(predictor, dataset, strategy: str, limit: int = 0) -> dict:
-    """Scores ``dataset`` (this process's share) and returns the means over all processes."""
-    result = evaluate_lib.evaluate(predictor, dataset, strategy, limit=limit or None, progress=False)
-    means, count = _combine_across_processes(result["per_image"])
-    return {
-        "strategy": strategy,
-        "count": count,
-        "mean": means,
-        "per_image": result["per_image"] if jax.process_count() == 1 else None,
-        "wall_seconds": result["wall_seconds"],
-    }
-
-
-# ------------------------------------------------------------------------------------------ the loop
 @dataclasses.dataclass
 class _Meter:
     """Sums step metrics on the device between host reads (no per-step host synchronisation)."""
@@ -289,46 +81,8 @@ class _Meter:
         return means, elapsed, steps
 
 
-@jax.jit
-def _finite_leaves(tree) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)])
-
-
-def _key_name(key) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
-def first_non_finite_leaf(state) -> str | None:
-    """The path (e.g. ``batch_stats/decoder/tfi_0/bn1/var``) of the first leaf of the state's
-    parameters, BatchNorm statistics or optimizer state that holds a NaN or Inf, or None.
-
-    One reduction per leaf on the devices and a single read of the flags; called only where the
-    loop validates or saves."""
-    tree = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
-    flags = np.asarray(jax.device_get(_finite_leaves(tree)))
-    if flags.all():
-        return None
-    path, _ = jax.tree_util.tree_flatten_with_path(tree)[0][int(np.argmin(flags))]
-    return "/".join(_key_name(k) for k in path)
-
-
-def _last_good(checkpointer) -> str:
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return "No checkpoint was saved before it."
-    return f"The last good checkpoint is step {latest} in {checkpointer.directory}."
-
-
 def _format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
-
-
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -356,18 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
-        with atomic_write(os.path.join(workdir, RUN_CONFIG_FILE)) as f:
-            json.dump(
-                {
-                    "arch": config.arch,
-                    "model_options": model_options(config),
-                    "config": json.loads(config.to_json_best_effort()),
-                },
-                f,
-                indent=1,
-            )
+        write_run_config(config, workdir)
 
-    model = build_model(config.arch, dtype=_DTYPES[config.dtype], remat=bool(config.remat), **model_options(config))
+    model = build_model(config.arch, dtype=DTYPES[config.dtype], remat=bool(config.remat), **model_options(config))
     optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
     image_size = (config.data.image_size, config.data.image_size)
     rng = init_key(config.seed)
@@ -401,7 +146,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         for name in (METRICS_FILE, VALIDATION_LOG_FILE):
             drop_rows_after(os.path.join(workdir, name), int(state.step))
     train_step = step_lib.make_train_step(
-        model, optimizer, mesh, shardings, lr_schedule=lr_schedule, **fcp_step_options(config)
+        model,
+        optimizer,
+        mesh,
+        shardings,
+        lr_schedule=lr_schedule,
+        fcp=step_lib.FCPOptions.from_config(config.copy_paste.fcp),
     )
 
     writer = MetricWriter(workdir, enabled=is_main)
@@ -429,7 +179,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
             raise NonFiniteLossError(
                 f"non-finite training loss between steps {step - steps + 1} and {step} "
                 f"({', '.join(f'{k}={means.get(k)}' for k in _LOSS_PARTS)}); stopped without saving it. "
-                f"{_last_good(checkpointer)} "
+                f"{last_good_checkpoint(checkpointer)} "
                 f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
             )
         losses = (
@@ -462,7 +212,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
     def run_validation(step: int) -> dict:
         nonlocal predictor
-        variables = _local_variables(state, gather_replicated)
+        variables = local_variables(state, gather_replicated)
         if predictor is None:
             predictor = Predictor(config.arch, variables, options=model_options(config))
         else:
@@ -474,7 +224,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
             images = {}
             for index in range(min(config.num_summary_images, len(validation))):
                 example = validation[index]
-                alpha = inference.predict_alpha(
+                alpha = strategies.predict_alpha(
                     predictor, np.asarray(example["image"]), config.eval.validation_strategy
                 )
                 images[f"val_matte/{index}"] = alpha
@@ -527,7 +277,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
                     checkpointer.wait()
                     raise NonFiniteLossError(
                         f"non-finite values in {bad_leaf} after step {step}; stopped without saving or "
-                        f"scoring them. {_last_good(checkpointer)} "
+                        f"scoring them. {last_good_checkpoint(checkpointer)} "
                         f"Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
                     )
             if evaluate_now:
@@ -553,35 +303,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     return {"step": step, "stopped": stopped, "validation": last_validation, "test": test_results}
 
 
-def evaluate_test_splits(
-    config, checkpointer: TrainCheckpointer, workdir: str, predictor=None, step: int | None = None
-) -> dict:
-    """Scores a checkpoint (default: the best by validation SAD) on config.eval.test_splits.
-
-    Writes ``<workdir>/test_results.json`` (process 0) and returns {split: result}.
-    """
-    step, variables = restore_variables(checkpointer.directory, step)
-    if predictor is None:
-        predictor = Predictor(config.arch, variables, options=model_options(config))
-    else:
-        predictor.variables = jax.tree_util.tree_map(jnp.asarray, variables)
-    results = {}
-    for split in config.eval.test_splits:
-        dataset = data_lib.test_dataset(config.data, split)
-        results[split] = evaluate_split(predictor, dataset, config.eval.strategy, config.eval.limit)
-        means = results[split]["mean"]
-        _log(
-            f"test {split} @ step {step} ({results[split]['count']} images, {config.eval.strategy}): "
-            + ", ".join(f"{k} {means[k]:.4f}" for k in evaluate_lib.REPORTED_KEYS if k in means)
-        )
-    if jax.process_index() == 0:
-        evaluate_lib.write_json(
-            os.path.join(workdir, TEST_RESULTS_FILE),
-            {"step": step, "arch": config.arch, "strategy": config.eval.strategy, "splits": results},
-        )
-    return results
-
-
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str = "best") -> dict:
     """`--mode=eval`: scores the best (or latest) checkpoint of ``workdir`` on the test splits."""
     validate_config(config)
@@ -599,21 +320,3 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
         return evaluate_test_splits(config, checkpointer, workdir, step=step)
     finally:
         checkpointer.close()
-
-
-def copy_paste_transforms(config) -> list:
-    """P3M-CP's per-example input transforms (ICP, and FCP's aligned source faces), when enabled."""
-    from p3m_jax.data.copy_paste import make_copy_paste_transforms  # pylint: disable=import-outside-toplevel
-
-    return make_copy_paste_transforms(config.copy_paste, seed=config.seed)
-
-
-def fcp_step_options(config) -> dict:
-    """make_train_step kwargs for P3M-CP's feature level (FCP): the model's ``fcp`` argument."""
-    fcp = config.copy_paste.fcp
-    if not fcp.enabled:
-        return {}
-    from p3m_jax.models.copy_paste import fcp_inputs  # pylint: disable=import-outside-toplevel
-
-    start_step, layers = int(fcp.start_step), tuple(fcp.layers)
-    return {"model_kwargs_fn": lambda batch, state: {"fcp": fcp_inputs(batch, state.step, start_step, layers)}}

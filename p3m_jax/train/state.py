@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from p3m_jax.models import init_variables
 from p3m_jax.train.mesh import DATA_AXIS
 
 PyTree = Any
@@ -122,8 +123,6 @@ def create_train_state(
         rng = jax.random.wrap_key_data(rng) if jnp.asarray(rng).shape else jax.random.key(rng)
     init_rng, state_rng = jax.random.split(rng)
     if variables is None:
-        from p3m_jax.models import init_variables
-
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         variables = jax.jit(lambda r: init_variables(model, r, size))(init_rng)
     variables = flax.core.unfreeze(variables)

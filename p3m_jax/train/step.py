@@ -1,7 +1,7 @@
 """Pure, jittable training and evaluation steps, and their sharded ``jit`` wrappers.
 
 The host hands over the uint8 batch of the data pipeline (image, alpha, trimap, fg, bg,
-has_fg_bg, ...); `prepare_batch` turns it into the float batch of `p3m_jax.losses.p3m_loss`
+has_fg_bg, ...); `prepare_batch` turns it into the float batch of `p3m_jax.train.losses.p3m_loss`
 inside the compiled step. Under `make_train_step` the batch is sharded on the mesh's ``data``
 axis and the state is replicated or FSDP-sharded (see `state.state_shardings`); BatchNorm's
 batch mean/variance are then reductions over a sharded axis, i.e. global-batch statistics
@@ -10,6 +10,7 @@ batch mean/variance are then reductions over a sharded axis, i.e. global-batch s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Mapping
 
@@ -18,16 +19,43 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from p3m_jax.compile_options import compiler_options
-from p3m_jax.losses import p3m_loss
-from p3m_jax.models import normalize_uint8
+from p3m_jax.common.compile_options import compiler_options
+from p3m_jax.models.copy_paste import check_layers, fcp_inputs
+from p3m_jax.ops.normalize import normalize_uint8
+from p3m_jax.train.losses import p3m_loss
 from p3m_jax.train.mesh import batch_sharding, replicated
 from p3m_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-# model_kwargs_fn(batch, state) -> extra keyword arguments for model.apply (e.g. P3M-CP's
-# feature-level copy-paste inputs from the batch's fcp_* keys). Default: none.
-ModelKwargsFn = Callable[[Batch, TrainState], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class FCPOptions:
+    """P3M-CP's feature-level copy and paste in the train step: from ``start_step`` on, the batch's
+    ``fcp_*`` keys (`p3m_jax.data.copy_paste`) replace the features of ``layers`` inside the model."""
+
+    start_step: int
+    layers: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.start_step < 0:
+            raise ValueError(f"copy_paste.fcp.start_step must be >= 0, got {self.start_step}")
+        object.__setattr__(self, "layers", check_layers(self.layers))
+
+    @classmethod
+    def from_config(cls, fcp_config) -> "FCPOptions | None":
+        """From ``config.copy_paste.fcp``; None when it is off."""
+        if not fcp_config.enabled:
+            return None
+        return cls(int(fcp_config.start_step), tuple(fcp_config.layers))
+
+
+def _model_kwargs(batch: Batch, state: TrainState, fcp: FCPOptions | None) -> dict:
+    """Extra keyword arguments of ``model.apply``: P3M-CP's ``fcp`` inputs when FCP is on."""
+    if fcp is None:
+        return {}
+    return {"fcp": fcp_inputs(batch, state.step, fcp.start_step, fcp.layers)}
+
 
 METRIC_NAMES = ("loss", "global", "local", "fusion", "composition", "learning_rate", "grad_norm")
 
@@ -57,10 +85,6 @@ def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
     return out
 
 
-def _no_kwargs(batch, state):
-    return {}
-
-
 def _as_float32(outputs):
     return {k: v.astype(jnp.float32) for k, v in outputs.items()}
 
@@ -78,16 +102,16 @@ def train_step(
     model,
     optimizer: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
-    model_kwargs_fn: ModelKwargsFn | None = None,
+    fcp: FCPOptions | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch`` (the uint8 host-contract dict; unknown keys ignored).
 
     Returns the new state and float32 scalar metrics: ``loss``, ``global``, ``local``,
-    ``fusion``, ``composition`` (see `p3m_jax.losses.p3m_loss`), ``learning_rate`` (of this
+    ``fusion``, ``composition`` (see `p3m_jax.train.losses.p3m_loss`), ``learning_rate`` (of this
     update; NaN without ``lr_schedule``) and ``grad_norm`` (global norm before clipping).
     """
     fb = prepare_batch(batch)
-    extra = (model_kwargs_fn or _no_kwargs)(batch, state)
+    extra = _model_kwargs(batch, state, fcp)
     rngs = {"dropout": dropout_key(state)}
 
     def loss_fn(params):
@@ -111,14 +135,12 @@ def train_step(
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
-def eval_step(
-    state: TrainState, batch: Batch, *, model, model_kwargs_fn: ModelKwargsFn | None = None
-) -> tuple[dict, dict]:
+def eval_step(state: TrainState, batch: Batch, *, model, fcp: FCPOptions | None = None) -> tuple[dict, dict]:
     """Eval-mode forward (running BatchNorm statistics, no stochastic depth) and the loss on a
     training-style batch. Returns ``(metrics, outputs)``: metrics ``loss``, ``global``,
     ``local``, ``fusion``, ``composition`` (float32 scalars) and the model's float32 outputs."""
     fb = prepare_batch(batch)
-    extra = (model_kwargs_fn or _no_kwargs)(batch, state)
+    extra = _model_kwargs(batch, state, fcp)
     outputs = _as_float32(model.apply(state.variables(), fb["image"], train=False, **extra))
     loss, parts = p3m_loss(outputs, fb)
     return {"loss": loss, **parts}, outputs
@@ -130,15 +152,13 @@ def make_train_step(
     mesh: Mesh,
     state_sharding,
     lr_schedule: optax.Schedule | None = None,
-    model_kwargs_fn: ModelKwargsFn | None = None,
+    fcp: FCPOptions | None = None,
     donate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step` jitted over ``mesh``: state in/out with ``state_sharding`` (from
     `state_shardings`), batch sharded on ``data``, metrics replicated, the state donated,
-    compiled with the options of the mesh's platform (`p3m_jax.compile_options`)."""
-    fn = functools.partial(
-        train_step, model=model, optimizer=optimizer, lr_schedule=lr_schedule, model_kwargs_fn=model_kwargs_fn
-    )
+    compiled with the options of the mesh's platform (`p3m_jax.common.compile_options`)."""
+    fn = functools.partial(train_step, model=model, optimizer=optimizer, lr_schedule=lr_schedule, fcp=fcp)
     return jax.jit(
         fn,
         in_shardings=(state_sharding, batch_sharding(mesh)),
@@ -149,10 +169,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    model, mesh: Mesh, state_sharding, model_kwargs_fn: ModelKwargsFn | None = None
+    model, mesh: Mesh, state_sharding, fcp: FCPOptions | None = None
 ) -> Callable[[TrainState, Batch], tuple[dict, dict]]:
     """`eval_step` jitted over ``mesh``: metrics replicated, outputs sharded like the batch."""
-    fn = functools.partial(eval_step, model=model, model_kwargs_fn=model_kwargs_fn)
+    fn = functools.partial(eval_step, model=model, fcp=fcp)
     return jax.jit(
         fn,
         in_shardings=(state_sharding, batch_sharding(mesh)),

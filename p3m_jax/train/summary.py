@@ -14,10 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
-from p3m_jax.fileio import atomic_write
-
-
-METRICS_FILE = "metrics.jsonl"
+from p3m_jax.common.constants import METRICS_FILE
+from p3m_jax.common.fileio import atomic_write
 
 
 def drop_rows_after(path: str | os.PathLike, step: int) -> None:

@@ -1,1 +1,2 @@
-"""Import of externally trained weights (the authors' PyTorch checkpoints)."""
+"""Weights: the authors' PyTorch checkpoints and backbones imported, p3m-jax's own model checkpoint
+format, fresh initialisation, and reading the model out of a training workdir."""

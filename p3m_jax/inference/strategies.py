@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from p3m_jax.models.p3mnet import IMAGENET_MEAN, IMAGENET_STD
+from p3m_jax.common.constants import IMAGENET_MEAN, IMAGENET_STD
 
 MAX_SIDE = 1600  # the authors' MAX_SIZE_H / MAX_SIZE_W
 MIN_SIDE = 32
@@ -93,7 +93,7 @@ class NetworkRunner:
 
     Args:
       predictor: anything with `forward(x) -> dict of numpy arrays` for x of shape (1, H, W, 3), H and W
-        multiples of 32 (`p3m_jax.predictor.Predictor`).
+        multiples of 32 (`p3m_jax.inference.predictor.Predictor`).
       bucket: None for exact shapes; else a multiple of 32: inputs are padded up to multiples of it.
     """
 

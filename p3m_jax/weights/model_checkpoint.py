@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from p3m_jax import fileio
+from p3m_jax.common import fileio
 
 MODEL_META_FILE = "p3m_model.json"
 VARIABLES_DIR = "variables"

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from p3m_jax.fileio import atomic_write
+from p3m_jax.common.fileio import atomic_write
 
 # Portraits can be large; allow up to ~400 megapixels before Pillow's decompression-bomb guard.
 Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 400_000_000)

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's metrics (jitted), scoring a predictor on a split, and the report files."""

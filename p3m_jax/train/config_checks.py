@@ -1,0 +1,107 @@
+"""Checks of a training config before anything runs: every field's value (`validate_config`) and
+the fields that depend on the dataset (`check_dataset`). Errors name the field."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from p3m_jax import data as data_lib
+from p3m_jax.inference import strategies
+from p3m_jax.models import ARCHITECTURES
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field (e.g. ``config.batch_size``)."""
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError naming the first bad field. ``num_devices`` checks batch divisibility.
+
+    Without ``num_devices`` nothing here touches the JAX backend, so it can run before
+    ``jax.distributed.initialize()`` (the device count of every process divides the mesh size,
+    so divisibility by devices implies divisibility by processes).
+    """
+
+    def fail(field, message):
+        raise ConfigError(f"config.{field}: {message}")
+
+    if config.arch not in ARCHITECTURES:
+        fail("arch", f"unknown architecture {config.arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    if config.dtype not in DTYPES:
+        fail("dtype", f"{config.dtype!r} is not one of {sorted(DTYPES)}")
+    for field in ("batch_size", "num_train_steps", "log_every_steps", "keep_checkpoints"):
+        if int(config[field]) < 1:
+            fail(field, f"must be >= 1, got {config[field]}")
+    for field in ("eval_every_steps", "checkpoint_every_steps", "num_summary_images"):
+        if int(config[field]) < 0:
+            fail(field, f"must be >= 0, got {config[field]}")
+    if num_devices is not None and config.batch_size % num_devices:
+        fail(
+            "batch_size",
+            f"{config.batch_size} is not divisible by the {num_devices} devices "
+            f"of the mesh (the global batch is split evenly across devices)",
+        )
+    if config.param_sharding not in ("replicated", "fsdp"):
+        fail("param_sharding", f"{config.param_sharding!r} is not 'replicated' or 'fsdp'")
+    optimizer = config.optimizer
+    if optimizer.name not in ("adam", "adamw"):
+        fail("optimizer.name", f"{optimizer.name!r} is not 'adam' or 'adamw'")
+    if optimizer.schedule not in ("constant", "warmup_cosine"):
+        fail("optimizer.schedule", f"{optimizer.schedule!r} is not 'constant' or 'warmup_cosine'")
+    for field in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm"):
+        if optimizer[field] < 0:
+            fail(f"optimizer.{field}", f"must be >= 0, got {optimizer[field]}")
+    data = config.data
+    if not str(data.tfds_name).startswith("p3m10k/"):
+        fail("data.tfds_name", f"must name a p3m10k config ('p3m10k/<config>'), got {data.tfds_name!r}")
+    if not data.crop_sizes or min(data.crop_sizes) < 1:
+        fail("data.crop_sizes", f"needs at least one positive size, got {data.crop_sizes}")
+    low, high = data.trimap_kernel_range
+    if not 1 <= low <= high:
+        fail("data.trimap_kernel_range", f"needs 1 <= low <= high, got {data.trimap_kernel_range}")
+    for field in ("transition_crop_prob", "flip_prob"):
+        if not 0.0 <= data[field] <= 1.0:
+            fail(f"data.{field}", f"must be a probability in [0, 1], got {data[field]}")
+    for field in ("validation_count", "num_workers"):
+        if int(data[field]) < 0:
+            fail(f"data.{field}", f"must be >= 0, got {data[field]}")
+    for level in ("icp", "fcp"):
+        if not 0.0 <= config.copy_paste[level].prob <= 1.0:
+            fail(f"copy_paste.{level}.prob", f"must be a probability in [0, 1], got {config.copy_paste[level].prob}")
+    size = int(config.data.image_size)
+    if size < 32 or size % 32:
+        fail("data.image_size", f"must be a positive multiple of 32 (five 2x poolings), got {size}")
+    if config.eval.strategy not in strategies.STRATEGIES:
+        fail("eval.strategy", f"{config.eval.strategy!r} is not one of {strategies.STRATEGIES}")
+    if config.eval.validation_strategy not in strategies.STRATEGIES:
+        fail("eval.validation_strategy", f"{config.eval.validation_strategy!r} is not one of {strategies.STRATEGIES}")
+    for field in ("pretrained_backbone", "checkpoint"):
+        path = config.init[field]
+        if path and not os.path.exists(os.path.expanduser(path)):
+            fail(f"init.{field}", f"no such file or directory: {path}")
+    if config.init.pretrained_backbone and config.init.checkpoint:
+        fail("init", "set at most one of init.pretrained_backbone and init.checkpoint")
+
+
+def check_dataset(config: ml_collections.ConfigDict) -> None:
+    """Finds (or builds, for the synthetic stand-in) the dataset and checks the data fields that
+    depend on it; raises ConfigError naming the field, FileNotFoundError for an unbuilt dataset."""
+    try:
+        info = data_lib.ensure_dataset(config.data)
+    except ValueError as e:  # an unknown or malformed name
+        raise ConfigError(f"config.data.tfds_name: {e}") from None
+    num_train = info.splits["train"].num_examples
+    try:
+        data_lib.validation_count(config.data, num_train)
+    except ValueError as e:
+        raise ConfigError(f"config.data.validation_count: {e}") from e
+
+
+def model_options(config) -> dict:
+    """build_model kwargs of the run (also stored in config.json for load_pretrained)."""
+    return dict(config.model.to_dict()) if config.model else {}

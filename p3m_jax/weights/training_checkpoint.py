@@ -1,0 +1,124 @@
+"""Reading the model out of a training workdir of ``python -m p3m_jax.main``, and the orbax options
+that workdir's checkpoints are written with (shared with `p3m_jax.train.checkpointing`, which writes
+them).
+
+``<workdir>/config.json`` names the arch and model options; ``<workdir>/checkpoints/<step>/state``
+holds the train state, of which only the model variables are read here (no mesh, no optimizer, no
+input pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+from p3m_jax.common.constants import BEST_METRIC, CHECKPOINT_SUBDIR, RUN_CONFIG_FILE
+
+_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
+
+
+class _OrbaxBackgroundErrors(logging.Filter):
+    """Drops orbax's own error logs (each with a long traceback, from every background thread
+    of a failed save): the failure reaches the caller as one error naming the step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and _ORBAX_PATH in record.pathname)
+
+
+def quiet_orbax_errors() -> None:
+    logger = logging.getLogger("absl")  # orbax logs through absl.logging
+    if not any(isinstance(f, _OrbaxBackgroundErrors) for f in logger.filters):
+        logger.addFilter(_OrbaxBackgroundErrors())
+
+
+def manager_options(*, keep: int, asynchronous: bool, read_only: bool) -> ocp.CheckpointManagerOptions:
+    """Retention of the last ``keep`` checkpoints plus the best by validation SAD."""
+    policy = cm.AnyPreservationPolicy(
+        [
+            cm.LatestN(n=keep),
+            # BestN keeps the *largest* metric values: rank by -SAD.
+            cm.BestN(get_metric_fn=lambda m: -float(m[BEST_METRIC]), n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    # best_fn only makes orbax record each save's metrics and answer `best_step`; what is
+    # deleted is decided by the preservation policy.
+    return ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda m: float(m[BEST_METRIC]),
+        best_mode="min",
+        enable_async_checkpointing=asynchronous and not read_only,
+        create=not read_only,
+        # Leftovers of a killed save are removed on a writer's start; a reader leaves them.
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+    )
+
+
+def open_manager(directory: str, *, keep: int = 2, asynchronous: bool = True, read_only: bool = False):
+    """orbax's `CheckpointManager` over a workdir's ``checkpoints`` folder."""
+    quiet_orbax_errors()
+    options = manager_options(keep=keep, asynchronous=asynchronous, read_only=read_only)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def best_or_latest_step(manager) -> int | None:
+    """The kept step with the lowest validation SAD (the latest when none was evaluated)."""
+    best = manager.best_step()
+    return best if best is not None else manager.latest_step()
+
+
+def restore_variables(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """Reads the model variables (params, batch_stats, constants) of a training checkpoint as numpy.
+
+    ``directory`` is ``<workdir>/checkpoints``; ``step`` None picks the best step by validation SAD
+    (the latest when none was evaluated).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no training checkpoints at {directory}")
+    manager = open_manager(directory, read_only=True)
+    try:
+        step = best_or_latest_step(manager) if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished training checkpoint in {directory}")
+        state_dir = os.path.join(directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as reader:
+            metadata = reader.metadata(state_dir).item_metadata
+            wanted = {k: v for k, v in metadata.items() if k in ("params", "batch_stats", "constants")}
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+            restored = reader.restore(
+                state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+            )
+    finally:
+        manager.close()
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    if restored.get("constants"):
+        variables["constants"] = restored["constants"]
+    return step, variables
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+    return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
+
+
+def read_training_workdir(workdir: str | os.PathLike, arch: str | None = None) -> tuple[str, dict, dict]:
+    """``(arch, model options, variables)`` of the best checkpoint of a training workdir; ``arch``,
+    when given, must be the one it trained."""
+    workdir = os.fspath(workdir)
+    config_path = os.path.join(workdir, RUN_CONFIG_FILE)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            run = json.load(f)
+        saved_arch, options = run["arch"], dict(run.get("model_options", {}))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"corrupt training config {config_path}: {e}") from e
+    if arch is not None and arch != saved_arch:
+        raise ValueError(f"{workdir} trained a {saved_arch} model, not {arch}")
+    _, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    return saved_arch, options, variables
