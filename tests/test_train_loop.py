@@ -23,7 +23,8 @@ import pytest
 
 from configs import default as default_config
 from p3m_jax.train import loop
-from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer, restore_variables
+from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer
+from p3m_jax.weights.training_checkpoint import restore_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
