@@ -6,7 +6,8 @@
     python -m p3m_jax.evaluate --checkpoint CKPT --tfds_data_dir ~/tensorflow_datasets --tfds_config default ...
 
 Data comes from a folder in the release layout (docs/design.md section 2; `--data_dir` may be the folder holding
-`P3M-10k/`, `P3M-10k/` itself, or its `validation/`) or from the TFDS builder `p3m10k` (`tfds.data_source`).
+`P3M-10k/`, `P3M-10k/` itself, or its `validation/`) or from a TFDS build of `p3m10k`
+(`--tfds_data_dir`), opened as the training loop opens it (`p3m_jax.data.evaluation_data`).
 Scoring and the `exact` / `bucketed` modes: `p3m_jax.evaluation.scoring`. Compiled programs are kept in
 JAX's persistent compilation cache (`--cache_dir`).
 
