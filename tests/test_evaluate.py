@@ -88,7 +88,7 @@ def test_evaluate_scores_quantized_predictions(release, tmp_path):
     )
     assert result["count"] == 3 and result["network_shapes"] == 3  # (32, 32), (64, 64), (96, 64)
     for i, row in enumerate(result["per_image"]):
-        example = dataset[i]
+        example = evaluation_data.plain_example(dataset[i])
         pred_u8 = inference.quantize(inference.predict_hybrid(FakePredictor(), example["image"]))
         saved = np.asarray(Image.open(tmp_path / "png" / f"{example['name']}.png"))
         np.testing.assert_array_equal(saved, pred_u8)
@@ -134,12 +134,10 @@ def test_bucketed_model_stays_within_the_documented_bound():
 
 
 def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkeypatch, capsys):
-    from p3m_jax.inference import predictor
-
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights loaded before the test sets were found")
 
-    monkeypatch.setattr(predictor, "load_pretrained", must_not_load)
+    monkeypatch.setattr(evaluate, "load_pretrained", must_not_load)
     code = evaluate.main(
         [
             "--checkpoint",
