@@ -47,8 +47,8 @@ from p3m_jax.train.checkpointing import TrainCheckpointer
 from p3m_jax.train.config_checks import DTYPES, ConfigError, check_dataset, model_options, validate_config
 from p3m_jax.train.guards import NonFiniteLossError, PreemptionWatcher, first_non_finite_leaf, last_good_checkpoint
 from p3m_jax.train.initialization import copy_paste_transforms, initial_variables, prepare_workdir, write_run_config
-from p3m_jax.train.scoring import evaluate_test_splits, local_variables, log as _log
-from p3m_jax.train.summary import MetricWriter, drop_rows_after
+from p3m_jax.train.scoring import evaluate_test_splits, local_variables
+from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log
 from p3m_jax.train.workdir_lock import acquire_for_run
 from p3m_jax.weights.initialize import init_key
 

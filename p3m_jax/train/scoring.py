@@ -15,12 +15,8 @@ from p3m_jax.evaluation.scoring import evaluate_split
 from p3m_jax.inference.predictor import Predictor
 from p3m_jax.train.checkpointing import TrainCheckpointer
 from p3m_jax.train.config_checks import model_options
+from p3m_jax.train.summary import log
 from p3m_jax.weights.training_checkpoint import restore_variables
-
-
-def log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 def local_variables(state, gather) -> dict:

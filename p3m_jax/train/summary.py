@@ -12,10 +12,17 @@ import math
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
 
 from p3m_jax.common.constants import METRICS_FILE
 from p3m_jax.common.fileio import atomic_write
+
+
+def log(message: str) -> None:
+    """A line of the run's log, printed by process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def drop_rows_after(path: str | os.PathLike, step: int) -> None:
