@@ -4,7 +4,7 @@
         [--sample_dir DIR] [--skip_synthetic]
 
 Two datasets, both built into a temporary TFDS data_dir (never into the repo):
-  * synthetic: the quickstart's config (configs/default.py data group, its own small sizes);
+  * synthetic: the quickstart's config (the default recipe's data group, its own small sizes);
   * sample: a TFDS build (`python -m tfds_p3m10k.build`) of a release-layout folder, read with the paper's
     settings (512 output, crops 512/768/1024, trimap kernel 15-30); the train split is looped over.
 Per-stage times come from running the transform in this process on the raw records (one core), with
@@ -13,7 +13,6 @@ each of its steps (decoding, crop sampling, warping, the trimap) wrapped in a ti
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import platform
@@ -24,6 +23,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from p3m_jax.common import cli  # noqa: E402
 
 
 def _cpu_model() -> str:
@@ -115,7 +116,7 @@ def throughput(config, workers: int, seconds: float, batch_size: int) -> float:
 
 def build_sample(sample_dir: str, data_dir: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "tfds_p3m10k.build", f"--manual_dir={sample_dir}", f"--data_dir={data_dir}"],
+        [sys.executable, "-m", "tfds_p3m10k.build", f"--release_dir={sample_dir}", f"--data_dir={data_dir}"],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -123,7 +124,7 @@ def build_sample(sample_dir: str, data_dir: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_input.py", __doc__)
     parser.add_argument("--workers", default=f"1,2,{os.cpu_count()}", help="comma-separated worker counts")
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per worker count")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -138,7 +139,7 @@ def main() -> int:
 
     flags.FLAGS.mark_as_parsed()
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from configs import default
+    from p3m_jax.configs import default
     from p3m_jax.data import source
 
     worker_counts = sorted({int(w) for w in args.workers.split(",")})

@@ -14,7 +14,7 @@ SYNTHETIC_NAME = "p3m10k/synthetic_64x64_24_4_4"  # 24 train, 4 + 4 test, 64x64 
 
 def data_config(data_dir, **overrides) -> ml_collections.ConfigDict:
     """The quickstart's data group pointed at `data_dir`, with small test values."""
-    from configs import default
+    from p3m_jax.configs import default
 
     config = default.get_config().data
     config.data_dir = os.fspath(data_dir)

@@ -243,7 +243,7 @@ def test_aligned_source_matches_the_icp_geometry():
 
 
 def test_make_copy_paste_transforms_from_config():
-    from configs.default import get_config
+    from p3m_jax.configs.default import get_config
 
     cp = get_config().copy_paste
     assert make_copy_paste_transforms(cp) == []  # off by default

@@ -1,6 +1,6 @@
 """Quickstart: P3M-Net(ResNet-34) on the synthetic P3M-10k stand-in, small enough for a 2-core CPU.
 
-    python -m p3m_jax.main --config=configs/default.py --workdir=/tmp/p3m_quickstart
+    python -m p3m_jax.main --config=default --workdir=/tmp/p3m_quickstart
 
 The synthetic dataset (procedural portraits with exact alpha, fg and bg) is built into
 `data.data_dir` on first use. About 4-7 minutes on a 2-core CPU (0.6-1.0 s per step): the loss falls from

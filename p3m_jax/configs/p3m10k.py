@@ -8,7 +8,7 @@ checkpoint is chosen on a held-out slice of train, never on the test sets.
 
 import ml_collections
 
-from configs import default
+from p3m_jax.configs import default
 
 NUM_TRAIN_IMAGES = 9421  # P3M-10k train split
 VALIDATION_COUNT = 200  # held out of train for model selection

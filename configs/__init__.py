@@ -1,1 +1,0 @@
-"""Training recipes (ml_collections), passed as `python -m p3m_jax.main --config=configs/<recipe>.py`."""

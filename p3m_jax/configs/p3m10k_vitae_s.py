@@ -1,0 +1,11 @@
+"""P3M-Net(ViTAE-S) on P3M-10k with the paper's recipe (see p3m_jax/configs/p3m10k.py).
+
+    python -m p3m_jax.main --config=p3m10k_vitae_s --workdir=runs/p3m10k_vitae_s \
+        --config.data.data_dir=~/tensorflow_datasets
+"""
+
+from p3m_jax.configs import p3m10k
+
+
+def get_config():
+    return p3m10k.get_config("vitae_s")
