@@ -1,5 +1,6 @@
 """The package's import rule: entry points -> train / evaluation -> inference -> weights -> models ->
-ops -> common, data beside models (with the TFDS builder package under it), nothing importing upward,
+ops -> common, data beside models (with the TFDS builder package under it, which may use common), the
+recipes (configs) apart, importing only each other, nothing importing upward,
 no import cycles, and no function-local imports of the project's own modules.
 
 Read from the source (ast), so a violation fails naming the file, the line and the import.
@@ -20,7 +21,8 @@ ALLOWED = {
     "common": set(),
     "ops": {"common"},
     "models": {"ops", "common"},
-    "tfds_p3m10k": set(),
+    "tfds_p3m10k": {"common"},
+    "configs": set(),
     "data": {"common", "tfds_p3m10k"},
     "weights": {"models", "ops", "common"},
     "inference": {"weights", "models", "ops", "common"},
@@ -32,6 +34,9 @@ ENTRY_POINTS = {"main", "predict", "evaluate", "convert", "demo", "__init__"}
 
 # Function-local imports of project modules that are allowed, with why: (importing module, imported module).
 DEFERRED_OK = {
+    # `import p3m_jax.common...` (the TFDS builder's worker processes, a command's --help) does not import JAX.
+    ("p3m_jax", "p3m_jax.models"),
+    ("p3m_jax", "p3m_jax.inference"),
     # `--help` and flag errors answer before JAX and the training stack import.
     ("p3m_jax.main", "p3m_jax.common.compilation_cache"),
     ("p3m_jax.main", "p3m_jax.train.loop"),
