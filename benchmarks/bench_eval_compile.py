@@ -13,12 +13,13 @@ persistent compilation cache at work (cache hits instead of compilations).
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from p3m_jax.common import cli  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -50,7 +51,7 @@ def portrait_example(seed: int, height: int, width: int, name: str) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_eval_compile.py", __doc__)
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--sizes", type=int, default=20)
     parser.add_argument("--strategy", default="resize", choices=("resize", "hybrid"))

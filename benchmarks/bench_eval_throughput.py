@@ -1,7 +1,7 @@
 """Evaluation throughput (images/s) per variant and dtype on synthetic portraits, and bfloat16's metric change.
 
     python benchmarks/bench_eval_throughput.py [--arch resnet34 swin_t vitae_s] [--dtype float32 bfloat16] \
-        [--images 32] [--height 512 --width 512] [--strategy hybrid] [--bucket 128] [--json FILE]
+        [--images 32] [--height 512 --width 512] [--strategy hybrid] [--bucket 128] [--output DIR]
 
 Renders `--images` synthetic portraits (`tfds_p3m10k.synthetic`, the renderer behind the `p3m10k/synthetic`
 TFDS config) and runs `p3m_jax.evaluation.scoring.evaluate` on them twice per (arch, dtype) with random weights: the first
@@ -13,13 +13,14 @@ float32; with random weights this shows the numerical drift, not a trained model
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from p3m_jax.common import cli  # noqa: E402
 
 
 MAIN_METRICS = ("SAD", "MSE", "MAD", "GRAD", "CONN")
@@ -33,7 +34,7 @@ def synthetic_split(count: int, height: int, width: int, seed: int = 0) -> list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_eval_throughput.py", __doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--images", type=int, default=32)
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--strategy", default="hybrid", choices=["hybrid", "resize"])
     parser.add_argument("--bucket", type=int, default=128)
-    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--output", default="", help="also write the rows to <output>/bench_eval_throughput.json")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
@@ -105,8 +106,9 @@ def main(argv=None) -> int:
             flush=True,
         )
     end_device_turn()
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    if args.output:
+        pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args.output) / "bench_eval_throughput.json").write_text(json.dumps(rows, indent=1, default=str))
     return 0
 
 

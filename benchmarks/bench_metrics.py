@@ -2,9 +2,9 @@
 
 The NumPy version below is written from docs/design.md section 6 (one image at a time, as the authors' evaluation
 loops). The authors' Conn additionally runs a Euclidean distance transform per threshold whose result it never
-uses; `--authors-edt` adds that step so the NumPy column has the authors' cost profile.
+uses; `--authors_edt` adds that step so the NumPy column has the authors' cost profile.
 
-    python benchmarks/bench_metrics.py [--size 1080 1440] [--repeats 3] [--batch 4] [--authors-edt]
+    python benchmarks/bench_metrics.py [--size 1080 1440] [--repeats 3] [--batch 4] [--authors_edt]
         [--sample_dir DIR]
 
 The ground-truth matte is the first mask of --sample_dir (a P3M-500-P folder of the release) resized to
@@ -14,7 +14,6 @@ NumPy / JAX.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 from scipy import ndimage
 
+from p3m_jax.common import cli
 from p3m_jax.evaluation.metrics import matting_metrics
 
 
@@ -103,11 +103,11 @@ def median_time(fn, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_metrics.py", __doc__)
     parser.add_argument("--size", type=int, nargs=2, default=(1080, 1440), metavar=("H", "W"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="batch size of the batched JAX row")
-    parser.add_argument("--authors-edt", action="store_true", help="add the authors' unused distance transform")
+    parser.add_argument("--authors_edt", action="store_true", help="add the authors' unused distance transform")
     parser.add_argument(
         "--sample_dir",
         type=pathlib.Path,

@@ -11,7 +11,6 @@ backward cost as the real losses up to their elementwise terms.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -24,6 +23,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from p3m_jax.common import cli
 from p3m_jax.models import build_model, init_variables
 from p3m_jax.weights.initialize import init_key
 
@@ -95,7 +95,7 @@ def bench(arch: str, size: int, repeats: int, dtype) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_model.py", __doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)

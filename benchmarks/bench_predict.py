@@ -24,7 +24,6 @@ minimal stand-in is registered. Ours and theirs alternate call by call, so both 
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import platform
@@ -35,6 +34,8 @@ import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from p3m_jax.common import cli  # noqa: E402
 
 
 def load_photo(path: str | None, height: int, width: int):
@@ -167,7 +168,7 @@ def make_authors(arch: str, authors_repo: str):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_predict.py", __doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--strategy", nargs="+", default=["hybrid", "resize"], choices=["hybrid", "resize"])
     parser.add_argument("--image", default=None, help="a photo (default: a smooth random image)")

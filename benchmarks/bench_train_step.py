@@ -33,7 +33,6 @@ when those are not installed minimal stand-in modules are registered.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -43,6 +42,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from p3m_jax.common import cli  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -249,7 +250,7 @@ def _fmt_bytes(n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_train_step.py", __doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="per-device batch")
@@ -287,7 +288,7 @@ def main(argv=None):
         help="checkout of github.com/ViTAE-Transformer/P3M-Net (for --torch and --torch_only)",
     )
     parser.add_argument("--profile", default="", help="write a jax.profiler trace of one step here and print top ops")
-    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--output", default="", help="also write the rows to <output>/bench_train_step.json")
     args = parser.parse_args(argv)
     if (args.torch or args.torch_only) and not args.authors_repo:
         parser.error("--torch and --torch_only need --authors_repo DIR (a checkout of the authors' repository)")
@@ -376,8 +377,9 @@ def main(argv=None):
             for op, sec in r.get("profile", []):
                 print(f"#   {op:40s} {sec:8.3f}s")
             _print_time_by_part(r.get("profile_by_part"))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    if args.output:
+        pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args.output) / "bench_train_step.json").write_text(json.dumps(rows, indent=1, default=str))
     return rows
 
 
@@ -423,8 +425,9 @@ def _main_torch_only(args):
             if args.torch_device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    if args.output:
+        pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args.output) / "bench_train_step.json").write_text(json.dumps(rows, indent=1, default=str))
     return rows
 
 

@@ -10,7 +10,6 @@ the 27,200 x 27,200 logits of stage 2 at 1088x1600 never exist at once.
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from p3m_jax.common import cli
 from p3m_jax.models import build_model, init_variables
 
 
@@ -28,7 +28,7 @@ def peak_rss_gib() -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser("python benchmarks/bench_vitae_memory.py", __doc__)
     parser.add_argument("--arch", default="vitae_s")
     parser.add_argument("--height", type=int, default=1088)
     parser.add_argument("--width", type=int, default=1600)

@@ -1,6 +1,6 @@
 """GPU measurements for one short device lease: train steps, inference and evaluation, ours and the authors'.
 
-    python benchmarks/device_suite.py --out DIR [--budget 540] [--batch 32] [--arch resnet34 swin_t vitae_s] \
+    python benchmarks/device_suite.py --output DIR [--budget 540] [--batch 32] [--arch resnet34 swin_t vitae_s] \
         [--jobs train torch predict evaluate fp32 bigger] [--compile_limit 330] [--torch_arch ...] \
         [--focus_arch resnet34] [--authors_repo DIR] [--image PHOTO]
 
@@ -281,7 +281,7 @@ def _kept_lines(text: str, ok: bool) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--output", required=True, help="folder for results.json and the logs")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole suite")
     parser.add_argument("--batch", type=int, default=32, help="per-device train batch")
     parser.add_argument("--size", type=int, default=512, help="train step image size")
@@ -330,7 +330,7 @@ def main() -> int:
         "bfloat16 profile trace and compiled HLO are copied to OUT",
     )
     args = parser.parse_args()
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path("/tmp/device_suite")
     # A warm machine keeps /tmp between calls: an earlier call's profiles must not be copied to OUT as this one's.
@@ -374,15 +374,15 @@ def main() -> int:
     group_env = {**ours_env, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the processes share the card
 
     def train(arch, dtype, batch, profile=False, niceness=0):
-        path = scratch / f"train_{arch}_{dtype}_{batch}.json"
+        folder = scratch / f"train_{arch}_{dtype}_{batch}"
         extra = ["--profile", str(scratch / "profile")] if profile else []
         group.add(
             f"train {arch} {dtype} b{batch}",
             bench
-            + ["--arch", arch, "--batch", str(batch), "--dtype", dtype, "--repeats", "10", "--json", str(path)]
+            + ["--arch", arch, "--batch", str(batch), "--dtype", dtype, "--repeats", "10", "--output", str(folder)]
             + extra,
             group_env,
-            path,
+            folder / "bench_train_step.json",
             niceness=niceness,
             turn_limit=90,
         )
@@ -391,7 +391,7 @@ def main() -> int:
         if "train" in jobs:
             train(arch, "bfloat16", args.batch, profile=True)
         if "torch" in jobs and arch in (args.torch_arch or args.arch):
-            path = scratch / f"torch_{arch}_{args.batch}.json"
+            folder = scratch / f"torch_{arch}_{args.batch}"
             group.add(
                 f"torch {arch} b{args.batch}",
                 bench
@@ -410,16 +410,16 @@ def main() -> int:
                     "10",
                     "--authors_repo",
                     args.authors_repo,
-                    "--json",
-                    str(path),
+                    "--output",
+                    str(folder),
                 ],
                 {},
-                path,
+                folder / "bench_train_step.json",
                 compiles=False,
                 turn_limit=150,
             )
     if "evaluate" in jobs:
-        path = scratch / "evaluate.json"
+        folder = scratch / "evaluate"
         group.add(
             "evaluate",
             [
@@ -433,11 +433,11 @@ def main() -> int:
                 str(args.eval_size),
                 "--width",
                 str(args.eval_size),
-                "--json",
-                str(path),
+                "--output",
+                str(folder),
             ],
             group_env,
-            path,
+            folder / "bench_eval_throughput.json",
             niceness=10,
             turn_limit=120,
         )

@@ -1,16 +1,16 @@
 """Converts an authors' PyTorch checkpoint into a p3m-jax model checkpoint (orbax).
 
-    python -m p3m_jax.convert --arch resnet34 --torch-checkpoint IN.pth --output OUT_DIR
+    python -m p3m_jax.convert --arch resnet34 --checkpoint IN.pth --output OUT_DIR
 
-Reading the ``.pth`` needs PyTorch (``pip install -r requirements-test.txt``); the converted
-checkpoint loads without it: ``p3m_jax.load_pretrained(OUT_DIR)``.
+Reading the ``.pth`` needs PyTorch (the ``torch`` extra: ``pip install -c requirements.lock ".[torch]"``
+in a checkout); the converted checkpoint loads without it: ``p3m_jax.load_pretrained(OUT_DIR)``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from p3m_jax.common import cli
 from p3m_jax.models import ARCHITECTURES
 from p3m_jax.weights import model_checkpoint
 from p3m_jax.weights.initialize import variables_from_torch
@@ -18,14 +18,16 @@ from p3m_jax.weights.torch_import import CheckpointImportError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m p3m_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = cli.ArgumentParser(
+        "python -m p3m_jax.convert",
+        __doc__,
+        renamed={"--torch-checkpoint": "--checkpoint", "--torch_checkpoint": "--checkpoint"},
     )
-    parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
-    parser.add_argument("--torch-checkpoint", required=True, help="authors' .pth / .pth.tar")
-    parser.add_argument("--output", required=True, help="directory to write (must not exist)")
+    parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES), help="the variant the file holds")
+    parser.add_argument("--checkpoint", required=True, help="the authors' .pth / .pth.tar to convert")
+    parser.add_argument("--output", required=True, help="folder to write the p3m-jax checkpoint to (must not exist)")
     parser.add_argument(
-        "--backbone-only",
+        "--backbone_only",
         action="store_true",
         help="the file is an ImageNet-pretrained backbone: load the encoder, initialize the decoder",
     )
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         variables, report = variables_from_torch(
-            args.torch_checkpoint, args.arch, backbone_only=args.backbone_only, seed=args.seed
+            args.checkpoint, args.arch, backbone_only=args.backbone_only, seed=args.seed
         )
         out = model_checkpoint.save_model_checkpoint(args.output, args.arch, variables, overwrite=args.overwrite)
     except (CheckpointImportError, FileNotFoundError, FileExistsError, ImportError) as e:

@@ -12,7 +12,6 @@ real matte.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,7 +19,9 @@ import time
 import numpy as np
 from PIL import Image
 
+from p3m_jax.common import cli
 from p3m_jax.inference import Predictor, load_pretrained
+from p3m_jax.inference.loading import CHECKPOINT_ERRORS
 from p3m_jax.inference.strategies import normalize
 from p3m_jax.models import ARCHITECTURES
 from tfds_p3m10k.synthetic import render_portrait
@@ -38,14 +39,14 @@ def overview(image: np.ndarray, alpha: np.ndarray, square: int = 8) -> np.ndarra
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m p3m_jax.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser("python -m p3m_jax.demo", __doc__)
     parser.add_argument("--output", default="demo_out", help="folder for the PNGs")
-    parser.add_argument("--arch", default="resnet34", choices=sorted(ARCHITECTURES))
-    parser.add_argument("--checkpoint", help="p3m-jax checkpoint dir or authors' .pth")
+    parser.add_argument(
+        "--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth; else resnet34"
+    )
+    parser.add_argument("--checkpoint", help="p3m-jax checkpoint, training workdir or authors' .pth")
     parser.add_argument("--size", type=int, default=256, help="image side, a multiple of 32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="which generated portrait (and the random weights)")
     args = parser.parse_args(argv)
     if args.size <= 0 or args.size % 32:
         parser.error(f"--size must be a positive multiple of 32, got {args.size}")
@@ -53,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     sample = render_portrait(args.seed, args.size, args.size)
     t0 = time.perf_counter()
     if args.checkpoint:
-        predictor = load_pretrained(args.checkpoint, args.arch)
-        print(f"loaded {predictor.arch} weights from {args.checkpoint}")
+        try:
+            predictor = load_pretrained(args.checkpoint, args.arch)
+        except CHECKPOINT_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"loaded {predictor.describe()}")
     else:
-        predictor = Predictor.random(args.arch, seed=args.seed)
-        print(f"{args.arch} with random weights (no --checkpoint): the matte will be noise")
+        predictor = Predictor.random(args.arch or "resnet34", seed=args.seed)
+        print(f"{predictor.arch} with random weights (no --checkpoint): the matte will be noise")
     x = normalize(sample.image / 255.0)[None]
     t1 = time.perf_counter()
     out = predictor.forward(x)

@@ -1,13 +1,15 @@
 """Evaluation on P3M-500-P / P3M-500-NP with the paper's RESIZE and HYBRID strategies.
 
-    python -m p3m_jax.evaluate --checkpoint CKPT [--arch resnet34] --data_dir /data/P3M-10k \
-        [--split p3m_500_p,p3m_500_np] [--strategy hybrid|resize] [--mode bucketed|exact] \
-        [--output results.json] [--save_png DIR] [--limit N]
-    python -m p3m_jax.evaluate --checkpoint CKPT --tfds_data_dir ~/tensorflow_datasets --tfds_config default ...
+    python -m p3m_jax.evaluate --checkpoint CKPT [--arch resnet34] --release_dir /data/P3M-10k \\
+        [--split p3m_500_p,p3m_500_np] [--strategy hybrid|resize] [--mode bucketed|exact] \\
+        [--output DIR [--save_png]] [--limit N]
+    python -m p3m_jax.evaluate --checkpoint CKPT --data_dir ~/tensorflow_datasets --tfds_config default ...
 
-Data comes from a folder in the release layout (docs/design.md section 2; `--data_dir` may be the folder holding
-`P3M-10k/`, `P3M-10k/` itself, or its `validation/`) or from a TFDS build of `p3m10k`
-(`--tfds_data_dir`), opened as the training loop opens it (`p3m_jax.data.evaluation_data`).
+Data comes from a folder in the release layout (`--release_dir`: the folder holding `P3M-10k/`,
+`P3M-10k/` itself, or its `validation/`) or from a TFDS build of `p3m10k` in a TFDS data folder
+(`--data_dir` and `--tfds_config`), opened as the training loop opens it (`p3m_jax.data.evaluation_data`).
+The table of means is printed; `--output DIR` also writes `DIR/evaluation.json` (means and per-image
+scores) and, with `--save_png`, the 8-bit predictions as `DIR/<split>/<name>.png`.
 Scoring and the `exact` / `bucketed` modes: `p3m_jax.evaluation.scoring`. Compiled programs are kept in
 JAX's persistent compilation cache (`--cache_dir`).
 
@@ -17,35 +19,50 @@ unreadable checkpoint stops it at once with one `error:` line and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from p3m_jax.common import cli
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
 from p3m_jax.data.evaluation_data import open_test_split
+from p3m_jax.data.source import built_configs
 from p3m_jax.evaluation.report import format_table, write_json
 from p3m_jax.evaluation.scoring import evaluate
 from p3m_jax.inference import strategies
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
+from p3m_jax.models import ARCHITECTURES
+
+BUCKET = 128  # network input bucket, as predict's
+RESULTS_FILE = "evaluation.json"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m p3m_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint directory or authors' .pth")
-    parser.add_argument("--arch", default=None, help="resnet34 | swin_t | vitae_s (required for a .pth)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data_dir", help="folder in the P3M-10k release layout")
-    source.add_argument("--tfds_data_dir", help="TFDS data_dir holding the built p3m10k dataset")
-    parser.add_argument("--tfds_config", default="default", help="p3m10k builder config (default: default)")
+    parser = cli.ArgumentParser("python -m p3m_jax.evaluate", __doc__, renamed={"--tfds_data_dir": "--data_dir"})
+    parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
+    parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
+    parser.add_argument("--release_dir", help="folder in the P3M-10k release layout")
+    parser.add_argument("--data_dir", help="TFDS data folder holding a p3m10k build")
+    parser.add_argument("--tfds_config", default="default", help="p3m10k build config in --data_dir")
     parser.add_argument("--split", default="p3m_500_p,p3m_500_np", help="comma-separated test splits")
-    parser.add_argument("--strategy", default="hybrid", choices=strategies.STRATEGIES)
-    parser.add_argument("--mode", default="bucketed", choices=("bucketed", "exact"))
-    parser.add_argument("--bucket", type=int, default=128, help="network input bucket (multiple of 32)")
+    parser.add_argument(
+        "--strategy", default="hybrid", choices=strategies.STRATEGIES, help="the paper's inference strategy"
+    )
+    parser.add_argument(
+        "--mode",
+        default="bucketed",
+        choices=("bucketed", "exact"),
+        help="pad inputs to buckets, or run each at its size",
+    )
+    parser.add_argument("--bucket", type=int, default=BUCKET, help="network input bucket (multiple of 32)")
     parser.add_argument("--metric_bucket", type=int, default=256, help="metric input bucket")
-    parser.add_argument("--output", default="evaluation.json", help="JSON file for means and per-image scores")
-    parser.add_argument("--save_png", default=None, help="folder for the 8-bit predictions (<split>/<name>.png)")
+    parser.add_argument("--output", default=None, help=f"folder for {RESULTS_FILE} (and the PNGs of --save_png)")
+    parser.add_argument(
+        "--save_png",
+        nargs="?",
+        const=True,
+        default=False,
+        help="also write the 8-bit predictions to <output>/<split>/<name>.png",
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images per split")
     parser.add_argument(
         "--dtype",
@@ -54,18 +71,48 @@ def parse_args(argv=None):
         help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
     )
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="JAX persistent compilation cache")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _upgrade_old_forms(args)
+    if (args.release_dir is None) == (args.data_dir is None):
+        parser.error("give one of --release_dir (a release-layout folder) and --data_dir (a TFDS data folder)")
+    if args.save_png is True and args.output is None:
+        parser.error("--save_png writes into --output: give --output DIR")
+    return args
+
+
+def _upgrade_old_forms(args) -> None:
+    """The forms of the previous release, with a deprecation line: ``--data_dir`` naming a release folder,
+    ``--output FILE.json`` and ``--save_png DIR``."""
+    if args.data_dir is not None and args.release_dir is None and not built_configs(args.data_dir):
+        if _looks_like_release(args.data_dir):
+            cli.deprecated("--data_dir for a release-layout folder is now --release_dir (--data_dir is a TFDS folder)")
+            args.release_dir, args.data_dir = args.data_dir, None
+    args.results_path = os.path.join(args.output, RESULTS_FILE) if args.output else None
+    if args.output and args.output.endswith(".json"):
+        cli.deprecated(f"--output {args.output}: --output is now a folder (writing {RESULTS_FILE} in it)")
+        args.results_path, args.output = args.output, os.path.dirname(args.output) or "."
+    if isinstance(args.save_png, str):
+        cli.deprecated(f"--save_png {args.save_png}: --save_png is now a switch writing into --output")
+        args.png_dir = args.save_png
+    else:
+        args.png_dir = args.output if args.save_png else None
+
+
+def _looks_like_release(path: str) -> bool:
+    names = ("P3M-10k", "validation", "train", "blurred_image", "original_image")
+    return os.path.isdir(path) and any(os.path.isdir(os.path.join(path, n)) for n in names)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.quiet_library_logs()
     enable_compilation_cache(args.cache_dir)
 
     try:
         # The test sets first: a wrong folder is reported before the weights load and the programs compile.
         datasets = {
             split: open_test_split(
-                split, release_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir, tfds_config=args.tfds_config
+                split, release_dir=args.release_dir, tfds_data_dir=args.data_dir, tfds_config=args.tfds_config
             )
             for split in [s.strip() for s in args.split.split(",") if s.strip()]
         }
@@ -73,9 +120,10 @@ def main(argv=None) -> int:
     except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print(f"loaded {predictor.describe()}")
     results = {}
     for split, dataset in datasets.items():
-        save_dir = os.path.join(args.save_png, split) if args.save_png else None
+        save_dir = os.path.join(args.png_dir, split) if args.png_dir else None
         results[split] = evaluate(
             predictor,
             dataset,
@@ -88,18 +136,19 @@ def main(argv=None) -> int:
         )
     print(f"{predictor.arch}, {args.strategy.upper()}, {args.mode}, {args.dtype}")
     print(format_table(results))
-    write_json(
-        args.output,
-        {
-            "checkpoint": os.fspath(args.checkpoint),
-            "arch": predictor.arch,
-            "strategy": args.strategy,
-            "mode": args.mode,
-            "dtype": args.dtype,
-            "splits": results,
-        },
-    )
-    print(f"wrote {args.output}")
+    if args.results_path:
+        write_json(
+            args.results_path,
+            {
+                "checkpoint": os.fspath(args.checkpoint),
+                "arch": predictor.arch,
+                "strategy": args.strategy,
+                "mode": args.mode,
+                "dtype": args.dtype,
+                "splits": results,
+            },
+        )
+        print(f"wrote {args.results_path}" + (f" and the PNGs in {args.png_dir}" if args.png_dir else ""))
     return 0
 
 

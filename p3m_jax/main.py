@@ -1,23 +1,33 @@
 """Train or evaluate P3M-Net from an ml_collections config.
 
-    python -m p3m_jax.main --config=configs/default.py --workdir=/tmp/p3m_quickstart
-    python -m p3m_jax.main --config=configs/p3m10k_resnet34.py --workdir=gs://bucket/run \\
+    python -m p3m_jax.main --config=default --workdir=workdir/quickstart
+    python -m p3m_jax.main --config=p3m10k_resnet34 --workdir=gs://bucket/run \\
         --config.data.data_dir=gs://bucket/tensorflow_datasets --config.batch_size=64
-    python -m p3m_jax.main --config=configs/default.py --workdir=/tmp/p3m_quickstart --mode=eval
+    python -m p3m_jax.main --config=default --workdir=workdir/quickstart --mode=eval
+    python -m p3m_jax.main --config=default --print_config
 
-Running the same command again resumes from the latest checkpoint in --workdir. Any config field
-can be overridden with --config.<field>=<value>.
+`--config` is a recipe shipped in p3m_jax/configs (by name: default, p3m10k_resnet34, ...) or the path of
+a config file of your own. Running the same command again resumes from the latest checkpoint in
+--workdir; a run that already finished says so and does nothing (`--rescore` scores its test splits
+again). Any config field can be overridden with --config.<field>=<value>; `--print_config` prints them
+all with their values.
 """
 
 from __future__ import annotations
 
+import importlib.resources
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from p3m_jax.common import cli
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "A recipe name (listed above) or the path of an ml_collections config file.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum(
     "mode",
@@ -25,15 +35,77 @@ flags.DEFINE_enum(
     ["train", "eval"],
     "train (then score the test splits), or eval: score the test splits from a checkpoint.",
 )
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "eval mode: which checkpoint of --workdir to score.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum("which_checkpoint", "best", ["best", "latest"], "eval mode: which checkpoint of --workdir to score.")
+flags.DEFINE_bool("rescore", False, "A finished run started again scores its test splits again.")
+flags.DEFINE_bool("print_config", False, "Print the config (after overrides) and exit; needs no --workdir.")
+
+flags.mark_flag_as_required("config")
+
+_HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+_GIVEN_ARGV: list[str] = []  # the command line as typed, for messages (sys.argv gets the resolved paths)
+
+
+def recipes() -> dict[str, str]:
+    """The recipes shipped in the package: name -> file path."""
+    folder = importlib.resources.files("p3m_jax.configs")
+    return {
+        entry.name[:-3]: os.fspath(entry)
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".py") and not entry.name.startswith("_")
+    }
+
+
+def resolve_config(value: str) -> str:
+    """``--config``'s value as a file path: a file that exists, else a shipped recipe by its name (the
+    checkout's old ``configs/<name>.py`` spelling included, with a deprecation line). Raises
+    FileNotFoundError naming the recipes when it is neither."""
+    path, colon, argument = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    name = os.path.basename(path)[:-3] if path.endswith(".py") else path
+    known = recipes()
+    if name in known and os.path.dirname(path) in ("", "configs"):
+        if os.path.dirname(path) == "configs":
+            cli.deprecated(f"--config={path}: the recipes moved into the package; say --config={name}")
+        return known[name] + colon + argument
+    raise FileNotFoundError(f"--config={value}: no such file and no recipe of that name (recipes: {', '.join(known)})")
+
+
+def _translate_argv(argv: list[str]) -> list[str]:
+    """The old spellings of main's flags (``--checkpoint=best``) and recipe names, made current."""
+    out = []
+    for token in argv:
+        name, eq, value = token.partition("=")
+        if name == "--checkpoint" and value in ("best", "latest"):
+            cli.deprecated("--checkpoint=best|latest is now --which_checkpoint")
+            token = "--which_checkpoint=" + value
+        elif name == "--config" and eq:
+            token = "--config=" + resolve_config(value)
+        out.append(token)
+    return out
+
+
+def _usage() -> str:
+    module_flags = FLAGS.module_help(sys.modules[__name__]) or FLAGS.module_help("p3m_jax.main")
+    names = ", ".join(recipes())
+    return (
+        f"{__doc__}\nRecipes: {names}.\n"
+        f"The config fields and their values: python -m p3m_jax.main --config=RECIPE --print_config\n\n"
+        f"Flags:\n{module_flags}\n"
+    )
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.print_config:
+        print(FLAGS.config)
+        return 0
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
+    cli.quiet_library_logs()
     # Imported after flag parsing, so that `--help` and flag errors do not wait for JAX.
     from p3m_jax.common import compilation_cache  # pylint: disable=import-outside-toplevel
     from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel
@@ -44,9 +116,9 @@ def main(argv) -> int:
 
     try:
         if FLAGS.mode == "eval":
-            loop.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint)
+            loop.evaluate_workdir(FLAGS.config, FLAGS.workdir, which=FLAGS.which_checkpoint)
         else:
-            loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, rescore=FLAGS.rescore)
     except (
         loop.ConfigError,
         loop.NonFiniteLossError,
@@ -61,8 +133,18 @@ def main(argv) -> int:
 
 
 def run() -> None:
-    """`app.run(main)`, with a config override that names no field (``--config.nonexistent=1``)
-    or cannot be parsed reported as one line (exit 1) instead of a traceback."""
+    """`app.run(main)`, with ``--help`` answered on stdout (exit 0), old flag spellings translated, and a
+    config override that names no field (``--config.nonexistent=1``) or cannot be parsed reported as one
+    line (exit 1) instead of a traceback."""
+    if any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
+        print(_usage())
+        sys.exit(0)
+    _GIVEN_ARGV[:] = sys.argv[1:]
+    try:
+        sys.argv[1:] = _translate_argv(sys.argv[1:])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     try:
         app.run(main)
     except (KeyError, AttributeError, ValueError, TypeError) as e:
@@ -73,11 +155,12 @@ def run() -> None:
 
 
 def _flag_error_text(error: BaseException) -> str:
-    """``--config.nonexistent: no such field in configs/default.py`` from the KeyError inside."""
+    """``--config.nonexistent: no such field in default`` from the KeyError inside."""
     inner = error.args[0] if error.args else error
     field = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner).strip("'\"")
-    config_file = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "the config")
-    flag = next((a.split("=", 1)[0] for a in sys.argv if a.startswith("--config.") and field in a), None)
+    argv = _GIVEN_ARGV or sys.argv[1:]
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config")
+    flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and field in a), None)
     if flag is None:
         return f"cannot read the config or its overrides: {error}"
     return f"{flag}: no such field in {config_file}"

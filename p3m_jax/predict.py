@@ -1,7 +1,7 @@
 """Alpha mattes for your own images.
 
-    python -m p3m_jax.predict --checkpoint CKPT [--arch resnet34] --input FILE_OR_DIR --output DIR \
-        [--strategy resize|hybrid] [--bucket 0] [--dtype float32|bfloat16]
+    python -m p3m_jax.predict --checkpoint CKPT [--arch resnet34] --input FILE_OR_DIR --output DIR \\
+        [--strategy resize|hybrid] [--bucket 128] [--dtype float32|bfloat16]
 
 Writes `<name>_alpha.png` (8-bit alpha) and `<name>_rgba.png` (the image with that alpha as its alpha
 channel, colours not premultiplied) per input image. Reads JPEG, PNG and WebP, grayscale and RGBA (alpha
@@ -12,32 +12,32 @@ name instead (`portrait.jpg_alpha.png`). A file that cannot be read or processed
 the exit status is 1 if any file failed, and 2 when the input or the checkpoint is missing or unreadable or
 the output folder cannot be written (one `error:` line, before the model is loaded). Outputs are written
 atomically; an output folder that this run created is removed again if nothing could be written. Runs on
-whatever JAX backend is installed (CPU, GPU, TPU). By default the network runs at the
-exact protocol sizes (multiples of 32): one compilation per distinct image size and pass, kept in JAX's
-persistent cache, so a size is compiled once per machine; `--bucket N` pads inputs up to multiples of N
-instead (fewer compilations for folders of many sizes, at the cost of up to N px more per side: 13% more
-pixels for a 1080x1620 photo at N = 128, and more for ViTAE-S, whose global attention grows with the
-square of the pixel count). HYBRID computes `global` only in its half-size pass and `local` only in its
-full-size pass, and compiles both programs at once.
+whatever JAX backend is installed (CPU, GPU, TPU).
+
+Sizes: the network runs at multiples of 32, and every distinct input size is compiled once (kept in JAX's
+persistent cache, so once per machine). A single image runs at its exact size. For several images the
+network inputs are padded (symmetric reflection) up to multiples of `--bucket` (128 by default, as
+`evaluate`'s): photos of nearly equal size share one compilation, at the cost of up to 127 px more per
+side; `--bucket 0` runs every image at its exact size. HYBRID computes `global` only in its half-size pass
+and `local` only in its full-size pass, and compiles both programs at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import tempfile
 
 import numpy as np
 
-from tqdm import tqdm
-
-from p3m_jax.common import image_io
+from p3m_jax.common import cli, image_io
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
 from p3m_jax.inference import strategies
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
+from p3m_jax.models import ARCHITECTURES
 
 SHORT_SIDE_LIMIT = 1080  # the authors' SHORTER_PATH_LIMITATION
+BUCKET = 128  # network input bucket for several images, as evaluate's
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -104,23 +104,31 @@ def predict_image(runner, image: np.ndarray, strategy: str) -> np.ndarray:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m p3m_jax.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint directory or authors' .pth")
-    parser.add_argument("--arch", default=None, help="resnet34 | swin_t | vitae_s (required for a .pth)")
+    parser = cli.ArgumentParser("python -m p3m_jax.predict", __doc__)
+    parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
+    parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--strategy", default="hybrid", choices=strategies.STRATEGIES)
-    parser.add_argument("--bucket", type=int, default=0, help="pad network inputs to multiples (0: exact)")
+    parser.add_argument(
+        "--strategy", default="hybrid", choices=strategies.STRATEGIES, help="the paper's inference strategy"
+    )
+    parser.add_argument(
+        "--bucket",
+        type=int,
+        default=BUCKET,
+        help="with several images, pad network inputs up to multiples of this (0: exact sizes)",
+    )
     parser.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16"),
         help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
     )
-    parser.add_argument("--cache_dir", default=None, help="JAX persistent compilation cache folder")
-    return parser.parse_args(argv)
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="JAX persistent compilation cache folder")
+    args = parser.parse_args(argv)
+    if args.bucket < 0 or args.bucket % 32:
+        parser.error(f"--bucket must be 0 or a positive multiple of 32, got {args.bucket}")
+    return args
 
 
 def remove_if_empty(output_dir, created: bool) -> None:
@@ -155,7 +163,7 @@ def run(
         )
     written, failed = [], []
     try:
-        for path in tqdm(inputs, disable=not progress or len(inputs) < 2, desc="predict", unit="image"):
+        for path in cli.progress(inputs, enabled=progress and len(inputs) > 1, desc="predict", unit="image"):
             path = pathlib.Path(path)
             alpha_path = output_dir / f"{names[path]}_alpha.png"
             try:
@@ -179,7 +187,8 @@ def run(
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    enable_compilation_cache(args.cache_dir or DEFAULT_CACHE_DIR)
+    cli.quiet_library_logs()
+    enable_compilation_cache(args.cache_dir)
     created = False
     try:
         inputs = list_inputs(args.input)
@@ -190,7 +199,9 @@ def main(argv=None) -> int:
         remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    written, failed = run(predictor, inputs, args.output, args.strategy, args.bucket, output_created=created)
+    print(f"loaded {predictor.describe()}")
+    bucket = args.bucket if len(inputs) > 1 else 0  # one image: its exact size
+    written, failed = run(predictor, inputs, args.output, args.strategy, bucket, output_created=created)
     print(f"wrote {len(written)} matte(s) to {args.output}" + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0
 

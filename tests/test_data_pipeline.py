@@ -191,5 +191,5 @@ def test_ensure_dataset_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config.data.tfds_name.*config.data.data_dir.*build"):
         data.ensure_dataset(config)
     config = data_helpers.data_config(tmp_path, tfds_name="p3m10k/default")
-    with pytest.raises(FileNotFoundError, match="manual_dir"):
+    with pytest.raises(FileNotFoundError, match="--release_dir"):
         data.ensure_dataset(config)

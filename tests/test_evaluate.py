@@ -142,7 +142,7 @@ def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkey
         [
             "--checkpoint",
             str(tmp_path / "ckpt"),
-            "--data_dir",
+            "--release_dir",
             str(tmp_path / "nope"),
             "--cache_dir",
             str(tmp_path / "cache"),
@@ -155,7 +155,7 @@ def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkey
         [
             "--checkpoint",
             str(tmp_path / "ckpt"),
-            "--tfds_data_dir",
+            "--data_dir",
             str(tmp_path),
             "--cache_dir",
             str(tmp_path / "cache"),
@@ -167,7 +167,7 @@ def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkey
 
 def test_cli_reports_a_missing_checkpoint(release, tmp_path, capsys):
     code = evaluate.main(
-        ["--checkpoint", str(tmp_path / "nope"), "--data_dir", str(release), "--cache_dir", str(tmp_path / "cache")]
+        ["--checkpoint", str(tmp_path / "nope"), "--release_dir", str(release), "--cache_dir", str(tmp_path / "cache")]
     )
     assert code == 2
     assert f"no checkpoint at {tmp_path / 'nope'}" in capsys.readouterr().err
@@ -180,12 +180,12 @@ def test_cli_writes_json(release, tmp_path):
 
     checkpoint = Predictor.random("resnet34", seed=0).save(tmp_path / "ckpt")
     clear_compiled_programs()  # earlier tests of this process compiled the same programs
-    output = tmp_path / "out" / "eval.json"
+    output = tmp_path / "out"
     code = evaluate.main(
         [
             "--checkpoint",
             str(checkpoint),
-            "--data_dir",
+            "--release_dir",
             str(release),
             "--strategy",
             "resize",
@@ -196,14 +196,13 @@ def test_cli_writes_json(release, tmp_path):
             "--cache_dir",
             str(tmp_path / "cache"),
             "--save_png",
-            str(tmp_path / "png"),
         ]
     )
     assert code == 0
-    payload = json.loads(output.read_text())
+    payload = json.loads((output / "evaluation.json").read_text())
     assert set(payload["splits"]) == {"p3m_500_p", "p3m_500_np"}
     assert payload["splits"]["p3m_500_p"]["count"] == 2
     assert "SAD_PRIVACY" in payload["splits"]["p3m_500_p"]["mean"]
     assert "SAD_PRIVACY" not in payload["splits"]["p3m_500_np"]["mean"]
-    assert len(list((tmp_path / "png" / "p3m_500_np").glob("*.png"))) == 2
+    assert len(list((output / "p3m_500_np").glob("*.png"))) == 2
     assert any((tmp_path / "cache").iterdir())  # the persistent compilation cache was used

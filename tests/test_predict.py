@@ -291,3 +291,26 @@ def test_a_failed_write_leaves_neither_file_of_the_pair(checkpoint, tmp_path, mo
     written, failed = predict.run(load_pretrained(checkpoint), [tmp_path / "a.png"], out, "resize", progress=False)
     assert written == [] and len(failed) == 1 and "No space left" in failed[0][1]
     assert not out.exists()  # created by this run, left empty: removed
+
+
+def test_a_folder_shares_padded_sizes_and_one_image_runs_at_its_exact_size(checkpoint, tmp_path, monkeypatch, capsys):
+    shapes = []
+
+    class RecordingRunner(predict.strategies.NetworkRunner):
+        def __call__(self, x, outputs=None):
+            shapes.append(self.network_shape(*x.shape[:2]))
+            return super().__call__(x, outputs)
+
+    monkeypatch.setattr(predict.strategies, "NetworkRunner", RecordingRunner)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for width in (161, 170, 181):  # nearly equal sizes
+        Image.fromarray(_gradient_image(64, width)).save(folder / f"w{width}.png")
+    assert predict_resize(checkpoint, folder, tmp_path / "out", tmp_path) == 0
+    assert len(shapes) == 3 and len(set(shapes)) == 1  # one padded size (multiples of 128): one compilation
+    assert all(h % predict.BUCKET == 0 and w % predict.BUCKET == 0 for h, w in shapes)
+    assert f"loaded resnet34 (float32) from model checkpoint {checkpoint}" in capsys.readouterr().out
+
+    shapes.clear()
+    assert predict_resize(checkpoint, folder / "w161.png", tmp_path / "one", tmp_path) == 0
+    assert len(shapes) == 1 and shapes[0][1] % predict.BUCKET != 0  # not padded to the bucket

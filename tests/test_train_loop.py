@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from p3m_jax.configs import default as default_config
 from p3m_jax.train import loop
 from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer
 from p3m_jax.weights.training_checkpoint import restore_variables
@@ -141,7 +141,7 @@ def test_second_run_on_a_held_workdir_stops_and_a_stale_lock_is_taken_over(quick
     import socket
 
     (workdir / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "earlier"}))
-    assert loop.train_and_evaluate(config, workdir)["stopped"] == "finished"
+    assert loop.train_and_evaluate(config, workdir)["stopped"] == "already finished"
     assert (
         f"took over the workdir lock of a run that is gone (host {socket.gethostname()}, pid {dead.pid}"
         in capsys.readouterr().out
@@ -315,7 +315,7 @@ def tiny_main_args(workdir, data_dir, fields: dict) -> list[str]:
         "eval.test_splits": "()",
         **fields,
     }
-    return ["--config=configs/default.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
+    return ["--config=default", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
 
 
 def start_main(args):
@@ -352,7 +352,7 @@ def run_main(args, env_extra=None, **kwargs):
         ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
         ("--config.data.image_size=100", {}, "config.data.image_size"),
         ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
-        ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in configs/default.py"),
+        ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in default"),
         (
             "--config.data.tfds_name=p3m10k/nosuchconfig",
             {},
@@ -363,7 +363,7 @@ def run_main(args, env_extra=None, **kwargs):
 def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, env, expected):
     result = run_main(
         [
-            "--config=configs/default.py",
+            "--config=default",
             f"--workdir={tmp_path / 'w'}",
             f"--config.data.data_dir={tmp_path / 'empty_tfds'}",
             override,
@@ -379,7 +379,7 @@ def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, en
 def test_validation_slice_larger_than_the_train_split_is_one_line(tmp_path, data_dir):
     result = run_main(
         [
-            "--config=configs/default.py",
+            "--config=default",
             f"--workdir={tmp_path / 'w'}",
             f"--config.data.data_dir={data_dir}",
             f"--config.data.tfds_name={TFDS_NAME}",
@@ -397,7 +397,7 @@ def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     result = run_main(
-        ["--config=configs/default.py", f"--workdir={blocker / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+        ["--config=default", f"--workdir={blocker / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
     )
     assert result.returncode == 1
     assert f"workdir {blocker / 'run'} is not writable" in result.stderr
@@ -583,3 +583,18 @@ def test_resumed_logs_drop_the_rows_after_the_checkpoint_and_torn_rows(tmp_path)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
     drop_rows_after(tmp_path / "missing.jsonl", 2)  # nothing to do, nothing made
     assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_validation_images_show_input_truth_prediction_and_error_side_by_side():
+    from p3m_jax.train.summary import summary_panel
+
+    image = np.full((4, 5, 3), 7, np.uint8)
+    truth = np.zeros((4, 5, 1), np.uint8)
+    truth[:, 3:] = 255  # a uint8 matte as the dataset stores it
+    prediction = np.full((4, 5), 0.25, np.float32)  # a float matte in [0, 1] as the network gives it
+    panel = summary_panel(image, truth, prediction)
+    assert panel.shape == (4, 20, 3) and panel.dtype == np.uint8
+    np.testing.assert_array_equal(panel[:, :5], image)
+    np.testing.assert_array_equal(panel[:, 5:10, 0], truth[..., 0])
+    np.testing.assert_array_equal(panel[:, 10:15, 0], np.full((4, 5), 64))
+    np.testing.assert_array_equal(panel[:, 15:, 0], np.where(truth[..., 0] == 255, 191, 64))

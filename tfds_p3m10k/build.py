@@ -1,14 +1,15 @@
 """Builds the p3m10k TFDS dataset (ArrayRecord, no TensorFlow needed).
 
-  python -m tfds_p3m10k.build --manual_dir=~/downloads/p3m --data_dir=~/tensorflow_datasets
-  python -m tfds_p3m10k.build --config=estimate_fg_bg --manual_dir=... --data_dir=... --num_workers=16
-  python -m tfds_p3m10k.build --config=synthetic --data_dir=/tmp/tfds \
+  python -m tfds_p3m10k.build --release_dir=~/downloads/p3m --data_dir=~/tensorflow_datasets
+  python -m tfds_p3m10k.build --tfds_config=estimate_fg_bg --release_dir=... --data_dir=... --num_workers=16
+  python -m tfds_p3m10k.build --tfds_config=synthetic --data_dir=/tmp/tfds \\
       [--synthetic_image_size=256 --synthetic_num_train=500 --synthetic_num_test=50]
 
-`manual_dir` holds the extracted `P3M-10k/` folder or the downloaded zip (see
-`Builder.MANUAL_DOWNLOAD_INSTRUCTIONS`). Bad input stops the build before anything
-is written and lists every offending file; `--skip_bad_examples` leaves those
-examples out instead. Prints the split sizes and the build speed at the end.
+`--release_dir` holds the extracted `P3M-10k/` folder or the downloaded zip (TFDS's manual download folder;
+see `Builder.MANUAL_DOWNLOAD_INSTRUCTIONS`); `--data_dir` is the TFDS data folder that training
+(`config.data.data_dir`) and `python -m p3m_jax.evaluate --data_dir` read. Bad input stops the build before
+anything is written and lists every offending file; `--skip_bad_examples` leaves those examples out
+instead. Prints the split sizes and the build speed at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import tensorflow_datasets as tfds
 
+from p3m_jax.common import cli
 from tfds_p3m10k import layout
 from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 
@@ -63,12 +65,17 @@ def _remove_scaffolding(new_folders: list[str]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfds_p3m10k.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = cli.ArgumentParser(
+        "python -m tfds_p3m10k.build", __doc__, renamed={"--manual_dir": "--release_dir", "--config": "--tfds_config"}
     )
-    parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write into.")
-    parser.add_argument("--manual_dir", help="Folder with P3M-10k/ or its zip (not for synthetic).")
-    parser.add_argument("--config", default="default", choices=[c.name for c in builder_lib.Builder.BUILDER_CONFIGS])
+    parser.add_argument("--data_dir", required=True, help="TFDS data folder to write into.")
+    parser.add_argument("--release_dir", help="Folder with P3M-10k/ or its zip (not for synthetic).")
+    parser.add_argument(
+        "--tfds_config",
+        default="default",
+        choices=[c.name for c in builder_lib.Builder.BUILDER_CONFIGS],
+        help="Which p3m10k build (the release, with fg/bg estimated, or the synthetic stand-in).",
+    )
     parser.add_argument(
         "--skip_bad_examples", action="store_true", help="Leave out examples with bad files instead of stopping."
     )
@@ -76,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_workers",
         type=int,
         default=None,
-        help="Processes for file checks and fg/bg estimation (default: CPU count).",
+        help="Processes for file checks and fg/bg estimation (unset: the CPU count).",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="Rebuild even if the dataset exists (replaced only on success)."
@@ -85,31 +92,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--synthetic_image_size",
         type=_image_size,
         default=None,
-        help="SIZE or HEIGHTxWIDTH of synthetic images (default 128).",
+        help="SIZE or HEIGHTxWIDTH of synthetic images (unset: 128).",
     )
-    parser.add_argument("--synthetic_num_train", type=int, default=None, help="Synthetic train examples (default 48).")
+    parser.add_argument("--synthetic_num_train", type=int, default=None, help="Synthetic train examples (unset: 48).")
     parser.add_argument(
-        "--synthetic_num_test", type=int, default=None, help="Synthetic examples per test split (default 8)."
+        "--synthetic_num_test", type=int, default=None, help="Synthetic examples per test split (unset: 8)."
     )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    is_synthetic = args.config == "synthetic"
-    if not is_synthetic and not args.manual_dir:
-        print(f"error: --manual_dir is required for --config={args.config}", file=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli.quiet_library_logs()
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()  # its bars would leave cursor-control codes in a redirected log
+    is_synthetic = args.tfds_config == "synthetic"
+    if not is_synthetic and not args.release_dir:
+        print(f"error: --release_dir is required for --tfds_config={args.tfds_config}", file=sys.stderr)
         return 2
     if not is_synthetic and any(
         v is not None for v in (args.synthetic_image_size, args.synthetic_num_train, args.synthetic_num_test)
     ):
-        print("error: --synthetic_* flags need --config=synthetic", file=sys.stderr)
+        print("error: --synthetic_* flags need --tfds_config=synthetic", file=sys.stderr)
         return 2
 
     builder = builder_lib.Builder(
         data_dir=os.path.expanduser(args.data_dir),
-        config=args.config,
+        config=args.tfds_config,
         skip_bad_examples=args.skip_bad_examples,
         num_workers=args.num_workers,
         synthetic_image_size=args.synthetic_image_size,
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_num_test=args.synthetic_num_test,
     )
     download_config = tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(args.manual_dir) if args.manual_dir else None,
+        manual_dir=os.path.expanduser(args.release_dir) if args.release_dir else None,
         compute_stats=tfds.download.ComputeStatsMode.SKIP,
         download_mode=(
             tfds.download.GenerateMode.FORCE_REDOWNLOAD

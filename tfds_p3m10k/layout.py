@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
-import tqdm
 
+from p3m_jax.common import cli
 from tfds_p3m10k import maps
 from tfds_p3m10k.release_files import (  # noqa: F401  (part of this module's interface)
     FileRef,
@@ -312,9 +312,7 @@ def parallel_map(
     function, items: Sequence, num_workers: int, desc: str | None, inline_below: int = 32, initializer=None
 ) -> Iterable:
     """Ordered map, in a process pool for larger inputs; a progress bar if `desc`."""
-    progress = lambda results: (
-        tqdm.tqdm(results, total=len(items), desc=desc, unit=" ex", leave=False) if desc else results
-    )
+    progress = lambda results: cli.progress(results, total=len(items), desc=desc, unit="example") if desc else results
     if num_workers <= 1 or len(items) < inline_below:
         yield from progress(map(function, items))
         return

@@ -1,6 +1,6 @@
 """Writes `dummy_data/`: a tiny fake P3M-10k release for the builder tests.
 
-  python -m tfds_p3m10k.make_dummy_data [--out=tfds_p3m10k/dummy_data]
+  python -m tfds_p3m10k.make_dummy_data [--output=tfds_p3m10k/dummy_data]
 
 The files are synthetic portraits (synthetic.py), not the authors' images, in the
 release layout of docs/design.md section 2, with a few twists the builder must handle:
@@ -72,9 +72,11 @@ def write_dummy_release(out_dir: str, height: int = DUMMY_HEIGHT, width: int = D
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "dummy_data"))
+    parser.add_argument(
+        "--output", default=os.path.join(os.path.dirname(__file__), "dummy_data"), help="folder to write"
+    )
     args = parser.parse_args()
-    root = write_dummy_release(args.out)
+    root = write_dummy_release(args.output)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
     print(f"wrote {root} ({total / 1024:.1f} kB)")
 

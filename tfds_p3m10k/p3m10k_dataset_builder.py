@@ -9,7 +9,7 @@ Configs:
     train and 8 + 8 test examples of 128x128 by default. Other sizes/counts:
     `P3m10k(config=synthetic_config(image_size=(256, 256), num_train=200, num_test=16))`,
     the builder kwargs `synthetic_image_size=`, `synthetic_num_train=`,
-    `synthetic_num_test=`, or `python -m tfds_p3m10k.build --config=synthetic
+    `synthetic_num_test=`, or `python -m tfds_p3m10k.build --tfds_config=synthetic
     --synthetic_image_size=256 ...`; such a config is named e.g.
     `synthetic_256x256_200_16_16` and read back under that name.
 
@@ -137,7 +137,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   Put into manual_dir either the extracted `P3M-10k/` folder (with train/ and
   validation/ inside) or the downloaded zip as it is. The optional facemask
   download may be added next to it, as a zip or a folder. Then:
-    python -m tfds_p3m10k.build --manual_dir=<manual_dir> --data_dir=<data_dir>
+    python -m tfds_p3m10k.build --release_dir=<manual_dir> --data_dir=<data_dir>
   The `synthetic` config needs no download.
   """
 

@@ -169,11 +169,17 @@ def open_test_split(split: str, *, release_dir=None, tfds_data_dir=None, tfds_co
         {"data_dir": os.fspath(tfds_data_dir), "tfds_name": f"p3m10k/{tfds_config}"}
     )
     # Without this check TFDS would try to build the dataset here and fail on its manual download folder.
-    if not source_lib.get_builder(data_config).is_prepared():
+    built = source_lib.built_configs(tfds_data_dir)
+    there = f"built there: {', '.join(built)}" if built else "no p3m10k config is built there"
+    try:
+        builder = source_lib.get_builder(data_config)
+    except ValueError as e:
+        raise ValueError(f"{e} ({tfds_data_dir}: {there})") from None
+    if not builder.is_prepared():
         raise FileNotFoundError(
-            f"{data_config.tfds_name} is not built in {tfds_data_dir}: build it there with python -m "
-            f"tfds_p3m10k.build --data_dir={tfds_data_dir} ... (tfds_p3m10k/README.md), or "
-            f"evaluate the extracted P3M-10k release folder instead (--data_dir)"
+            f"{data_config.tfds_name} is not built in {tfds_data_dir} ({there}). Pass one of those as "
+            f"--tfds_config, build it with python -m tfds_p3m10k.build --data_dir={tfds_data_dir} ..., or "
+            f"score the extracted P3M-10k release folder instead (--release_dir)"
         )
     return test_dataset(data_config, split, process_index=0, process_count=1)
 

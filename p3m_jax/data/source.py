@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import re
 import struct
 import time
@@ -103,6 +104,23 @@ def get_builder(data_config):
         ) from None
 
 
+def built_configs(data_dir) -> list[str]:
+    """The p3m10k builder configs built in the TFDS ``data_dir`` (folders holding a finished version)."""
+    root = os.path.join(os.path.expanduser(os.fspath(data_dir)), "p3m10k")
+    if not os.path.isdir(root):
+        return []
+    return sorted(
+        name
+        for name in os.listdir(root)
+        if not name.startswith(".")
+        and os.path.isdir(os.path.join(root, name))
+        and any(
+            os.path.isfile(os.path.join(root, name, version, "dataset_info.json"))
+            for version in os.listdir(os.path.join(root, name))
+        )
+    )
+
+
 def resolve_process(process_index, process_count) -> tuple[int, int]:
     """(process index, process count), JAX's own where None (JAX imported only then)."""
     if process_index is None or process_count is None:
@@ -142,12 +160,12 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
     data_dir = os.path.expanduser(data_config.data_dir)
     if synthetic is None or not data_config.get("build_synthetic", False):
         how = (
-            f"python -m tfds_p3m10k.build --manual_dir=<folder with P3M-10k/ or its zip> "
+            f"python -m tfds_p3m10k.build --release_dir=<folder with P3M-10k/ or its zip> "
             f"--data_dir={data_config.data_dir}"
         )
         if synthetic is not None:
             how = (
-                f"set config.data.build_synthetic=True, or python -m tfds_p3m10k.build --config=synthetic "
+                f"set config.data.build_synthetic=True, or python -m tfds_p3m10k.build --tfds_config=synthetic "
                 f"--synthetic_image_size={synthetic.synthetic_image_size[0]}x{synthetic.synthetic_image_size[1]} "
                 f"--synthetic_num_train={synthetic.synthetic_num_train} "
                 f"--synthetic_num_test={synthetic.synthetic_num_test} --data_dir={data_config.data_dir}"
@@ -160,6 +178,8 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
         process_index = _process_index()
     if process_index == 0:
         _log.info("building %s into %s (first use)", data_config.tfds_name, data_dir)
+        if not sys.stderr.isatty():
+            tfds.disable_progress_bar()  # its bars would leave cursor-control codes in a redirected log
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
         )

@@ -22,9 +22,8 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
-from p3m_jax.common import image_io
+from p3m_jax.common import cli, image_io
 from p3m_jax.data.evaluation_data import plain_example
 from p3m_jax.evaluation import metrics
 from p3m_jax.inference import strategies
@@ -129,7 +128,9 @@ def evaluate(
     start = time.perf_counter()
     with CompileCounter() as counter:
         iterator = (dataset[i] for i in range(total)) if total is not None else iter(dataset)
-        for index, raw in enumerate(tqdm(iterator, total=total, disable=not progress, desc=f"eval {strategy}")):
+        for index, raw in enumerate(
+            cli.progress(iterator, total=total, enabled=progress, desc=f"eval {strategy}", unit="image")
+        ):
             if limit is not None and index >= limit:
                 break
             example = plain_example(raw)

@@ -42,16 +42,22 @@ def load_pretrained(
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     path = os.fspath(path)
     if os.path.isdir(path) and not model_checkpoint.is_model_checkpoint(path) and is_training_workdir(path):
-        saved_arch, options, variables = read_training_workdir(path, arch)
-        return Predictor(saved_arch, variables, dtype=dtype, options=options)
+        saved_arch, options, variables, step = read_training_workdir(path, arch)
+        predictor = Predictor(saved_arch, variables, dtype=dtype, options=options)
+        predictor.source = f"training workdir {path}, step {step}"
+        return predictor
     if os.path.isdir(path):
         saved_arch, options, variables = model_checkpoint.load_model_checkpoint(path)
         if arch is not None and arch != saved_arch:
             raise ValueError(f"{path} holds a {saved_arch} model, not {arch}")
-        return Predictor(saved_arch, variables, dtype=dtype, options=options)
+        predictor = Predictor(saved_arch, variables, dtype=dtype, options=options)
+        predictor.source = f"model checkpoint {path}"
+        return predictor
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if arch is None:
         raise ValueError(f"{path} looks like a PyTorch checkpoint: pass arch= (one of {sorted(ARCHITECTURES)})")
     variables, _ = variables_from_torch(path, arch, verbose=verbose)
-    return Predictor(arch, variables, dtype=dtype)
+    predictor = Predictor(arch, variables, dtype=dtype)
+    predictor.source = f"PyTorch checkpoint {path}"
+    return predictor

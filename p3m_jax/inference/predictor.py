@@ -73,6 +73,7 @@ class Predictor:
 
     def __init__(self, arch: str, variables: Any, *, dtype=jnp.float32, options: dict | None = None):
         self.arch = arch
+        self.source = "weights given in memory"  # where the weights came from (set by load_pretrained)
         self.options = dict(options or {})
         self.dtype = dtype = jnp.dtype(dtype)
         if dtype not in (jnp.float32, jnp.bfloat16):
@@ -139,6 +140,10 @@ class Predictor:
     def random(cls, arch: str, seed: int = 0, *, dtype=jnp.float32, **options) -> "Predictor":
         """A predictor with freshly initialized (untrained) weights, for tests and benchmarks."""
         return cls(arch, random_variables(arch, seed, dtype=dtype, options=options), dtype=dtype, options=options)
+
+    def describe(self) -> str:
+        """What is loaded, for a command's first line: ``resnet34 (float32) from model checkpoint ...``."""
+        return f"{self.arch} ({self.dtype.name}) from {self.source}"
 
     def forward(self, x, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs the network on a batch.

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from p3m_jax import data as data_lib
-from p3m_jax.common.constants import CHECKPOINT_SUBDIR, METRICS_FILE, VALIDATION_LOG_FILE
+from p3m_jax.common.constants import CHECKPOINT_SUBDIR, METRICS_FILE, TEST_RESULTS_FILE, VALIDATION_LOG_FILE
 from p3m_jax.evaluation.scoring import evaluate_split
 from p3m_jax.inference import strategies
 from p3m_jax.inference.predictor import Predictor
@@ -48,7 +48,7 @@ from p3m_jax.train.config_checks import DTYPES, ConfigError, check_dataset, mode
 from p3m_jax.train.guards import NonFiniteLossError, PreemptionWatcher, first_non_finite_leaf, last_good_checkpoint
 from p3m_jax.train.initialization import copy_paste_transforms, initial_variables, prepare_workdir, write_run_config
 from p3m_jax.train.scoring import evaluate_test_splits, local_variables
-from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log
+from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log, summary_panel
 from p3m_jax.train.workdir_lock import acquire_for_run
 from p3m_jax.weights.initialize import init_key
 
@@ -85,11 +85,12 @@ def _format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, rescore: bool = False) -> dict:
     """Trains (or resumes) in ``workdir``; returns {"step", "stopped", "validation", "test"}.
 
-    ``stopped`` is "finished" or "preempted" (SIGTERM: a checkpoint was saved; run again to
-    resume). Raises ConfigError for a bad config (before anything is written to ``workdir``),
+    ``stopped`` is "finished", "preempted" (SIGTERM: a checkpoint was saved; run again to
+    resume) or "already finished" (the workdir holds the last step and the test results: nothing is
+    done unless ``rescore``, which scores the test splits again). Raises ConfigError for a bad config (before anything is written to ``workdir``),
     WorkdirLockedError when another live run holds ``workdir``, NonFiniteLossError if the loss or
     the state diverges, CheckpointError when a save fails (at the step after it failed).
     """
@@ -101,14 +102,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = prepare_workdir(workdir)
     lock = acquire_for_run(workdir, _log)
     try:
-        return _train(config, workdir, mesh)
+        return _train(config, workdir, mesh, rescore)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+    """The last step when ``workdir`` holds a finished run (its final checkpoint and, when the config
+    scores test splits, their results); else None."""
+    directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    if not os.path.isdir(directory):
+        return None
+    checkpointer = TrainCheckpointer(directory, read_only=True)
+    try:
+        latest = checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+    if latest is None or latest < config.num_train_steps:
+        return None
+    if config.eval.test_splits and not os.path.isfile(os.path.join(workdir, TEST_RESULTS_FILE)):
+        return None  # stopped while scoring the test splits: scored now
+    return latest
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool = False) -> dict:
     is_main = jax.process_index() == 0
+    finished = None if rescore else _already_finished(config, workdir)
+    if finished is not None:
+        _log(
+            f"{workdir} holds a finished run (step {finished} of {config.num_train_steps}"
+            + (f", test results in {TEST_RESULTS_FILE}" if config.eval.test_splits else "")
+            + "): nothing to do. --rescore scores the test splits again; a new --workdir starts a new run."
+        )
+        return {"step": finished, "stopped": "already finished", "validation": {}, "test": {}}
     if is_main:
         write_run_config(config, workdir)
 
@@ -227,7 +254,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
                 alpha = strategies.predict_alpha(
                     predictor, np.asarray(example["image"]), config.eval.validation_strategy
                 )
-                images[f"val_matte/{index}"] = alpha
+                images[f"validation/{index}"] = summary_panel(example["image"], example["alpha"], alpha)
             writer.write_images(step, images)
             with open(os.path.join(workdir, VALIDATION_LOG_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "count": result["count"], **means}) + "\n")
@@ -238,9 +265,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         return means
 
     if step < config.num_train_steps:
-        # Said before the long silence: XLA:GPU's compile and autotuning of a real step takes minutes.
+        # Said before the long silence: compiling a real step (with XLA:GPU's autotuning) takes minutes.
+        platform = jax.devices()[0].platform
+        duration = "seconds to minutes" if platform == "cpu" else f"minutes on a {platform.upper()}"
         _log(
-            "compiling the train step on the first batch (minutes on a GPU; persistent compilation cache: "
+            f"compiling the train step on the first batch ({duration}; persistent compilation cache: "
             f"{jax.config.jax_compilation_cache_dir or 'off'})"
         )
     try:

@@ -46,6 +46,20 @@ def _row_step(line: str) -> float:
         return math.inf  # a line torn by a killed run: dropped
 
 
+def summary_panel(image, true_alpha, predicted_alpha) -> np.ndarray:
+    """One validation image for TensorBoard, (H, 4W, 3) uint8: the input, the ground-truth matte, the
+    prediction and the absolute error (white: 1), side by side."""
+    image = np.asarray(image, np.uint8)
+    true01 = np.asarray(true_alpha, np.float32).reshape(image.shape[:2])
+    true01 = true01 / 255.0 if np.asarray(true_alpha).dtype == np.uint8 else true01
+    predicted01 = np.asarray(predicted_alpha, np.float32).reshape(image.shape[:2])
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    mattes = [true01, predicted01, np.abs(predicted01 - true01)]
+    gray = [np.repeat((np.clip(m, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=2) for m in mattes]
+    return np.concatenate([image[..., :3], *gray], axis=1)
+
+
 class MetricWriter:
     """Scalars and images for TensorBoard, with the method names of clu's `MetricWriter`.
 

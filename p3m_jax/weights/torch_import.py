@@ -125,7 +125,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError(
-            "reading a PyTorch checkpoint needs PyTorch: pip install -r requirements-test.txt (CPU build is enough)"
+            "reading a PyTorch checkpoint needs PyTorch: pip install 'p3m-jax[torch]' (the CPU build is enough)"
         ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -107,9 +107,9 @@ def is_training_workdir(path: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
 
 
-def read_training_workdir(workdir: str | os.PathLike, arch: str | None = None) -> tuple[str, dict, dict]:
-    """``(arch, model options, variables)`` of the best checkpoint of a training workdir; ``arch``,
-    when given, must be the one it trained."""
+def read_training_workdir(workdir: str | os.PathLike, arch: str | None = None) -> tuple[str, dict, dict, int]:
+    """``(arch, model options, variables, step)`` of the best checkpoint of a training workdir (the
+    latest when none was validated); ``arch``, when given, must be the one it trained."""
     workdir = os.fspath(workdir)
     config_path = os.path.join(workdir, RUN_CONFIG_FILE)
     try:
@@ -120,5 +120,5 @@ def read_training_workdir(workdir: str | os.PathLike, arch: str | None = None) -
         raise ValueError(f"corrupt training config {config_path}: {e}") from e
     if arch is not None and arch != saved_arch:
         raise ValueError(f"{workdir} trained a {saved_arch} model, not {arch}")
-    _, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR))
-    return saved_arch, options, variables
+    step, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    return saved_arch, options, variables, step

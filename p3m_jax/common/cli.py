@@ -1,0 +1,133 @@
+"""What the commands share: one flag style (underscores, defaults in every help, the old dashed spellings
+accepted with a deprecation line), progress that prints plain lines when the output is not a terminal,
+and the library log lines that normal operation should not show."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Iterable, Iterator, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and appends ``(default: X)`` to every flag that has one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help  # nothing to show: the flag is unset unless given
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` in the project's flag style.
+
+    Flags are spelled with underscores. A flag spelled with dashes (``--torch-checkpoint``) or by a name in
+    ``renamed`` (old -> new) still works for one release and prints one ``deprecated:`` line to stderr.
+    """
+
+    def __init__(self, prog: str, description: str | None, renamed: Mapping[str, str] | None = None):
+        super().__init__(prog=prog, description=description, formatter_class=_HelpFormatter)
+        self.renamed = dict(renamed or {})
+
+    def parse_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(self.translate(argv), namespace)
+
+    def translate(self, argv: list[str]) -> list[str]:
+        """``argv`` with deprecated flag spellings replaced by the current ones (one line each)."""
+        known = {option for action in self._actions for option in action.option_strings}
+        out = []
+        for index, token in enumerate(argv):
+            if token == "--":
+                return out + argv[index:]
+            name, eq, value = token.partition("=")
+            if token.startswith("--") and name not in known:
+                new = self.renamed.get(name) or "--" + name[2:].replace("-", "_")
+                if new in known:
+                    deprecated(f"{name} is now {new}")
+                    token = new + eq + value
+            out.append(token)
+        return out
+
+
+def deprecated(message: str) -> None:
+    """One line on stderr for a spelling or a use that still works but goes in the next release."""
+    print(f"deprecated: {message}; the old form will be removed in the next release", file=sys.stderr)
+
+
+def progress(
+    items: Iterable[T],
+    *,
+    desc: str,
+    unit: str,
+    total: int | None = None,
+    every_seconds: float = 15.0,
+    enabled: bool = True,
+) -> Iterator[T]:
+    """Yields ``items`` with progress on stderr: a tqdm bar on a terminal, else a plain line
+    (``predict: 12/40 images, 1.9 images/s``) at most every ``every_seconds`` and at the end, so that
+    a redirected log holds no cursor-control codes."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if not enabled:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+        yield from tqdm(items, desc=desc, unit=unit, total=total)
+        return
+    start = last = time.perf_counter()
+    count = 0
+    for item in items:
+        yield item
+        count += 1
+        now = time.perf_counter()
+        if now - last >= every_seconds or count == total:
+            last = now
+            of_total = f"/{total}" if total is not None else ""
+            print(f"{desc}: {count}{of_total} {unit}s, {count / max(now - start, 1e-9):.1f} {unit}s/s", file=sys.stderr)
+
+
+# Library log lines that normal operation produces and that read like problems, by their start.
+# TFDS announces the builder config of every read ("Using custom data configuration: ...") and
+# "Downloading and preparing dataset Unknown size" for builds that download nothing; orbax says that a
+# checkpoint written by an earlier version has no metadata file, that a checkpoint opened for reading
+# is read only (and so saves nothing), and that a save without metrics (the SIGTERM save) has none;
+# TFDS, while a build is under way, that its version folder has no dataset_info.json yet.
+_ROUTINE_LOG_STARTS = (
+    "Using custom data configuration",
+    "Downloading and preparing dataset",
+    "Metadata file does not exist",
+    "Given directory is read only",
+    "Requested tracked_metric",
+    "Requested `tracked_metric`",
+    "CheckpointManagerOptions.read_only=True",
+    "Variant folder",
+)
+
+
+class _RoutineFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        return not message.lstrip().startswith(_ROUTINE_LOG_STARTS)
+
+
+_FILTER = _RoutineFilter()
+
+
+def quiet_library_logs() -> None:
+    """Drops the routine library log lines above (on the absl logger, where TFDS and orbax write, and on
+    the root logger); every other warning still shows."""
+    for logger in (logging.getLogger("absl"), logging.getLogger()):
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+        for handler in logger.handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
