@@ -25,9 +25,19 @@ from p3m_jax.configs import default as default_config
 from p3m_jax.train import loop
 from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer
 from p3m_jax.weights.training_checkpoint import restore_variables
+from train_helpers import use_tiny_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model():
+    """The loop's tests run the small stand-in model (tests/train_helpers.py): they are about the loop;
+    the real networks train in tests/test_train_step.py, test_install.py and the P3M-CP run below."""
+    with pytest.MonkeyPatch.context() as patch:
+        use_tiny_model(patch)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -191,12 +201,15 @@ def small_filesystem(tmp_path):
 
 
 def test_full_disk_is_reported_at_the_next_step_and_a_rerun_with_room_resumes(
-    quickstart_run, data_dir, small_filesystem, capsys
+    data_dir, small_filesystem, tmp_path, monkeypatch, capsys
 ):
     mount_point, resize = small_filesystem
-    checkpoint_bytes = sum(
-        f.stat().st_size for f in (quickstart_run[0] / "checkpoints" / "2").rglob("*") if f.is_file()
+    use_tiny_model(monkeypatch, width=192)  # megabytes per checkpoint: the logs are small beside it
+    sized = tmp_path / "sized"  # a checkpoint of this model, to size the file system by
+    loop.train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=2, eval_every_steps=0, **{"eval.test_splits": ()}), sized
     )
+    checkpoint_bytes = sum(f.stat().st_size for f in (sized / "checkpoints" / "2").rglob("*") if f.is_file())
     resize(int(1.6 * checkpoint_bytes))  # room for the step-4 checkpoint, not for step 8's as well
     workdir = mount_point / "run"
     config = tiny_config(
@@ -318,11 +331,16 @@ def tiny_main_args(workdir, data_dir, fields: dict) -> list[str]:
     return ["--config=default", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
 
 
+TINY_MAIN = [sys.executable, str(REPO / "tests" / "tiny_main.py")]  # the command with the stand-in model
+REAL_MAIN = [sys.executable, "-m", "p3m_jax.main"]
+
+
 def start_main(args):
-    """`python -m p3m_jax.main ARGS` on the CPU in the background, stdout and stderr together."""
+    """`python -m p3m_jax.main ARGS` (with the stand-in model) on the CPU in the background, stdout and
+    stderr together."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
-        [sys.executable, "-m", "p3m_jax.main", *args],
+        [*TINY_MAIN, *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -331,10 +349,11 @@ def start_main(args):
     )
 
 
-def run_main(args, env_extra=None, **kwargs):
+def run_main(args, env_extra=None, command=TINY_MAIN, **kwargs):
+    """`python -m p3m_jax.main ARGS` (with the stand-in model unless ``command`` is REAL_MAIN)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "p3m_jax.main", *args],
+        [*command, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -523,8 +542,10 @@ def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
         "copy_paste.fcp.prob": 1.0,
         "copy_paste.fcp.layers": "('e2','e3')",
     }
-    result = run_main(
-        tiny_main_args(workdir, data_dir, fields), {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = run_main(  # the real network: FCP replaces its encoder features
+        tiny_main_args(workdir, data_dir, fields),
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        command=REAL_MAIN,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 8 device(s)" in result.stdout

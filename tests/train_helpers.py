@@ -24,26 +24,27 @@ class TinyP3M(nn.Module):
 
     dtype: jnp.dtype = jnp.float32
     drop_path: float = 0.3
+    width: int = 8  # channels of the hidden layers (wider: larger checkpoints, same program shape)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = x.astype(self.dtype)
         h = nn.relu(
             BatchNorm(dtype=self.dtype, name="bn0")(
-                conv2d(8, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train
+                conv2d(self.width, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train
             )
         )
         p, idx = max_pool_with_argmax(h, 2, 2, 0)
         g = nn.relu(
             BatchNorm(dtype=self.dtype, name="bn1")(
-                conv2d(8, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train
+                conv2d(self.width, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train
             )
         )
         g = p + DropPath(self.drop_path, name="drop")(g, train)
         up = upsample_bilinear(g, 2)
         glob = conv2d(3, 3, use_bias=True, name="global", dtype=self.dtype)(up)
         sides = [conv2d(3, 1, use_bias=True, name=f"side{i}", dtype=self.dtype)(up) for i in range(3)]
-        loc = conv2d(8, 3, use_bias=True, name="local0", dtype=self.dtype)(max_unpool_2x2(g, idx) + h)
+        loc = conv2d(self.width, 3, use_bias=True, name="local0", dtype=self.dtype)(max_unpool_2x2(g, idx) + h)
         local = nn.sigmoid(
             conv2d(1, 3, use_bias=True, name="local1", dtype=self.dtype)(nn.relu(loc)).astype(jnp.float32)
         )
@@ -136,3 +137,21 @@ def run_tiny_training(
         state, m = step(state, device_batch)
         metrics.append(m)
     return state, [to_numpy(m) for m in metrics]
+
+
+def use_tiny_model(patch=None, width: int = 8) -> None:
+    """Makes the training loop, the predictor and initialisation build `TinyP3M` for every arch, for tests
+    of the loop rather than the architecture (the real networks compile in minutes on a 2-core CPU).
+    ``patch``: a pytest MonkeyPatch (undone after the test); without it the change is for this process."""
+    from p3m_jax.inference import predictor
+    from p3m_jax.train import loop
+    from p3m_jax.weights import initialize
+
+    def build_tiny(arch, dtype=jnp.float32, remat=False, **options):
+        return TinyP3M(dtype=dtype, width=width)
+
+    for module in (loop, predictor, initialize):
+        if patch is not None:
+            patch.setattr(module, "build_model", build_tiny)
+        else:
+            setattr(module, "build_model", build_tiny)
