@@ -13,8 +13,9 @@ scores) and, with `--save_png`, the 8-bit predictions as `DIR/<split>/<name>.png
 Scoring and the `exact` / `bucketed` modes: `p3m_jax.evaluation.scoring`. Compiled programs are kept in
 JAX's persistent compilation cache (`--cache_dir`).
 
-The test sets are found before the weights load: a wrong folder, an unbuilt TFDS dataset or a missing or
-unreadable checkpoint stops it at once with one `error:` line and exit status 2.
+The test sets and the output folder are checked before the weights load: a wrong folder, an unbuilt TFDS
+dataset, an unwritable `--output` or a missing or unreadable checkpoint stops it at once with one `error:`
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-from p3m_jax.common import cli
+from p3m_jax.common import cli, fileio
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
 from p3m_jax.data.evaluation_data import open_test_split
 from p3m_jax.data.source import built_configs
@@ -108,16 +109,21 @@ def main(argv=None) -> int:
     cli.quiet_library_logs()
     enable_compilation_cache(args.cache_dir)
 
+    created = False
     try:
-        # The test sets first: a wrong folder is reported before the weights load and the programs compile.
+        # The test sets and the output folder first: a wrong folder is reported before the weights load
+        # and the programs compile.
         datasets = {
             split: open_test_split(
                 split, release_dir=args.release_dir, tfds_data_dir=args.data_dir, tfds_config=args.tfds_config
             )
             for split in [s.strip() for s in args.split.split(",") if s.strip()]
         }
+        created = fileio.prepare_output(args.output) if args.output else False
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
-    except CHECKPOINT_ERRORS as error:  # and a missing input or data folder (FileNotFoundError too)
+    except (*CHECKPOINT_ERRORS, OSError) as error:  # a missing data folder or checkpoint, an unwritable output
+        if args.output:
+            fileio.remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"loaded {predictor.describe()}")

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
-from p3m_jax.common import cli, image_io
+from p3m_jax.common import cli, fileio, image_io
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
 from p3m_jax.inference import strategies
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
@@ -69,22 +68,6 @@ def output_names(inputs) -> tuple[dict[pathlib.Path, str], list[str]]:
         if len(paths) > 1:
             shared.extend(p.name for p in paths)
     return names, shared
-
-
-def prepare_output(output_dir) -> bool:
-    """Creates ``output_dir`` if needed and proves it writable (OSError naming it otherwise).
-    Returns whether it was created here (so that it can be removed if nothing is written)."""
-    output_dir = pathlib.Path(output_dir)
-    created = not output_dir.exists()
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".write_test_", dir=output_dir):
-            pass
-    except OSError as e:
-        if created and output_dir.is_dir():
-            output_dir.rmdir()
-        raise OSError(f"output folder {output_dir} is not writable: {e.strerror or e}") from e
-    return created
 
 
 def predict_image(runner, image: np.ndarray, strategy: str) -> np.ndarray:
@@ -131,13 +114,6 @@ def parse_args(argv=None):
     return args
 
 
-def remove_if_empty(output_dir, created: bool) -> None:
-    """Removes ``output_dir`` if this run created it and nothing was written into it."""
-    output_dir = pathlib.Path(output_dir)
-    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
-        output_dir.rmdir()
-
-
 def run(
     predictor,
     inputs,
@@ -153,7 +129,7 @@ def run(
     prepare it here); a folder made for this run is removed again when nothing is written."""
     runner = strategies.NetworkRunner(predictor, bucket or None)
     output_dir = pathlib.Path(output_dir)
-    created = prepare_output(output_dir) if output_created is None else output_created
+    created = fileio.prepare_output(output_dir) if output_created is None else output_created
     names, shared = output_names(inputs)
     if shared:
         print(
@@ -181,7 +157,7 @@ def run(
                 print(f"skipped {path}: {error}", file=sys.stderr)
                 failed.append((path, str(error)))
     finally:
-        remove_if_empty(output_dir, created)  # nothing was written: leave nothing behind
+        fileio.remove_if_empty(output_dir, created)  # nothing was written: leave nothing behind
     return written, failed
 
 
@@ -193,10 +169,10 @@ def main(argv=None) -> int:
     try:
         inputs = list_inputs(args.input)
         # Before the model loads: an unusable output folder should not cost a compile.
-        created = prepare_output(args.output)
+        created = fileio.prepare_output(args.output)
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
     except (*CHECKPOINT_ERRORS, OSError) as error:  # a missing input, checkpoint or output folder
-        remove_if_empty(args.output, created)
+        fileio.remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"loaded {predictor.describe()}")

@@ -206,3 +206,17 @@ def test_cli_writes_json(release, tmp_path):
     assert "SAD_PRIVACY" not in payload["splits"]["p3m_500_np"]["mean"]
     assert len(list((output / "p3m_500_np").glob("*.png"))) == 2
     assert any((tmp_path / "cache").iterdir())  # the persistent compilation cache was used
+
+
+def test_cli_reports_an_unwritable_output_before_loading_weights(release, tmp_path, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights loaded before the output folder was checked")
+
+    monkeypatch.setattr(evaluate, "load_pretrained", must_not_load)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = evaluate.main(
+        ["--checkpoint", "c", "--release_dir", str(release), "--output", str(blocker / "out"), "--save_png"]
+    )
+    assert code == 2
+    assert f"output folder {blocker / 'out'} is not writable" in capsys.readouterr().err

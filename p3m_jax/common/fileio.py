@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import tempfile
 from typing import IO, Iterator
 
@@ -43,3 +44,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def prepare_output(output_dir) -> bool:
+    """Creates ``output_dir`` if needed and proves it writable (OSError naming it otherwise).
+    Returns whether it was created here (so that it can be removed if nothing is written)."""
+    output_dir = pathlib.Path(output_dir)
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".write_test_", dir=output_dir):
+            pass
+    except OSError as e:
+        if created and output_dir.is_dir():
+            output_dir.rmdir()
+        raise OSError(f"output folder {output_dir} is not writable: {e.strerror or e}") from e
+    return created
+
+
+def remove_if_empty(output_dir, created: bool) -> None:
+    """Removes ``output_dir`` if this run created it and nothing was written into it."""
+    output_dir = pathlib.Path(output_dir)
+    if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
