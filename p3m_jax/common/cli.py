@@ -81,15 +81,21 @@ def progress(
         yield from tqdm(items, desc=desc, unit=unit, total=total)
         return
     start = last = time.perf_counter()
-    count = 0
+    count = printed = 0
+    of_total = f"/{total}" if total is not None else ""
+
+    def line(now: float) -> str:
+        return f"{desc}: {count}{of_total} {unit}s, {count / max(now - start, 1e-9):.1f} {unit}s/s"
+
     for item in items:
         yield item
         count += 1
         now = time.perf_counter()
         if now - last >= every_seconds or count == total:
-            last = now
-            of_total = f"/{total}" if total is not None else ""
-            print(f"{desc}: {count}{of_total} {unit}s, {count / max(now - start, 1e-9):.1f} {unit}s/s", file=sys.stderr)
+            last, printed = now, count
+            print(line(now), file=sys.stderr)
+    if count and printed != count:  # no total known: the count reached at the end
+        print(line(time.perf_counter()), file=sys.stderr)
 
 
 # Library log lines that normal operation produces and that read like problems, by their start.
