@@ -58,12 +58,15 @@ def venv(wheel, tmp_path_factory) -> pathlib.Path:
     ).stdout.strip()
     # The test environment's packages come after the venv's own site-packages: p3m_jax is the wheel's.
     pathlib.Path(site, "test_env_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --ignore-installed: the borrowed packages may hold p3m-jax too (a non-editable test install).
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--ignore-installed"]
+        + [str(wheel)],
         check=True,
         capture_output=True,
         text=True,
     )
+    assert (root / "bin" / "p3m-train").is_file() and (pathlib.Path(site) / "p3m_jax" / "main.py").is_file()
     return root / "bin"
 
 
