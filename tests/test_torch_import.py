@@ -186,7 +186,7 @@ def test_convert_cli_writes_a_checkpoint_that_load_pretrained_reads(tmp_path, st
     pth = tmp_path / "p3m_r34.pth"
     torch.save({"state_dict": state_dict}, pth)
     out = tmp_path / "converted"
-    args = ["--arch", "resnet34", "--torch-checkpoint", str(pth), "--output", str(out)]
+    args = ["--arch", "resnet34", "--checkpoint", str(pth), "--output", str(out)]
     assert convert.main(args) == 0
     assert "wrote" in capsys.readouterr().out
     assert checkpoints.is_model_checkpoint(out)

@@ -267,12 +267,12 @@ def test_killed_build_does_not_read_as_complete(release, tmp_path):
 
 def test_cli_reports_bad_input_and_builds(release, tmp_path, capsys):
     os.remove(release / NP500 / "mask" / f"{_name(2, 0)}.png")
-    code = build.main([f"--manual_dir={release.parent}", f"--data_dir={tmp_path / 'data'}", "--num_workers=1"])
+    code = build.main([f"--release_dir={release.parent}", f"--data_dir={tmp_path / 'data'}", "--num_workers=1"])
     assert code == 1
     assert f"{_name(2, 0)}.jpg: has no mask" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()  # a refused build leaves no folder behind
     code = build.main(
-        [f"--manual_dir={release.parent}", f"--data_dir={tmp_path / 'data'}", "--num_workers=1", "--skip_bad_examples"]
+        [f"--release_dir={release.parent}", f"--data_dir={tmp_path / 'data'}", "--num_workers=1", "--skip_bad_examples"]
     )
     assert code == 0
     out = capsys.readouterr().out
