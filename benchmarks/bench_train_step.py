@@ -249,6 +249,13 @@ def _fmt_bytes(n):
     return f"{n / 2**30:.2f}G" if n else "-"
 
 
+def write_rows(output: str, rows) -> None:
+    """The printed rows as ``<output>/bench_train_step.json`` when ``--output`` is given."""
+    if output:
+        pathlib.Path(output).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(output) / "bench_train_step.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
 def main(argv=None):
     parser = cli.ArgumentParser("python benchmarks/bench_train_step.py", __doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
@@ -377,9 +384,7 @@ def main(argv=None):
             for op, sec in r.get("profile", []):
                 print(f"#   {op:40s} {sec:8.3f}s")
             _print_time_by_part(r.get("profile_by_part"))
-    if args.output:
-        pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
-        (pathlib.Path(args.output) / "bench_train_step.json").write_text(json.dumps(rows, indent=1, default=str))
+    write_rows(args.output, rows)
     return rows
 
 
@@ -425,9 +430,7 @@ def _main_torch_only(args):
             if args.torch_device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-    if args.output:
-        pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
-        (pathlib.Path(args.output) / "bench_train_step.json").write_text(json.dumps(rows, indent=1, default=str))
+    write_rows(args.output, rows)
     return rows
 
 

@@ -33,7 +33,6 @@ from p3m_jax.inference import strategies
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
 
-BUCKET = 128  # network input bucket, as predict's
 RESULTS_FILE = "evaluation.json"
 
 
@@ -54,7 +53,7 @@ def parse_args(argv=None):
         choices=("bucketed", "exact"),
         help="pad inputs to buckets, or run each at its size",
     )
-    parser.add_argument("--bucket", type=int, default=BUCKET, help="network input bucket (multiple of 32)")
+    parser.add_argument("--bucket", type=int, default=strategies.BUCKET, help="network input bucket (multiple of 32)")
     parser.add_argument("--metric_bucket", type=int, default=256, help="metric input bucket")
     parser.add_argument("--output", default=None, help=f"folder for {RESULTS_FILE} (and the PNGs of --save_png)")
     parser.add_argument(

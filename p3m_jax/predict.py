@@ -36,7 +36,6 @@ from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
 
 SHORT_SIDE_LIMIT = 1080  # the authors' SHORTER_PATH_LIMITATION
-BUCKET = 128  # network input bucket for several images, as evaluate's
 _EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -98,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--bucket",
         type=int,
-        default=BUCKET,
+        default=strategies.BUCKET,
         help="with several images, pad network inputs up to multiples of this (0: exact sizes)",
     )
     parser.add_argument(

@@ -308,9 +308,9 @@ def test_a_folder_shares_padded_sizes_and_one_image_runs_at_its_exact_size(check
         Image.fromarray(_gradient_image(64, width)).save(folder / f"w{width}.png")
     assert predict_resize(checkpoint, folder, tmp_path / "out", tmp_path) == 0
     assert len(shapes) == 3 and len(set(shapes)) == 1  # one padded size (multiples of 128): one compilation
-    assert all(h % predict.BUCKET == 0 and w % predict.BUCKET == 0 for h, w in shapes)
+    assert all(h % predict.strategies.BUCKET == 0 and w % predict.strategies.BUCKET == 0 for h, w in shapes)
     assert f"loaded resnet34 (float32) from model checkpoint {checkpoint}" in capsys.readouterr().out
 
     shapes.clear()
     assert predict_resize(checkpoint, folder / "w161.png", tmp_path / "one", tmp_path) == 0
-    assert len(shapes) == 1 and shapes[0][1] % predict.BUCKET != 0  # not padded to the bucket
+    assert len(shapes) == 1 and shapes[0][1] % predict.strategies.BUCKET != 0  # not padded to the bucket

@@ -43,21 +43,16 @@ def load_pretrained(
     path = os.fspath(path)
     if os.path.isdir(path) and not model_checkpoint.is_model_checkpoint(path) and is_training_workdir(path):
         saved_arch, options, variables, step = read_training_workdir(path, arch)
-        predictor = Predictor(saved_arch, variables, dtype=dtype, options=options)
-        predictor.source = f"training workdir {path}, step {step}"
-        return predictor
+        source = f"training workdir {path}, step {step}"
+        return Predictor(saved_arch, variables, dtype=dtype, options=options, source=source)
     if os.path.isdir(path):
         saved_arch, options, variables = model_checkpoint.load_model_checkpoint(path)
         if arch is not None and arch != saved_arch:
             raise ValueError(f"{path} holds a {saved_arch} model, not {arch}")
-        predictor = Predictor(saved_arch, variables, dtype=dtype, options=options)
-        predictor.source = f"model checkpoint {path}"
-        return predictor
+        return Predictor(saved_arch, variables, dtype=dtype, options=options, source=f"model checkpoint {path}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if arch is None:
         raise ValueError(f"{path} looks like a PyTorch checkpoint: pass arch= (one of {sorted(ARCHITECTURES)})")
     variables, _ = variables_from_torch(path, arch, verbose=verbose)
-    predictor = Predictor(arch, variables, dtype=dtype)
-    predictor.source = f"PyTorch checkpoint {path}"
-    return predictor
+    return Predictor(arch, variables, dtype=dtype, source=f"PyTorch checkpoint {path}")

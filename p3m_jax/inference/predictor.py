@@ -71,9 +71,17 @@ class Predictor:
     same model.
     """
 
-    def __init__(self, arch: str, variables: Any, *, dtype=jnp.float32, options: dict | None = None):
+    def __init__(
+        self,
+        arch: str,
+        variables: Any,
+        *,
+        dtype=jnp.float32,
+        options: dict | None = None,
+        source: str = "weights given in memory",
+    ):
         self.arch = arch
-        self.source = "weights given in memory"  # where the weights came from (set by load_pretrained)
+        self.source = source  # where the weights came from, for `describe`
         self.options = dict(options or {})
         self.dtype = dtype = jnp.dtype(dtype)
         if dtype not in (jnp.float32, jnp.bfloat16):

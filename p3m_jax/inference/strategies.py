@@ -36,6 +36,7 @@ LOCAL_RATIO = 1.0  # HYBRID's local pass
 _MEAN = np.array(IMAGENET_MEAN, np.float32)
 _STD = np.array(IMAGENET_STD, np.float32)
 STRATEGIES = ("resize", "hybrid")
+BUCKET = 128  # the network input bucket `evaluate` and `predict` pad to by default
 
 
 def protocol_side(side: int, ratio: float) -> int:

@@ -90,7 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     ``stopped`` is "finished", "preempted" (SIGTERM: a checkpoint was saved; run again to
     resume) or "already finished" (the workdir holds the last step and the test results: nothing is
-    done unless ``rescore``, which scores the test splits again). Raises ConfigError for a bad config (before anything is written to ``workdir``),
+    done unless ``rescore``, which scores the test splits again). Raises ConfigError for a bad config
+    (before anything is written to ``workdir``),
     WorkdirLockedError when another live run holds ``workdir``, NonFiniteLossError if the loss or
     the state diverges, CheckpointError when a save fails (at the step after it failed).
     """
