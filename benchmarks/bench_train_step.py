@@ -148,8 +148,10 @@ def bench_jax(
     """Compiles and times our train step. With ``other_step`` (a callable running one step
     of another implementation), it is timed interleaved with ours, so both see the same
     machine load; its median lands in ``other_step_s``."""
+    from p3m_jax.configs import p3m10k
     from p3m_jax.models import build_model
     from p3m_jax.train import (
+        OptimizerOptions,
         batch_sharding,
         create_train_state,
         make_mesh,
@@ -161,7 +163,7 @@ def bench_jax(
     mesh = make_mesh()
     n_dev = mesh.size
     model = build_model(arch, dtype=dtype, remat=remat)
-    tx, lr = make_optimizer(None, 1000)
+    tx, lr = make_optimizer(OptimizerOptions.from_config(p3m10k.get_config().optimizer), 1000)
     make_state = lambda r: create_train_state(model, tx, r, 64)
     abstract = jax.eval_shape(make_state, jax.random.key(0))
     shardings = state_shardings(abstract, mesh, param_sharding)

@@ -112,7 +112,7 @@ def main(argv) -> int:
     from p3m_jax.train.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
     from p3m_jax.train.workdir_lock import WorkdirLockedError  # pylint: disable=import-outside-toplevel
 
-    compilation_cache.enable_unless_set(FLAGS.config.get("compilation_cache_dir", ""))
+    compilation_cache.enable_unless_set(FLAGS.config.compilation_cache_dir)
 
     try:
         if FLAGS.mode == "eval":

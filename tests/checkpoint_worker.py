@@ -21,6 +21,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from p3m_jax.configs import p3m10k  # noqa: E402
+from p3m_jax.train.optimizer import OptimizerOptions, make_optimizer  # noqa: E402
 from p3m_jax.weights.initialize import init_key  # noqa: E402
 from p3m_jax.train import mesh as mesh_lib  # noqa: E402
 from p3m_jax.train import state as state_lib  # noqa: E402
@@ -40,7 +42,7 @@ def main():
     assert jax.device_count() == num_devices
     mesh = mesh_lib.make_mesh()
     model = TinyP3M()  # the checkpoint code is model-agnostic; a small model compiles in seconds
-    optimizer, _ = state_lib.make_optimizer(None, 10)
+    optimizer, _ = make_optimizer(OptimizerOptions.from_config(p3m10k.get_config().optimizer), 10)
     make = lambda: state_lib.create_train_state(model, optimizer, init_key(0), 64)  # noqa: E731
     abstract = jax.eval_shape(make)
     shardings = state_lib.state_shardings(abstract, mesh, "fsdp")

@@ -1,5 +1,6 @@
 """P3M-CP: face sources, image-level copy and paste (ICP), feature-level copy and paste (FCP)."""
 
+import dataclasses
 import os
 import pickle
 
@@ -10,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from p3m_jax.common.errors import ConfigError
+from p3m_jax.configs.default import get_config
 from p3m_jax.data.copy_paste import (
+    CopyPasteOptions,
     FeatureCopyPasteInputs,
     ImageCopyPaste,
     aligned_source,
@@ -44,6 +48,15 @@ def make_example(seed, facemask=True):
 
 
 FACES = SyntheticFaces(count=8, size=48, seed=3)
+SOURCE_SIZES = dict(num_synthetic_faces=4, synthetic_face_size=32, seed=0)  # unused by folder sources
+ICP = CopyPasteOptions.from_config("icp", get_config().copy_paste.icp)  # the recipe's (the paper's) numbers
+FCP = CopyPasteOptions.from_config("fcp", get_config().copy_paste.fcp)
+AUGMENT = ICP.augment()
+
+
+def with_prob(options, prob):
+    return dataclasses.replace(options, prob=prob)
+
 
 # ---------------------------------------------------------------- face sources
 
@@ -87,7 +100,7 @@ def test_celebamask_hq_layout_union_of_face_parts(tmp_path):
     assert face["image"].shape == (32, 32, 3)
     expected = cv2.resize(np.maximum(skin, nose), (32, 32), interpolation=cv2.INTER_NEAREST)
     np.testing.assert_array_equal(face["mask"], expected)
-    assert len(open_face_source(str(tmp_path), "celebamask_hq")) == 2
+    assert len(open_face_source(str(tmp_path), "celebamask_hq", **SOURCE_SIZES)) == 2
 
 
 def test_celebamask_hq_missing_files_are_named(tmp_path):
@@ -109,7 +122,7 @@ def test_paired_faces_and_unpaired_files_are_named(tmp_path):
     for stem in ("a", "b"):
         _write(tmp_path / "ok" / "images" / f"{stem}.jpg", np.full((40, 40, 3), 90, np.uint8))
         _write(tmp_path / "ok" / "masks" / f"{stem}.png", mask)
-    faces = open_face_source(str(tmp_path / "ok"), "pair")
+    faces = open_face_source(str(tmp_path / "ok"), "pair", **SOURCE_SIZES)
     assert isinstance(faces, PairedFaces) and len(faces) == 2
     face = faces[0]
     assert face["image"].shape == (40, 40, 3) and face["mask"].shape == (40, 40)
@@ -137,7 +150,7 @@ def test_icp_changes_only_the_target_facemask_and_stays_consistent():
     for seed in range(12):
         ex = make_example(seed)
         face = FACES[seed % len(FACES)]
-        out, pasted = paste_face(ex, face["image"], face["mask"], np.random.default_rng(seed))
+        out, pasted = paste_face(ex, face["image"], face["mask"], np.random.default_rng(seed), **AUGMENT)
         assert pasted
         changed = _changed(ex, out)
         inside = ex["facemask"][..., 0] >= 128
@@ -174,6 +187,7 @@ def test_icp_alignment_on_the_facemask_centre():
             rotation_deg=0,
             scale_range=(scale, scale),
             flip_prob=0.0,
+            keep_aspect=False,
         )
         _, weight = placed
         ys, xs = np.nonzero(weight > 0.5)
@@ -186,9 +200,9 @@ def test_icp_alignment_on_the_facemask_centre():
 def test_icp_leaves_examples_without_facemask_untouched():
     ex = make_example(1, facemask=False)
     face = FACES[0]
-    out, pasted = paste_face(ex, face["image"], face["mask"], np.random.default_rng(0))
+    out, pasted = paste_face(ex, face["image"], face["mask"], np.random.default_rng(0), **AUGMENT)
     assert out is ex and not pasted
-    transform = ImageCopyPaste(FACES, prob=1.0)
+    transform = ImageCopyPaste(FACES, with_prob(ICP, 1.0))
     out = transform.random_map(ex, np.random.default_rng(0))
     assert not out["icp_pasted"]
     for key in ex:
@@ -203,7 +217,7 @@ def test_icp_frequency_matches_prob():
     examples = [make_example(i) for i in range(8)]
     n = 400
     for prob in (0.0, 0.5, 1.0):
-        transform = ImageCopyPaste(FACES, prob=prob)
+        transform = ImageCopyPaste(FACES, with_prob(ICP, prob))
         rng = np.random.default_rng(123)
         count = sum(bool(transform.random_map(examples[i % 8], rng)["icp_pasted"]) for i in range(n))
         tolerance = 4.5 * np.sqrt(n * prob * (1 - prob))  # binomial, ~1e-5 false-failure rate
@@ -212,8 +226,8 @@ def test_icp_frequency_matches_prob():
 
 def test_icp_and_fcp_transforms_in_grain():
     examples = [make_example(i) for i in range(6)] + [make_example(6, facemask=False)]
-    icp = ImageCopyPaste(FACES, prob=1.0)
-    fcp = pickle.loads(pickle.dumps(FeatureCopyPasteInputs(FACES, prob=1.0)))  # worker-safe
+    icp = ImageCopyPaste(FACES, with_prob(ICP, 1.0))
+    fcp = pickle.loads(pickle.dumps(FeatureCopyPasteInputs(FACES, with_prob(FCP, 1.0))))  # worker-safe
     ds = grain.MapDataset.source(examples).seed(5).random_map(icp).random_map(fcp)
     outs = [ds[i] for i in range(len(examples))]
     again = [ds[i] for i in range(len(examples))]
@@ -233,24 +247,40 @@ def test_icp_and_fcp_transforms_in_grain():
 def test_aligned_source_matches_the_icp_geometry():
     ex = make_example(3)
     face = FACES[1]
-    src, mask = aligned_source(ex, face["image"], face["mask"], np.random.default_rng(9))
-    icp, _ = paste_face(ex, face["image"], face["mask"], np.random.default_rng(9))
+    src, mask = aligned_source(ex, face["image"], face["mask"], np.random.default_rng(9), **AUGMENT)
+    icp, _ = paste_face(ex, face["image"], face["mask"], np.random.default_rng(9), **AUGMENT)
     np.testing.assert_array_equal(src, icp["image"])  # same draws -> same placement
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
     assert (
-        aligned_source(make_example(3, facemask=False), face["image"], face["mask"], np.random.default_rng(0)) is None
+        aligned_source(
+            make_example(3, facemask=False), face["image"], face["mask"], np.random.default_rng(0), **AUGMENT
+        )
+        is None
     )
 
 
 def test_make_copy_paste_transforms_from_config():
-    from p3m_jax.configs.default import get_config
-
     cp = get_config().copy_paste
     assert make_copy_paste_transforms(cp) == []  # off by default
     cp.icp.enabled = cp.fcp.enabled = True
     icp, fcp = make_copy_paste_transforms(cp, seed=1)
     assert isinstance(icp, ImageCopyPaste) and isinstance(fcp, FeatureCopyPasteInputs)
     assert icp.face_source is fcp.face_source and len(icp.face_source) == cp.icp.num_synthetic_faces
+    assert icp.options == ICP and fcp.options == FCP
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("prob", 1.5), ("prob", -0.1), ("flip_prob", 2.0), ("rotation_deg", -1.0), ("scale_range", (1.2, 0.8))],
+)
+def test_copy_paste_options_name_the_bad_field(field, value):
+    cp = get_config().copy_paste
+    cp.fcp[field] = value
+    with pytest.raises(ConfigError, match=rf"config\.copy_paste\.fcp\.{field}: "):
+        CopyPasteOptions.from_config("fcp", cp.fcp)
+    cp.fcp.enabled = True
+    with pytest.raises(ConfigError, match=rf"config\.copy_paste\.fcp\.{field}: "):
+        make_copy_paste_transforms(cp)  # before any face source is opened
 
 
 # ---------------------------------------------------------------- FCP

@@ -42,7 +42,15 @@ def _raw(portrait, *, name="ex", index=7, jpeg_image=False, with_fg_bg=True, wit
 
 def _transform(**kwargs):
     defaults = dict(
-        image_size=32, crop_sizes=(32, 48, 64), trimap_kernel_range=(3, 6), transition_crop_prob=0.5, flip_prob=0.5
+        image_size=32,
+        crop_sizes=(32, 48, 64),
+        trimap_kernel_range=(3, 6),
+        transition_crop_prob=0.5,
+        flip_prob=0.5,
+        use_fg_bg=True,
+        use_facemask=True,
+        reduced_dct_decode=True,
+        skip_bad_examples=False,
     )
     defaults.update(kwargs)
     return transforms.TrainTransform(**defaults)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -21,9 +22,11 @@ import jax
 import numpy as np
 import pytest
 
+from p3m_jax.common.errors import ConfigError
 from p3m_jax.configs import default as default_config
 from p3m_jax.train import loop
 from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer
+from p3m_jax.train.config_checks import validate_config
 from p3m_jax.weights.training_checkpoint import restore_variables
 from train_helpers import use_tiny_model
 
@@ -393,6 +396,37 @@ def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, en
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()  # nothing written to the workdir
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("optimizer.warmup_steps", -1),
+        ("optimizer.b1", 1.0),
+        ("data.flip_prob", 1.5),
+        ("data.trimap_kernel_range", (6, 3)),
+        ("data.crop_sizes", ()),
+        ("data.num_workers", -1),
+        ("data.prefetch_batches", 0),
+        ("data.read_threads", 0),
+        ("copy_paste.icp.prob", 2.0),
+        ("copy_paste.fcp.scale_range", (1.2, 0.8)),
+        ("copy_paste.fcp.start_step", -1),
+        ("copy_paste.fcp.layers", ("e9",)),
+    ],
+)
+def test_validate_config_names_each_bad_field(field, value):
+    """Every consumer's options object checks its own fields; validate_config builds them all up front,
+    also for P3M-CP levels that are switched off."""
+    config = default_config.get_config()
+    *groups, name = field.split(".")
+    target = config
+    for group in groups:
+        target = target[group]
+    target[name] = value
+    with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}: "):
+        validate_config(config)
+    validate_config(default_config.get_config())  # the recipe itself passes
 
 
 def test_validation_slice_larger_than_the_train_split_is_one_line(tmp_path, data_dir):

@@ -6,6 +6,7 @@ Multi-device runs happen in subprocesses (the main test process keeps 1 CPU devi
 real layers, because compiling a real variant's step takes minutes on a small CPU.
 """
 
+import dataclasses
 import os
 import pathlib
 import socket
@@ -17,12 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from p3m_jax.common.errors import ConfigError
+from p3m_jax.configs import p3m10k
 from p3m_jax.models import build_model, init_variables
 from p3m_jax.weights.initialize import init_key
 from p3m_jax.train import (
     create_sharded_train_state,
     create_train_state,
     make_mesh,
+    OptimizerOptions,
     make_optimizer,
     make_train_step,
     prepare_batch,
@@ -63,10 +67,15 @@ def test_prepare_batch_converts_the_host_contract():
     np.testing.assert_array_equal(np.asarray(no_fg["has_fg_bg"]), [0.0, 0.0])
 
 
+def paper_optimizer(**overrides) -> OptimizerOptions:
+    """The paper's optimizer (the p3m10k recipe: Adam, constant 1e-5) with some fields changed."""
+    return dataclasses.replace(OptimizerOptions.from_config(p3m10k.get_config().optimizer), **overrides)
+
+
 def test_make_optimizer_schedules_and_options():
-    tx, lr = make_optimizer(None, 100)  # the paper: Adam, constant 1e-5
+    tx, lr = make_optimizer(paper_optimizer(), 100)
     assert float(lr(0)) == pytest.approx(1e-5) and float(lr(99)) == pytest.approx(1e-5)
-    cfg = dict(
+    cfg = paper_optimizer(
         name="adamw",
         learning_rate=1e-3,
         schedule="warmup_cosine",
@@ -85,8 +94,11 @@ def test_make_optimizer_schedules_and_options():
     big = tx.update({"w": jnp.full(4, 1e6)}, tx.init(params), params)[0]
     unit = tx.update({"w": jnp.full(4, 0.5)}, tx.init(params), params)[0]
     np.testing.assert_allclose(np.asarray(big["w"]), np.asarray(unit["w"]), rtol=1e-5)
-    with pytest.raises(ValueError):
-        make_optimizer({"name": "sgd"}, 10)
+    for field, value in (("name", "sgd"), ("schedule", "linear"), ("learning_rate", -1.0), ("b2", 1.0)):
+        with pytest.raises(ConfigError, match=rf"^config\.optimizer\.{field}: "):
+            paper_optimizer(**{field: value})
+    with pytest.raises(TypeError, match="OptimizerOptions.from_config"):
+        make_optimizer({"learning_rate": 1e-3}, 10)
 
 
 def test_fsdp_spec_and_state_shardings():
@@ -94,7 +106,7 @@ def test_fsdp_spec_and_state_shardings():
     assert tuple(fsdp_spec((7,), 8)) == ()
     assert tuple(fsdp_spec((), 8)) == ()
     model = TinyP3M()
-    tx, _ = make_optimizer(None, 1)
+    tx, _ = make_optimizer(paper_optimizer(), 1)
     abstract = jax.eval_shape(lambda r: create_train_state(model, tx, r, 32), jax.random.key(0))
     sh = state_shardings(abstract, make_mesh(), "fsdp")
     assert jax.tree_util.tree_structure(sh, is_leaf=lambda x: hasattr(x, "spec")) == jax.tree_util.tree_structure(
@@ -210,7 +222,7 @@ def overfit_run(request):
     """One compiled train step per variant, reused: overfits one fixed 64x64 batch of 2."""
     arch = request.param
     model = build_model(arch)
-    tx, lr = make_optimizer({"learning_rate": 1e-3}, OVERFIT_STEPS)
+    tx, lr = make_optimizer(paper_optimizer(learning_rate=1e-3), OVERFIT_STEPS)
     mesh = make_mesh()
     # init_key: the training loop's key (rbg), whose initializers compile 2-3x faster than threefry's
     state, shardings = create_sharded_train_state(model, tx, init_key(0), SIZE, mesh)

@@ -38,12 +38,14 @@ holding only the face source and numbers, so they pickle into grain's worker pro
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import cv2
 import grain
 import numpy as np
 
+from p3m_jax.common.errors import check
 from p3m_jax.data.faces import open_face_source
 
 # Binary threshold of uint8 masks (facemask, face-source mask).
@@ -69,10 +71,10 @@ def place_face(
     face_mask: np.ndarray,
     rng: np.random.Generator,
     *,
-    rotation_deg: float = 30.0,
-    scale_range: Sequence[float] = (0.8, 1.2),
-    flip_prob: float = 0.5,
-    keep_aspect: bool = False,
+    rotation_deg: float,
+    scale_range: Sequence[float],
+    flip_prob: float,
+    keep_aspect: bool,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Warps a source face onto the target facemask (the shared ICP/FCP geometry).
 
@@ -147,10 +149,10 @@ def paste_face(
     face_mask: np.ndarray,
     rng: np.random.Generator,
     *,
-    rotation_deg: float = 30.0,
-    scale_range: Sequence[float] = (0.8, 1.2),
-    flip_prob: float = 0.5,
-    keep_aspect: bool = False,
+    rotation_deg: float,
+    scale_range: Sequence[float],
+    flip_prob: float,
+    keep_aspect: bool,
 ) -> tuple[dict[str, Any], bool]:
     """ICP on one training example (image, alpha, trimap, fg, bg, has_fg_bg, facemask,
     has_facemask; other keys are passed through).
@@ -197,10 +199,10 @@ def aligned_source(
     face_mask: np.ndarray,
     rng: np.random.Generator,
     *,
-    rotation_deg: float = 30.0,
-    scale_range: Sequence[float] = (0.8, 1.2),
-    flip_prob: float = 0.5,
-    keep_aspect: bool = False,
+    rotation_deg: float,
+    scale_range: Sequence[float],
+    flip_prob: float,
+    keep_aspect: bool,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The FCP source for one example, with `place_face`'s geometry.
 
@@ -231,29 +233,59 @@ def aligned_source(
     return source, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class CopyPasteOptions:
+    """The per-example numbers of one P3M-CP level (``config.copy_paste.icp`` or ``.fcp``)."""
+
+    level: str  # "icp" | "fcp": names the config fields in errors
+    prob: float
+    rotation_deg: float
+    scale_range: tuple[float, float]
+    flip_prob: float
+    keep_aspect: bool
+
+    def __post_init__(self):
+        field = f"copy_paste.{self.level}"
+        check(0.0 <= self.prob <= 1.0, f"{field}.prob", f"must be a probability in [0, 1], got {self.prob}")
+        check(
+            0.0 <= self.flip_prob <= 1.0, f"{field}.flip_prob", f"must be a probability in [0, 1], got {self.flip_prob}"
+        )
+        check(self.rotation_deg >= 0, f"{field}.rotation_deg", f"must be >= 0, got {self.rotation_deg}")
+        check(
+            len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
+            f"{field}.scale_range",
+            f"needs 0 < low <= high, got {self.scale_range}",
+        )
+
+    @classmethod
+    def from_config(cls, level: str, level_config) -> "CopyPasteOptions":
+        return cls(
+            level=level,
+            prob=float(level_config.prob),
+            rotation_deg=float(level_config.rotation_deg),
+            scale_range=tuple(float(s) for s in level_config.scale_range),
+            flip_prob=float(level_config.flip_prob),
+            keep_aspect=bool(level_config.keep_aspect),
+        )
+
+    def augment(self) -> dict[str, Any]:
+        """The keyword arguments of `place_face`."""
+        return dict(
+            rotation_deg=self.rotation_deg,
+            scale_range=self.scale_range,
+            flip_prob=self.flip_prob,
+            keep_aspect=self.keep_aspect,
+        )
+
+
 class _CopyPasteBase(grain.transforms.RandomMap):
-    def __init__(
-        self,
-        face_source,
-        prob: float,
-        *,
-        rotation_deg: float = 30.0,
-        scale_range: Sequence[float] = (0.8, 1.2),
-        flip_prob: float = 0.5,
-        keep_aspect: bool = False,
-    ):
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"copy-paste probability must be in [0, 1]; got {prob}")
+    def __init__(self, face_source, options: CopyPasteOptions):
         if len(face_source) == 0:
             raise ValueError("copy-paste face source is empty")
         self.face_source = face_source
-        self.prob = float(prob)
-        self.augment = dict(
-            rotation_deg=float(rotation_deg),
-            scale_range=tuple(float(s) for s in scale_range),
-            flip_prob=float(flip_prob),
-            keep_aspect=bool(keep_aspect),
-        )
+        self.options = options
+        self.prob = options.prob
+        self.augment = options.augment()
 
     def _draw_face(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return self.face_source[int(rng.integers(len(self.face_source)))]
@@ -306,6 +338,7 @@ def make_copy_paste_transforms(copy_paste_config, seed: int = 0) -> list:
         cfg = copy_paste_config[key]
         if not cfg.enabled:
             continue
+        options = CopyPasteOptions.from_config(key, cfg)  # checked before the face source is opened
         source_key = (cfg.face_source, cfg.face_source_format, cfg.num_synthetic_faces, cfg.synthetic_face_size)
         if source_key not in sources:
             sources[source_key] = open_face_source(
@@ -315,16 +348,7 @@ def make_copy_paste_transforms(copy_paste_config, seed: int = 0) -> list:
                 synthetic_face_size=cfg.synthetic_face_size,
                 seed=seed,
             )
-        transforms.append(
-            cls(
-                sources[source_key],
-                cfg.prob,
-                rotation_deg=cfg.rotation_deg,
-                scale_range=tuple(cfg.scale_range),
-                flip_prob=cfg.flip_prob,
-                keep_aspect=cfg.keep_aspect,
-            )
-        )
+        transforms.append(cls(sources[source_key], options))
     return transforms
 
 
@@ -332,6 +356,7 @@ __all__ = [
     "place_face",
     "paste_face",
     "aligned_source",
+    "CopyPasteOptions",
     "ImageCopyPaste",
     "FeatureCopyPasteInputs",
     "make_copy_paste_transforms",

@@ -313,11 +313,11 @@ def render_face(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
 
 def open_face_source(
     face_source: str,
-    face_source_format: str = "celebamask_hq",
+    face_source_format: str,
     *,
-    num_synthetic_faces: int = 64,
-    synthetic_face_size: int = 64,
-    seed: int = 0,
+    num_synthetic_faces: int,
+    synthetic_face_size: int,
+    seed: int,
 ):
     """Builds a face source from config values.
 

@@ -19,6 +19,7 @@ Evaluation data (the validation slice, the test splits) is opened by `p3m_jax.da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -28,12 +29,38 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from p3m_jax.common.errors import check
 from p3m_jax.data import source as source_lib
 from p3m_jax.data import transforms as transforms_lib
 
 _log = logging.getLogger(__name__)
 
 _SKIPPED = "_skipped"  # per-element count of bad examples dropped just before it (popped from batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """How the training batches are read, from the `config.data` fields of the same names."""
+
+    num_workers: int  # grain worker processes per JAX process (0: in-process)
+    read_threads: int  # read/transform threads per worker
+    worker_buffer_size: int  # batches buffered per worker process
+    prefetch_batches: int  # batches put on the devices ahead of the step
+
+    def __post_init__(self):
+        check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        for field in ("read_threads", "worker_buffer_size", "prefetch_batches"):
+            value = getattr(self, field)
+            check(value >= 1, f"data.{field}", f"must be >= 1, got {value}")
+
+    @classmethod
+    def from_config(cls, data_config) -> "PipelineOptions":
+        return cls(
+            num_workers=int(data_config.num_workers),
+            read_threads=int(data_config.read_threads),
+            worker_buffer_size=int(data_config.worker_buffer_size),
+            prefetch_batches=int(data_config.prefetch_batches),
+        )
 
 
 # ------------------------------------------------------------------------------------------ indices
@@ -170,18 +197,15 @@ def build_train_dataset(
     ds = ds.random_map(transforms_lib.TrainTransform.from_config(data_config))
     for transform in extra_transforms:
         ds = ds.random_map(transforms_lib.PassBadThrough(transform))
-    read_options = grain.ReadOptions(
-        num_threads=int(data_config.get("read_threads", 1)), prefetch_buffer_size=max(2, 2 * batch_size)
-    )
+    options = PipelineOptions.from_config(data_config)
+    read_options = grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=max(2, 2 * batch_size))
     ds = _DropBadIterDataset(ds.to_iter_dataset(read_options))
     ds = ds.batch(batch_size, drop_remainder=True)
-    workers = int(data_config.num_workers if num_workers is None else num_workers)
+    workers = options.num_workers if num_workers is None else int(num_workers)
     if workers > 0:
         _ensure_absl_flags_parsed()
         ds = ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=workers, per_worker_buffer_size=int(data_config.get("worker_buffer_size", 2))
-            ),
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=options.worker_buffer_size),
             worker_init_fn=_worker_init,
         )
     return ds
@@ -280,7 +304,7 @@ class TrainIterator:
     `host` is the underlying `HostBatchIterator`; `skipped_examples` counts skipped bad examples.
     """
 
-    def __init__(self, host: HostBatchIterator, sharding, prefetch_batches: int = 2):
+    def __init__(self, host: HostBatchIterator, sharding, prefetch_batches: int):
         self.host = host
         self.sharding = sharding
         self.prefetch_batches = max(1, int(prefetch_batches))
@@ -417,7 +441,7 @@ def create_train_iterator(
         extra_transforms=extra_transforms,
         num_workers=num_workers,
     )
-    return TrainIterator(host, sharding, prefetch_batches=int(data_config.get("prefetch_batches", 2)))
+    return TrainIterator(host, sharding, prefetch_batches=PipelineOptions.from_config(data_config).prefetch_batches)
 
 
 # --------------------------------------------------------------------------------------- evaluation

@@ -158,7 +158,7 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
         return builder.info
     synthetic = synthetic_builder_config(data_config.tfds_name)
     data_dir = os.path.expanduser(data_config.data_dir)
-    if synthetic is None or not data_config.get("build_synthetic", False):
+    if synthetic is None or not data_config.build_synthetic:
         how = (
             f"python -m tfds_p3m10k.build --release_dir=<folder with P3M-10k/ or its zip> "
             f"--data_dir={data_config.data_dir}"
@@ -356,8 +356,8 @@ def split_names(data_config, split: str, *, use_cache: bool = True) -> list[str]
 
 def validation_count(data_config, num_train: int) -> int:
     """Examples held out: `validation_fraction` of train when > 0, else `validation_count`."""
-    fraction = float(data_config.get("validation_fraction", 0.0) or 0.0)
-    count = int(round(fraction * num_train)) if fraction > 0 else int(data_config.get("validation_count", 0))
+    fraction = float(data_config.validation_fraction)
+    count = int(round(fraction * num_train)) if fraction > 0 else int(data_config.validation_count)
     if not 0 <= count < num_train:
         raise ValueError(
             f"validation slice of {count} examples out of {num_train} train examples: "

@@ -33,6 +33,7 @@ import cv2
 import grain
 import numpy as np
 
+from p3m_jax.common.errors import check
 from p3m_jax.data import morphology
 from p3m_jax.data import source as source_lib
 from p3m_jax.data.source import BadExampleError
@@ -166,15 +167,28 @@ class TrainTransform(grain.transforms.RandomMap):
     before batching.
     """
 
-    image_size: int = 512
-    crop_sizes: tuple[int, ...] = (512, 768, 1024)
-    trimap_kernel_range: tuple[int, int] = (15, 30)
-    transition_crop_prob: float = 0.5
-    flip_prob: float = 0.5
-    use_fg_bg: bool = True
-    use_facemask: bool = True
-    reduced_dct_decode: bool = True
-    skip_bad_examples: bool = False
+    image_size: int
+    crop_sizes: tuple[int, ...]
+    trimap_kernel_range: tuple[int, int]
+    transition_crop_prob: float
+    flip_prob: float
+    use_fg_bg: bool
+    use_facemask: bool
+    reduced_dct_decode: bool
+    skip_bad_examples: bool
+
+    def __post_init__(self):
+        check(self.image_size >= 1, "data.image_size", f"must be >= 1, got {self.image_size}")
+        check(
+            len(self.crop_sizes) > 0 and min(self.crop_sizes) >= 1,
+            "data.crop_sizes",
+            f"needs at least one positive size, got {self.crop_sizes}",
+        )
+        low, high = self.trimap_kernel_range
+        check(1 <= low <= high, "data.trimap_kernel_range", f"needs 1 <= low <= high, got {self.trimap_kernel_range}")
+        for field in ("transition_crop_prob", "flip_prob"):
+            value = getattr(self, field)
+            check(0.0 <= value <= 1.0, f"data.{field}", f"must be a probability in [0, 1], got {value}")
 
     @classmethod
     def from_config(cls, data_config) -> "TrainTransform":
@@ -186,7 +200,7 @@ class TrainTransform(grain.transforms.RandomMap):
             transition_crop_prob=float(data_config.transition_crop_prob),
             flip_prob=float(data_config.flip_prob),
             use_fg_bg=bool(data_config.use_fg_bg),
-            use_facemask=bool(data_config.get("use_facemask", True)),
+            use_facemask=bool(data_config.use_facemask),
             reduced_dct_decode=bool(data_config.reduced_dct_decode),
             skip_bad_examples=bool(data_config.skip_bad_examples),
         )

@@ -1,5 +1,6 @@
-"""Checks of a training config before anything runs: every field's value (`validate_config`) and
-the fields that depend on the dataset (`check_dataset`). Errors name the field."""
+"""Checks of a training config before anything runs: every field's value (`validate_config`, which
+builds each consumer's options object, the one place that checks its fields) and the fields that
+depend on the dataset (`check_dataset`). Errors name the field."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from p3m_jax import data as data_lib
+from p3m_jax.common.errors import ConfigError
+from p3m_jax.data.copy_paste import CopyPasteOptions
+from p3m_jax.data.pipeline import PipelineOptions
+from p3m_jax.data.transforms import TrainTransform
 from p3m_jax.inference import strategies
 from p3m_jax.models import ARCHITECTURES
+from p3m_jax.train.optimizer import OptimizerOptions
+from p3m_jax.train.step import FCPOptions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field (e.g. ``config.batch_size``)."""
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -48,31 +51,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         )
     if config.param_sharding not in ("replicated", "fsdp"):
         fail("param_sharding", f"{config.param_sharding!r} is not 'replicated' or 'fsdp'")
-    optimizer = config.optimizer
-    if optimizer.name not in ("adam", "adamw"):
-        fail("optimizer.name", f"{optimizer.name!r} is not 'adam' or 'adamw'")
-    if optimizer.schedule not in ("constant", "warmup_cosine"):
-        fail("optimizer.schedule", f"{optimizer.schedule!r} is not 'constant' or 'warmup_cosine'")
-    for field in ("learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm"):
-        if optimizer[field] < 0:
-            fail(f"optimizer.{field}", f"must be >= 0, got {optimizer[field]}")
+    # Each consumer's options check their own fields once, when built; building them here reports a bad
+    # value before anything runs.
+    OptimizerOptions.from_config(config.optimizer)
     data = config.data
     if not str(data.tfds_name).startswith("p3m10k/"):
         fail("data.tfds_name", f"must name a p3m10k config ('p3m10k/<config>'), got {data.tfds_name!r}")
-    if not data.crop_sizes or min(data.crop_sizes) < 1:
-        fail("data.crop_sizes", f"needs at least one positive size, got {data.crop_sizes}")
-    low, high = data.trimap_kernel_range
-    if not 1 <= low <= high:
-        fail("data.trimap_kernel_range", f"needs 1 <= low <= high, got {data.trimap_kernel_range}")
-    for field in ("transition_crop_prob", "flip_prob"):
-        if not 0.0 <= data[field] <= 1.0:
-            fail(f"data.{field}", f"must be a probability in [0, 1], got {data[field]}")
-    for field in ("validation_count", "num_workers"):
-        if int(data[field]) < 0:
-            fail(f"data.{field}", f"must be >= 0, got {data[field]}")
+    if int(data.validation_count) < 0:
+        fail("data.validation_count", f"must be >= 0, got {data.validation_count}")
+    TrainTransform.from_config(data)
+    PipelineOptions.from_config(data)
     for level in ("icp", "fcp"):
-        if not 0.0 <= config.copy_paste[level].prob <= 1.0:
-            fail(f"copy_paste.{level}.prob", f"must be a probability in [0, 1], got {config.copy_paste[level].prob}")
+        CopyPasteOptions.from_config(level, config.copy_paste[level])
+    FCPOptions.from_config(config.copy_paste.fcp)
     size = int(config.data.image_size)
     if size < 32 or size % 32:
         fail("data.image_size", f"must be a positive multiple of 32 (five 2x poolings), got {size}")

@@ -47,6 +47,7 @@ from p3m_jax.train.checkpointing import TrainCheckpointer
 from p3m_jax.train.config_checks import DTYPES, ConfigError, check_dataset, model_options, validate_config
 from p3m_jax.train.guards import NonFiniteLossError, PreemptionWatcher, first_non_finite_leaf, last_good_checkpoint
 from p3m_jax.train.initialization import copy_paste_transforms, initial_variables, prepare_workdir, write_run_config
+from p3m_jax.train.optimizer import OptimizerOptions, make_optimizer
 from p3m_jax.train.scoring import evaluate_test_splits, local_variables
 from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log, summary_panel
 from p3m_jax.train.workdir_lock import acquire_for_run
@@ -141,7 +142,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         write_run_config(config, workdir)
 
     model = build_model(config.arch, dtype=DTYPES[config.dtype], remat=bool(config.remat), **model_options(config))
-    optimizer, lr_schedule = state_lib.make_optimizer(config.optimizer, config.num_train_steps)
+    optimizer, lr_schedule = make_optimizer(OptimizerOptions.from_config(config.optimizer), config.num_train_steps)
     image_size = (config.data.image_size, config.data.image_size)
     rng = init_key(config.seed)
 

@@ -1,4 +1,4 @@
-"""Training state (one pytree) and the optimizer.
+"""Training state (one pytree) and its shardings.
 
 `TrainState` holds everything a step reads and writes: the step counter, float32 parameters,
 BatchNorm running statistics, the ``constants`` collection (ViTAE-S's fixed Performer
@@ -45,63 +45,6 @@ class TrainState:
         return out
 
 
-def _get(config, name, default):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(name, default)
-    return getattr(config, name, default) if hasattr(config, name) else default
-
-
-def make_learning_rate_schedule(optimizer_config, num_train_steps: int) -> optax.Schedule:
-    """``constant`` (the paper: 1e-5) or ``warmup_cosine`` (linear warmup from 0 over
-    ``warmup_steps``, then cosine decay to ``end_learning_rate_factor * learning_rate`` at
-    ``num_train_steps``)."""
-    lr = float(_get(optimizer_config, "learning_rate", 1e-5))
-    kind = _get(optimizer_config, "schedule", "constant")
-    if kind == "constant":
-        return optax.constant_schedule(lr)
-    if kind == "warmup_cosine":
-        warmup = int(_get(optimizer_config, "warmup_steps", 0))
-        end = lr * float(_get(optimizer_config, "end_learning_rate_factor", 0.0))
-        decay_steps = max(int(num_train_steps), warmup + 1)
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end)
-    raise ValueError(f"unknown learning-rate schedule {kind!r}; expected constant|warmup_cosine")
-
-
-def make_optimizer(
-    optimizer_config=None, num_train_steps: int = 1
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Builds the optimizer from ``config.optimizer`` (a ConfigDict, dict or None = defaults).
-
-    Fields: ``name`` adam|adamw, ``learning_rate`` (default 1e-5, the paper's), ``schedule``
-    constant|warmup_cosine, ``warmup_steps``, ``end_learning_rate_factor``, ``weight_decay``
-    (adamw: decoupled; adam: added to the gradient like PyTorch's Adam(weight_decay=...)),
-    ``grad_clip_norm`` (global-norm clipping, 0 disables), ``b1``, ``b2``.
-
-    Returns ``(optimizer, lr_schedule)``; ``lr_schedule(step)`` is the learning rate the
-    update at ``step`` uses (for logging).
-    """
-    schedule = make_learning_rate_schedule(optimizer_config, num_train_steps)
-    name = _get(optimizer_config, "name", "adam")
-    b1 = float(_get(optimizer_config, "b1", 0.9))
-    b2 = float(_get(optimizer_config, "b2", 0.999))
-    wd = float(_get(optimizer_config, "weight_decay", 0.0))
-    clip = float(_get(optimizer_config, "grad_clip_norm", 0.0))
-    parts = []
-    if clip > 0:
-        parts.append(optax.clip_by_global_norm(clip))
-    if name == "adam":
-        if wd > 0:
-            parts.append(optax.add_decayed_weights(wd))
-        parts.append(optax.adam(schedule, b1=b1, b2=b2))
-    elif name == "adamw":
-        parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=wd))
-    else:
-        raise ValueError(f"unknown optimizer {name!r}; expected adam|adamw")
-    return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule
-
-
 def create_train_state(
     model,
     optimizer: optax.GradientTransformation,
@@ -113,7 +56,7 @@ def create_train_state(
 
     Args:
       model: a P3M-Net from ``build_model``.
-      optimizer: from `make_optimizer`.
+      optimizer: from `optimizer.make_optimizer`.
       rng: a PRNG key; split into the init key and the state's key (dropout etc.).
       image_size: size of the dummy input used for initialization.
       variables: start from these model variables (e.g. imported weights) instead of a random
@@ -184,8 +127,6 @@ def state_shardings(state: PyTree, mesh: Mesh, param_sharding: str = "replicated
 
 __all__ = [
     "TrainState",
-    "make_optimizer",
-    "make_learning_rate_schedule",
     "create_train_state",
     "state_shardings",
     "fsdp_spec",

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from p3m_jax.common.compile_options import compiler_options
+from p3m_jax.common.errors import ConfigError, check
 from p3m_jax.models.copy_paste import check_layers, fcp_inputs
 from p3m_jax.ops.normalize import normalize_uint8
 from p3m_jax.train.losses import p3m_loss
@@ -38,16 +39,17 @@ class FCPOptions:
     layers: tuple[str, ...]
 
     def __post_init__(self):
-        if self.start_step < 0:
-            raise ValueError(f"copy_paste.fcp.start_step must be >= 0, got {self.start_step}")
-        object.__setattr__(self, "layers", check_layers(self.layers))
+        check(self.start_step >= 0, "copy_paste.fcp.start_step", f"must be >= 0, got {self.start_step}")
+        try:
+            object.__setattr__(self, "layers", check_layers(self.layers))
+        except ValueError as e:
+            raise ConfigError(f"config.copy_paste.fcp.layers: {e}") from None
 
     @classmethod
     def from_config(cls, fcp_config) -> "FCPOptions | None":
-        """From ``config.copy_paste.fcp``; None when it is off."""
-        if not fcp_config.enabled:
-            return None
-        return cls(int(fcp_config.start_step), tuple(fcp_config.layers))
+        """From ``config.copy_paste.fcp`` (checked also when off); None when it is off."""
+        options = cls(int(fcp_config.start_step), tuple(fcp_config.layers))
+        return options if fcp_config.enabled else None
 
 
 def _model_kwargs(batch: Batch, state: TrainState, fcp: FCPOptions | None) -> dict:
