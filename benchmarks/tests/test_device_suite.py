@@ -7,7 +7,7 @@ import textwrap
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1]
 
-import device_suite  # noqa: E402  (a script of benchmarks/, on the path by conftest.py)
+import device_scheduler  # noqa: E402  (a script of benchmarks/, on the path by conftest.py)
 
 # A stand-in benchmark: "compiles" for a while, then records when its device work ran.
 JOB = textwrap.dedent("""
@@ -30,8 +30,8 @@ JOB = textwrap.dedent("""
 def _group(tmp_path, budget=120.0, **turns):
     out = tmp_path / "out"
     out.mkdir()
-    suite = device_suite.Suite(out, budget)
-    return suite, device_suite.TurnGroup(suite, tmp_path / "turns", **turns)
+    suite = device_scheduler.Suite(out, budget)
+    return suite, device_scheduler.TurnGroup(suite, tmp_path / "turns", **turns)
 
 
 def _add(group, tmp_path, name, compile_s, device_s=0.3, compiles=True, turn_limit=90):
