@@ -1,5 +1,5 @@
 """Training core: optimizer/state, step functions, sharding equivalence (8 virtual devices and
-two processes vs one), bfloat16, remat, and overfitting one fixed batch with every variant.
+two processes vs one), bfloat16, remat, and overfitting one fixed batch with ResNet-34.
 
 Multi-device runs happen in subprocesses (the main test process keeps 1 CPU device); they use
 `TinyP3M` (tests/train_helpers.py), a stand-in with P3M-Net's output contract built from the
@@ -217,10 +217,11 @@ OVERFIT_STEPS = 15
 SIZE = 64
 
 
-@pytest.fixture(scope="module", params=["resnet34", "swin_t", "vitae_s"])
-def overfit_run(request):
-    """One compiled train step per variant, reused: overfits one fixed 64x64 batch of 2."""
-    arch = request.param
+@pytest.fixture(scope="module")
+def overfit_run():
+    """ResNet-34's compiled train step, reused: overfits one fixed 64x64 batch of 2. (Swin-T and
+    ViTAE-S overfit in test_train_gradients.py with the train-mode step compiled there.)"""
+    arch = "resnet34"
     model = build_model(arch)
     tx, lr = make_optimizer(paper_optimizer(learning_rate=1e-3), OVERFIT_STEPS)
     mesh = make_mesh()
@@ -256,8 +257,6 @@ def test_loss_falls_when_overfitting_one_batch(overfit_run):
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
     assert int(overfit_run["state"].step) == OVERFIT_STEPS
-    if overfit_run["arch"] != "resnet34":
-        return  # the eval-mode check below is the same code path for every variant
     # eval mode (running statistics) runs on the trained state and gives a finite loss
     metrics, outputs = jax.jit(lambda s, b: eval_step(s, b, model=overfit_run["model"]))(
         overfit_run["state"], overfit_run["batch"]
@@ -270,8 +269,6 @@ def test_cpu_train_step_compiles_convolutions_without_ynnpack(overfit_run):
     # `make_train_step` compiles with `compile_options`: on the CPU, XLA's own convolutions (faster
     # there than YNNPACK's); the overfitting run above trained with them. The step's program is
     # the one already compiled (JAX's in-memory cache), so this check compiles nothing.
-    if overfit_run["arch"] != "resnet34":
-        pytest.skip("one variant is enough")
     compiled = overfit_run["step"].lower(overfit_run["initial"], overfit_run["batch"]).compile()
     assert " convolution(" in compiled.as_text() and ynnpack_convolutions(compiled) == 0
 
@@ -279,8 +276,6 @@ def test_cpu_train_step_compiles_convolutions_without_ynnpack(overfit_run):
 def test_remat_gives_the_same_gradients(overfit_run):
     """First step with the encoder stages rematerialised: Adam's first moment after one step
     is 0.1 * gradient, so comparing it compares the gradients."""
-    if overfit_run["arch"] != "resnet34":
-        pytest.skip("one variant is enough for the gradient check (compile time)")
     model = build_model(overfit_run["arch"], remat=True)
     step = make_train_step(model, overfit_run["tx"], overfit_run["mesh"], overfit_run["shardings"], overfit_run["lr"])
     state, metrics = step(overfit_run["initial"], overfit_run["batch"])
