@@ -11,14 +11,19 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this test session only (it starts empty).
+    """A persistent compilation cache for this test run only (it starts empty).
 
-    Several tests compile the same training step (same model, shapes and optimizer), in this
-    process and in subprocesses (which read JAX_COMPILATION_CACHE_DIR); they share one compile.
+    Several tests compile the same program (a training step, a network at one input size), in
+    this process, in subprocesses (which read JAX_COMPILATION_CACHE_DIR) and in the other xdist
+    workers (the cache folder is shared by the run's workers); they share one compile.
     """
     import jax
 
-    cache_dir = str(tmp_path_factory.mktemp("xla_cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    cache_dir = os.path.join(base, "xla_cache")
+    os.makedirs(cache_dir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     previous = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
@@ -40,3 +45,20 @@ def resnet34_variables():
 
     model = build_model("resnet34")
     return jax.jit(lambda rng: init_variables(model, rng))(init_key(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The loop's tests run the small stand-in model (tests/train_helpers.py): they are about the loop;
+    the real networks train in tests/test_train_step.py, test_train_gradients.py and test_install.py."""
+    from train_helpers import use_tiny_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        use_tiny_model(patch)
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A TFDS folder of the module; the synthetic dataset is built into it on first use."""
+    return str(tmp_path_factory.mktemp("tfds"))

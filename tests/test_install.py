@@ -123,6 +123,7 @@ def test_the_installed_quickstart_trains_quietly_and_a_finished_run_is_left_alon
         "--config.num_train_steps=2",
         "--config.log_every_steps=1",
         "--config.eval_every_steps=2",
+        "--config.eval.strategy=resize",  # the validation's network program scores the test splits too
         "--config.compilation_cache_dir=",
     ]
     first = run(venv, "p3m-train", *args, cwd=tmp_path)

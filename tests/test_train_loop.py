@@ -1,5 +1,6 @@
 """`python -m p3m_jax.main` / `train_and_evaluate`: the quickstart end to end, exact resume,
-preemption, checkpoints across device counts, the NaN guard, config overrides and bad values.
+preemption, checkpoints across device counts and the NaN guard (config values: test_train_config.py;
+P3M-CP: test_train_copy_paste.py).
 
 Runs at 64x64 on a tiny synthetic build. The runs share one configuration of the model and the
 optimizer (a constant learning rate, so the step program does not depend on num_train_steps):
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import subprocess
@@ -22,68 +22,24 @@ import jax
 import numpy as np
 import pytest
 
-from p3m_jax.common.errors import ConfigError
-from p3m_jax.configs import default as default_config
+from loop_helpers import (
+    REPO,
+    assert_trees_equal,
+    final_params,
+    run_main,
+    start_main,
+    tiny_config,
+    tiny_main_args,
+)
 from p3m_jax.train import loop
 from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer
-from p3m_jax.train.config_checks import validate_config
-from p3m_jax.weights.training_checkpoint import restore_variables
 from train_helpers import use_tiny_model
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    """The loop's tests run the small stand-in model (tests/train_helpers.py): they are about the loop;
-    the real networks train in tests/test_train_step.py, test_install.py and the P3M-CP run below."""
-    with pytest.MonkeyPatch.context() as patch:
-        use_tiny_model(patch)
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **overrides):
-    """The quickstart config shrunk to seconds: 64x64 crops of 64x64 images, batch 2."""
-    config = default_config.get_config()
-    config.data.tfds_name = TFDS_NAME
-    config.data.data_dir = data_dir
-    config.data.image_size = 64
-    config.data.crop_sizes = (64,)
-    config.data.trimap_kernel_range = (3, 5)
-    config.data.validation_count = 2
-    config.batch_size = 2
-    config.num_train_steps = 4
-    config.optimizer.schedule = "constant"
-    config.log_every_steps = 1
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.num_summary_images = 1
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
-
-
-def final_params(workdir, step=None):
-    _, variables = restore_variables(os.path.join(workdir, "checkpoints"), step)
-    return variables
-
-
-def assert_trees_equal(a, b):
-    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
-    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+def stand_in_model(tiny_model):
+    """Every test here runs the small stand-in model."""
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -314,148 +270,6 @@ def test_interrupted_run_resumes_bitwise(quickstart_run, data_dir, tmp_path, mon
     assert_trees_equal(final_params(tmp_path / "interrupted", 4), final_params(quickstart_run[0], 4))
 
 
-def tiny_main_args(workdir, data_dir, fields: dict) -> list[str]:
-    """`python -m p3m_jax.main` arguments of a tiny run: 64x64, batch 2, 2 validation images, a log
-    line every step, no validation, checkpoints or test splits, unless ``fields`` (config field ->
-    value) say otherwise."""
-    fields = {
-        "data.data_dir": data_dir,
-        "data.tfds_name": TFDS_NAME,
-        "data.image_size": 64,
-        "data.crop_sizes": "(64,)",
-        "data.validation_count": 2,
-        "batch_size": 2,
-        "log_every_steps": 1,
-        "eval_every_steps": 0,
-        "checkpoint_every_steps": 0,
-        "eval.test_splits": "()",
-        **fields,
-    }
-    return ["--config=default", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
-
-
-TINY_MAIN = [sys.executable, str(REPO / "tests" / "tiny_main.py")]  # the command with the stand-in model
-REAL_MAIN = [sys.executable, "-m", "p3m_jax.main"]
-
-
-def start_main(args):
-    """`python -m p3m_jax.main ARGS` (with the stand-in model) on the CPU in the background, stdout and
-    stderr together."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(
-        [*TINY_MAIN, *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def run_main(args, env_extra=None, command=TINY_MAIN, **kwargs):
-    """`python -m p3m_jax.main ARGS` (with the stand-in model unless ``command`` is REAL_MAIN)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    return subprocess.run(
-        [*command, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
-
-
-@pytest.mark.parametrize(
-    "override, env, expected",
-    [
-        ("--config.arch=resnet50", {}, "config.arch"),
-        ("--config.batch_size=3", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, "config.batch_size"),
-        ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
-        ("--config.data.image_size=100", {}, "config.data.image_size"),
-        ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
-        ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in default"),
-        (
-            "--config.data.tfds_name=p3m10k/nosuchconfig",
-            {},
-            "error: config.data.tfds_name: 'p3m10k/nosuchconfig' is not a p3m10k build config",
-        ),
-    ],
-)
-def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, env, expected):
-    result = run_main(
-        [
-            "--config=default",
-            f"--workdir={tmp_path / 'w'}",
-            f"--config.data.data_dir={tmp_path / 'empty_tfds'}",
-            override,
-        ],
-        env,
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "w").exists()  # nothing written to the workdir
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("optimizer.warmup_steps", -1),
-        ("optimizer.b1", 1.0),
-        ("data.flip_prob", 1.5),
-        ("data.trimap_kernel_range", (6, 3)),
-        ("data.crop_sizes", ()),
-        ("data.num_workers", -1),
-        ("data.prefetch_batches", 0),
-        ("data.read_threads", 0),
-        ("copy_paste.icp.prob", 2.0),
-        ("copy_paste.fcp.scale_range", (1.2, 0.8)),
-        ("copy_paste.fcp.start_step", -1),
-        ("copy_paste.fcp.layers", ("e9",)),
-    ],
-)
-def test_validate_config_names_each_bad_field(field, value):
-    """Every consumer's options object checks its own fields; validate_config builds them all up front,
-    also for P3M-CP levels that are switched off."""
-    config = default_config.get_config()
-    *groups, name = field.split(".")
-    target = config
-    for group in groups:
-        target = target[group]
-    target[name] = value
-    with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}: "):
-        validate_config(config)
-    validate_config(default_config.get_config())  # the recipe itself passes
-
-
-def test_validation_slice_larger_than_the_train_split_is_one_line(tmp_path, data_dir):
-    result = run_main(
-        [
-            "--config=default",
-            f"--workdir={tmp_path / 'w'}",
-            f"--config.data.data_dir={data_dir}",
-            f"--config.data.tfds_name={TFDS_NAME}",
-            "--config.data.validation_count=1000",
-        ]
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert (
-        "error: config.data.validation_count: validation slice of 1000 examples out of 12 train examples"
-    ) in result.stderr
-    assert not (tmp_path / "w").exists()
-
-
-def test_unwritable_workdir_fails_clearly(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    result = run_main(
-        ["--config=default", f"--workdir={blocker / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
-    )
-    assert result.returncode == 1
-    assert f"workdir {blocker / 'run'} is not writable" in result.stderr
-
-
 def test_sigterm_saves_a_checkpoint_that_resumes_and_killed_saves_are_ignored(data_dir, tmp_path):
     workdir = tmp_path / "run"
     fields = {"num_train_steps": 1000, "optimizer.schedule": "constant"}
@@ -561,95 +375,3 @@ def test_checkpoint_moves_between_device_counts_bitwise(tmp_path):
         assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
             f"{devices} devices, restore {restore_step}, save {save_step}:\n{result.stderr[-3000:]}"
         )
-
-
-def test_p3m_cp_trains_on_an_8_device_mesh(data_dir, tmp_path):
-    """ICP and FCP on, global batch 8 over 8 virtual devices, FSDP parameters: steps run and paste."""
-    workdir = tmp_path / "cp"
-    fields = {
-        "batch_size": 8,
-        "num_train_steps": 3,
-        "param_sharding": "fsdp",
-        "copy_paste.icp.enabled": True,
-        "copy_paste.icp.prob": 1.0,
-        "copy_paste.fcp.enabled": True,
-        "copy_paste.fcp.prob": 1.0,
-        "copy_paste.fcp.layers": "('e2','e3')",
-    }
-    result = run_main(  # the real network: FCP replaces its encoder features
-        tiny_main_args(workdir, data_dir, fields),
-        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-        command=REAL_MAIN,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 8 device(s)" in result.stdout
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(np.isfinite(r["train/loss"]) for r in rows)
-    # Every synthetic train portrait has a facemask; a random crop can still cut most of it away.
-    assert sum(r["train/icp_pasted_per_batch"] for r in rows) >= 12
-    assert sum(r["train/fcp_samples_per_batch"] for r in rows) >= 12
-
-
-def test_training_turns_the_persistent_compilation_cache_on(tmp_path, compilation_cache):
-    from p3m_jax.common import compilation_cache as compilation_cache_lib
-
-    config = default_config.get_config()
-    try:
-        # A folder JAX already has (JAX_COMPILATION_CACHE_DIR, or this test session's) is kept.
-        config.compilation_cache_dir = str(tmp_path / "ignored")
-        assert compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) == compilation_cache
-        jax.config.update("jax_compilation_cache_dir", None)
-        config.compilation_cache_dir = ""
-        assert (
-            compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) is None
-            and not jax.config.jax_compilation_cache_dir
-        )
-        config.compilation_cache_dir = str(tmp_path / "xla")
-        assert compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) == str(tmp_path / "xla")
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
-        jax.config.update("jax_compilation_cache_dir", None)
-        (tmp_path / "file").write_text("")
-        config.compilation_cache_dir = str(tmp_path / "file" / "xla")  # cannot be created: training goes on
-        assert compilation_cache_lib.enable_unless_set(config.compilation_cache_dir) is None
-    finally:
-        compilation_cache_lib.enable_compilation_cache(compilation_cache)
-
-
-def test_metric_writer_makes_no_event_file_before_its_first_write(tmp_path):
-    from p3m_jax.train.summary import MetricWriter
-
-    writer = MetricWriter(tmp_path / "run")  # e.g. a run killed while compiling its first step
-    writer.close()
-    assert not (tmp_path / "run").exists()
-    writer = MetricWriter(tmp_path / "run")
-    writer.write_scalars(1, {"train/loss": 1.5})
-    writer.close()
-    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
-    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 1.5}
-
-
-def test_resumed_logs_drop_the_rows_after_the_checkpoint_and_torn_rows(tmp_path):
-    from p3m_jax.train.summary import drop_rows_after
-
-    log = tmp_path / "metrics.jsonl"
-    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "tr')
-    drop_rows_after(log, 2)
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
-    drop_rows_after(tmp_path / "missing.jsonl", 2)  # nothing to do, nothing made
-    assert not (tmp_path / "missing.jsonl").exists()
-
-
-def test_validation_images_show_input_truth_prediction_and_error_side_by_side():
-    from p3m_jax.train.summary import summary_panel
-
-    image = np.full((4, 5, 3), 7, np.uint8)
-    truth = np.zeros((4, 5, 1), np.uint8)
-    truth[:, 3:] = 255  # a uint8 matte as the dataset stores it
-    prediction = np.full((4, 5), 0.25, np.float32)  # a float matte in [0, 1] as the network gives it
-    panel = summary_panel(image, truth, prediction)
-    assert panel.shape == (4, 20, 3) and panel.dtype == np.uint8
-    np.testing.assert_array_equal(panel[:, :5], image)
-    np.testing.assert_array_equal(panel[:, 5:10, 0], truth[..., 0])
-    np.testing.assert_array_equal(panel[:, 10:15, 0], np.full((4, 5), 64))
-    np.testing.assert_array_equal(panel[:, 15:, 0], np.where(truth[..., 0] == 255, 191, 64))

@@ -14,20 +14,22 @@ import numpy as np
 import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath
+from p3m_jax.models.copy_paste import apply_fcp
+from p3m_jax.models.decoder import EncoderOutput
 from p3m_jax.models.layers import BatchNorm, conv2d
 from p3m_jax.ops.pooling import max_pool_with_argmax, max_unpool_2x2
 from p3m_jax.ops.resize import upsample_bilinear
 
 
-class TinyP3M(nn.Module):
-    """Six P3M-Net outputs from a two-level conv/BN network (NHWC, sides multiples of 2)."""
+class TinyEncoder(nn.Module):
+    """The stand-in's encoder: a full-resolution conv/BN feature and a half-resolution one."""
 
-    dtype: jnp.dtype = jnp.float32
-    drop_path: float = 0.3
-    width: int = 8  # channels of the hidden layers (wider: larger checkpoints, same program shape)
+    dtype: jnp.dtype
+    drop_path: float
+    width: int
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False) -> EncoderOutput:
         x = x.astype(self.dtype)
         h = nn.relu(
             BatchNorm(dtype=self.dtype, name="bn0")(
@@ -41,6 +43,24 @@ class TinyP3M(nn.Module):
             )
         )
         g = p + DropPath(self.drop_path, name="drop")(g, train)
+        return EncoderOutput(deep=g, features=(h,), indices=(idx,))
+
+
+class TinyP3M(nn.Module):
+    """Six P3M-Net outputs from a two-level conv/BN network (NHWC, sides multiples of 2). Takes
+    P3M-CP's ``fcp`` inputs like P3MNet, for the FCP layers ``e0`` (full resolution) and ``deep``."""
+
+    dtype: jnp.dtype = jnp.float32
+    drop_path: float = 0.3
+    width: int = 8  # channels of the hidden layers (wider: larger checkpoints, same program shape)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, fcp=None):
+        encoder = TinyEncoder(self.dtype, self.drop_path, self.width, name="encoder")
+        features = encoder(x, train)
+        if fcp is not None:
+            features = apply_fcp(self, encoder, features, fcp, train)
+        h, g, idx = features.features[0], features.deep, features.indices[0]
         up = upsample_bilinear(g, 2)
         glob = conv2d(3, 3, use_bias=True, name="global", dtype=self.dtype)(up)
         sides = [conv2d(3, 1, use_bias=True, name=f"side{i}", dtype=self.dtype)(up) for i in range(3)]
