@@ -64,6 +64,9 @@ def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, en
         ("copy_paste.fcp.scale_range", (1.2, 0.8)),
         ("copy_paste.fcp.start_step", -1),
         ("copy_paste.fcp.layers", ("e9",)),
+        ("profile_steps", "10"),
+        ("profile_steps", "15:10"),
+        ("profile_steps", "10:301"),  # past num_train_steps
     ],
 )
 def test_validate_config_names_each_bad_field(field, value):

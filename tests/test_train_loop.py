@@ -375,3 +375,20 @@ def test_checkpoint_moves_between_device_counts_bitwise(tmp_path):
         assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
             f"{devices} devices, restore {restore_step}, save {save_step}:\n{result.stderr[-3000:]}"
         )
+
+
+def test_profile_steps_trace_the_window_into_the_workdir(data_dir, tmp_path, capsys):
+    """config.profile_steps: a trace of those steps under <workdir>/profile, for TensorBoard and Perfetto."""
+    config = tiny_config(
+        data_dir,
+        num_train_steps=3,
+        eval_every_steps=0,
+        checkpoint_every_steps=0,
+        profile_steps="2:3",
+        **{"eval.test_splits": ()},
+    )
+    loop.train_and_evaluate(config, tmp_path / "run")
+    profile = tmp_path / "run" / "profile"
+    assert list(profile.glob("plugins/profile/*/*.xplane.pb"))  # what TensorBoard's profile tab reads
+    assert list(profile.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    assert f"profile of steps 2-3 written to {profile}" in capsys.readouterr().out

@@ -11,3 +11,4 @@ METRICS_FILE = "metrics.jsonl"  # one row of training metrics per logged step
 VALIDATION_LOG_FILE = "validation.jsonl"  # one row per validation
 TEST_RESULTS_FILE = "test_results.json"  # the test splits' scores of the best checkpoint
 BEST_METRIC = "SAD"  # model selection: the validation metric, lower is better
+PROFILE_SUBDIR = "profile"  # <workdir>/profile: the jax.profiler trace of config.profile_steps

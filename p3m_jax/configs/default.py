@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a resumed or repeated run skips compiling the train step and the
     # validation programs. "" turns it off; a folder set by JAX_COMPILATION_CACHE_DIR takes precedence.
     config.compilation_cache_dir = "~/.cache/p3m_jax/xla"
+    # "FIRST:LAST" (e.g. "10:15"): a jax.profiler trace of those steps into <workdir>/profile, for TensorBoard's
+    # profile tab or ui.perfetto.dev; "" traces nothing.
+    config.profile_steps = ""
 
     # Optimizer: the paper uses Adam with a constant 1e-5; the quickstart trains from scratch, faster.
     config.optimizer = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ from p3m_jax.data.transforms import TrainTransform
 from p3m_jax.inference import strategies
 from p3m_jax.models import ARCHITECTURES
 from p3m_jax.train.optimizer import OptimizerOptions
+from p3m_jax.train.profiling import ProfileWindow
 from p3m_jax.train.step import FCPOptions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -64,6 +65,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for level in ("icp", "fcp"):
         CopyPasteOptions.from_config(level, config.copy_paste[level])
     FCPOptions.from_config(config.copy_paste.fcp)
+    window = ProfileWindow.from_config(config.profile_steps)
+    if window and window.last > config.num_train_steps:
+        fail("profile_steps", f"step {window.last} is past config.num_train_steps={config.num_train_steps}")
     size = int(config.data.image_size)
     if size < 32 or size % 32:
         fail("data.image_size", f"must be a positive multiple of 32 (five 2x poolings), got {size}")

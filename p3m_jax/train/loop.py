@@ -35,7 +35,13 @@ import ml_collections
 import numpy as np
 
 from p3m_jax import data as data_lib
-from p3m_jax.common.constants import CHECKPOINT_SUBDIR, METRICS_FILE, TEST_RESULTS_FILE, VALIDATION_LOG_FILE
+from p3m_jax.common.constants import (
+    CHECKPOINT_SUBDIR,
+    METRICS_FILE,
+    PROFILE_SUBDIR,
+    TEST_RESULTS_FILE,
+    VALIDATION_LOG_FILE,
+)
 from p3m_jax.evaluation.scoring import evaluate_split
 from p3m_jax.inference import strategies
 from p3m_jax.inference.predictor import Predictor
@@ -48,6 +54,7 @@ from p3m_jax.train.config_checks import DTYPES, ConfigError, check_dataset, mode
 from p3m_jax.train.guards import NonFiniteLossError, PreemptionWatcher, first_non_finite_leaf, last_good_checkpoint
 from p3m_jax.train.initialization import copy_paste_transforms, initial_variables, prepare_workdir, write_run_config
 from p3m_jax.train.optimizer import OptimizerOptions, make_optimizer
+from p3m_jax.train.profiling import ProfileWindow, StepProfiler
 from p3m_jax.train.scoring import evaluate_test_splits, local_variables
 from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log, summary_panel
 from p3m_jax.train.workdir_lock import acquire_for_run
@@ -187,6 +194,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     validation = data_lib.validation_dataset(config.data)
     gather_replicated = jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
     predictor = None
+    profiler = StepProfiler(
+        ProfileWindow.from_config(config.profile_steps), os.path.join(workdir, PROFILE_SUBDIR), _log
+    )
     preemption = PreemptionWatcher()
     meter = _Meter()
     step = int(state.step)
@@ -277,12 +287,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     try:
         while step < config.num_train_steps:
             batch = next(train_iter)
+            profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
             # P3M-CP: how many samples of the batch got a pasted face (ICP) / replaced features (FCP).
             metrics.update(
                 {name: jnp.sum(batch[key], dtype=jnp.float32) for key, name in _CP_COUNTS.items() if key in batch}
             )
             step += 1
+            profiler.after_step(step, state)
             meter.add(metrics, config.batch_size)
             checkpointer.poll()  # a failed background save stops the run now, naming its step
             if step == first_step + 1:
@@ -327,6 +339,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         if stopped == "finished" and config.eval.test_splits:
             test_results = evaluate_test_splits(config, checkpointer, workdir, predictor)
     finally:
+        profiler.stop(step)  # a run stopped inside the window keeps the trace of its steps
         preemption.restore()
         train_iter.close()
         checkpointer.close()  # waits for a save still in flight
