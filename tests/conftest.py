@@ -62,28 +62,3 @@ def tiny_model():
 def data_dir(tmp_path_factory):
     """A TFDS folder of the module; the synthetic dataset is built into it on first use."""
     return str(tmp_path_factory.mktemp("tfds"))
-
-
-# The files that compile real networks for minutes, slowest first. Started first, they share the two xdist
-# workers with the many short files instead of leaving one worker alone with a long file at the end.
-SLOW_FIRST = (
-    "test_train_step.py",
-    "test_train_gradients.py",
-    "test_install.py",
-    "test_inference.py",
-    "test_predict.py",
-    "test_evaluate.py",
-    "test_layers.py",
-    "test_resnet.py",
-)
-
-
-def pytest_configure(config):
-    # pytest-xdist hands out files by their number of tests unless told to keep the collection order.
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
