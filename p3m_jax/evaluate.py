@@ -24,7 +24,7 @@ import os
 import sys
 
 from p3m_jax.common import cli, fileio
-from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
+from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
 from p3m_jax.data.evaluation_data import open_test_split
 from p3m_jax.data.source import built_configs
 from p3m_jax.evaluation.report import format_table, write_json
@@ -70,7 +70,12 @@ def parse_args(argv=None):
         choices=("float32", "bfloat16"),
         help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
     )
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="JAX persistent compilation cache")
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
+        f"when set, else {DEFAULT_CACHE_DIR})",
+    )
     args = parser.parse_args(argv)
     _upgrade_old_forms(args)
     if (args.release_dir is None) == (args.data_dir is None):
@@ -106,7 +111,7 @@ def _looks_like_release(path: str) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_library_logs()
-    enable_compilation_cache(args.cache_dir)
+    enable_for_command(args.cache_dir)
 
     created = False
     try:

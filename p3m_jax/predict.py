@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 from p3m_jax.common import cli, fileio, image_io
-from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_compilation_cache
+from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
 from p3m_jax.inference import strategies
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
@@ -106,7 +106,12 @@ def parse_args(argv=None):
         choices=("float32", "bfloat16"),
         help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
     )
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="JAX persistent compilation cache folder")
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
+        f"when set, else {DEFAULT_CACHE_DIR})",
+    )
     args = parser.parse_args(argv)
     if args.bucket < 0 or args.bucket % 32:
         parser.error(f"--bucket must be 0 or a positive multiple of 32, got {args.bucket}")
@@ -163,7 +168,7 @@ def run(
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_library_logs()
-    enable_compilation_cache(args.cache_dir)
+    enable_for_command(args.cache_dir)
     created = False
     try:
         inputs = list_inputs(args.input)

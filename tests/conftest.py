@@ -35,6 +35,19 @@ def compilation_cache(tmp_path_factory):
         os.environ["JAX_COMPILATION_CACHE_DIR"] = previous
 
 
+@pytest.fixture(autouse=True)
+def keep_the_session_cache(compilation_cache):
+    """Commands run in-process may switch JAX's cache folder (their --cache_dir): the next test gets the
+    session's back, so no test depends on the order of the ones before it."""
+    yield
+    import jax
+
+    if jax.config.jax_compilation_cache_dir != compilation_cache:
+        from p3m_jax.common.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache(compilation_cache)
+
+
 @pytest.fixture(scope="session")
 def resnet34_variables():
     """Randomly initialized ResNet-34 P3M-Net variables (initialized once per session)."""

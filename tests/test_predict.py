@@ -107,11 +107,15 @@ def test_predict_large_image_is_downscaled_and_scaled_back(checkpoint, tmp_path)
     assert recorder.shapes == [(512, 576)]  # short side 1080 first (1080 x 1188), then half size
 
 
-def test_missing_input_is_reported(tmp_path, capsys):
+def test_missing_input_is_reported(tmp_path, capsys, compilation_cache):
     code = predict.main(
         ["--checkpoint", str(tmp_path), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
     )
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    # Without --cache_dir the command keeps the cache folder JAX has (here JAX_COMPILATION_CACHE_DIR's).
+    import jax
+
+    assert jax.config.jax_compilation_cache_dir == compilation_cache
 
 
 def test_missing_checkpoint_is_reported(tmp_path, capsys):

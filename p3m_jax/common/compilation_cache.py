@@ -37,3 +37,11 @@ def enable_unless_set(cache_dir: str | None) -> str | None:
     except OSError as e:
         logging.warning("compilation cache %s unusable (%s); compiling without it", cache_dir, e)
         return None
+
+
+def enable_for_command(cache_dir: str | None) -> str | None:
+    """A command's `--cache_dir`: a folder given is used and "" turns the cache off; without one, JAX's
+    folder if it has one (e.g. from JAX_COMPILATION_CACHE_DIR), else `DEFAULT_CACHE_DIR`."""
+    if cache_dir is None:
+        return enable_unless_set(DEFAULT_CACHE_DIR)
+    return enable_compilation_cache(cache_dir) if cache_dir else None
