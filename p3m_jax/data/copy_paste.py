@@ -284,8 +284,7 @@ class _CopyPasteBase(grain.transforms.RandomMap):
             raise ValueError("copy-paste face source is empty")
         self.face_source = face_source
         self.options = options
-        self.prob = options.prob
-        self.augment = options.augment()
+        self.augment = options.augment()  # the keyword arguments of place_face, built once
 
     def _draw_face(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return self.face_source[int(rng.integers(len(self.face_source)))]
@@ -297,7 +296,7 @@ class ImageCopyPaste(_CopyPasteBase):
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         pasted = False
-        if rng.random() < self.prob and bool(element.get("has_facemask", False)):
+        if rng.random() < self.options.prob and bool(element.get("has_facemask", False)):
             face = self._draw_face(rng)
             element, pasted = paste_face(element, face["image"], face["mask"], rng, **self.augment)
         element = dict(element)
@@ -314,7 +313,7 @@ class FeatureCopyPasteInputs(_CopyPasteBase):
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         element = dict(element)
         result = None
-        if rng.random() < self.prob and bool(element.get("has_facemask", False)):
+        if rng.random() < self.options.prob and bool(element.get("has_facemask", False)):
             face = self._draw_face(rng)
             result = aligned_source(element, face["image"], face["mask"], rng, **self.augment)
         if result is None or not result[1].any():
