@@ -4,10 +4,16 @@
         [--split p3m_500_p,p3m_500_np] [--strategy hybrid|resize] [--mode bucketed|exact] \\
         [--output DIR [--save_png]] [--limit N]
     python -m p3m_jax.evaluate --checkpoint CKPT --data_dir ~/tensorflow_datasets --tfds_config default ...
+    python -m p3m_jax.evaluate --checkpoint CKPT --data_dir ~/data/PPM-100 --layout ppm100 ...
+    python -m p3m_jax.evaluate --checkpoint CKPT --data_dir ~/tensorflow_datasets --tfds_config portrait_folder/mine
 
 Data comes from a folder in the release layout (`--release_dir`: the folder holding `P3M-10k/`,
 `P3M-10k/` itself, or its `validation/`) or from a TFDS build of `p3m10k` in a TFDS data folder
-(`--data_dir` and `--tfds_config`), opened as the training loop opens it (`p3m_jax.data.evaluation_data`).
+(`--data_dir` and `--tfds_config`, which may also name a folder build, `portrait_folder/<name>`), opened as
+the training loop opens it (`p3m_jax.data.evaluation_data`). With `--layout`, `--data_dir` is a folder in
+that layout (`ppm100`, `aim500`, `folder`: your own `images/` + `alphas/`, `p3m10k`: the release), scored
+as it is; where it has no trimaps they are derived from the alpha and the table says how many.
+Without `--split`, every test split of the data is scored.
 The table of means is printed; `--output DIR` also writes `DIR/evaluation.json` (means and per-image
 scores) and, with `--save_png`, the 8-bit predictions as `DIR/<split>/<name>.png`.
 Scoring and the `exact` / `bucketed` modes: `p3m_jax.evaluation.scoring`. Compiled programs are kept in
@@ -23,15 +29,18 @@ from __future__ import annotations
 import os
 import sys
 
+import ml_collections
+
 from p3m_jax.common import cli, fileio
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
-from p3m_jax.data.evaluation_data import open_test_split
-from p3m_jax.data.source import built_configs
+from p3m_jax.data.evaluation_data import layout_test_splits, open_test_split, test_splits
+from p3m_jax.data.source import TEST_SPLITS, built_configs
 from p3m_jax.evaluation.report import format_table, write_json
 from p3m_jax.evaluation.scoring import evaluate
 from p3m_jax.inference import strategies
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
+from tfds_p3m10k import folder_layout
 
 RESULTS_FILE = "evaluation.json"
 
@@ -42,8 +51,16 @@ def parse_args(argv=None):
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
     parser.add_argument("--release_dir", help="folder in the P3M-10k release layout")
     parser.add_argument("--data_dir", help="TFDS data folder holding a p3m10k build")
-    parser.add_argument("--tfds_config", default="default", help="p3m10k build config in --data_dir")
-    parser.add_argument("--split", default="p3m_500_p,p3m_500_np", help="comma-separated test splits")
+    parser.add_argument(
+        "--tfds_config", default="default", help="p3m10k build config in --data_dir, or portrait_folder/<name>"
+    )
+    parser.add_argument(
+        "--layout",
+        default=None,
+        choices=sorted(folder_layout.LAYOUTS),
+        help="--data_dir is a folder in this layout (scored without building it)",
+    )
+    parser.add_argument("--split", default=None, help="comma-separated test splits (unset: all of the data's)")
     parser.add_argument(
         "--strategy", default="hybrid", choices=strategies.STRATEGIES, help="the paper's inference strategy"
     )
@@ -80,6 +97,8 @@ def parse_args(argv=None):
     _upgrade_old_forms(args)
     if (args.release_dir is None) == (args.data_dir is None):
         parser.error("give one of --release_dir (a release-layout folder) and --data_dir (a TFDS data folder)")
+    if args.layout is not None and args.data_dir is None:
+        parser.error("--layout reads the folder given as --data_dir")
     if args.save_png is True and args.output is None:
         parser.error("--save_png writes into --output: give --output DIR")
     return args
@@ -88,7 +107,8 @@ def parse_args(argv=None):
 def _upgrade_old_forms(args) -> None:
     """The forms of the previous release, with a deprecation line: ``--data_dir`` naming a release folder,
     ``--output FILE.json`` and ``--save_png DIR``."""
-    if args.data_dir is not None and args.release_dir is None and not built_configs(args.data_dir):
+    old_release_form = args.layout is None and args.data_dir is not None and args.release_dir is None
+    if old_release_form and not built_configs(args.data_dir):
         if _looks_like_release(args.data_dir):
             cli.deprecated("--data_dir for a release-layout folder is now --release_dir (--data_dir is a TFDS folder)")
             args.release_dir, args.data_dir = args.data_dir, None
@@ -103,6 +123,26 @@ def _upgrade_old_forms(args) -> None:
         args.png_dir = args.output if args.save_png else None
 
 
+def _default_splits(args) -> list[str]:
+    """Every test split of the data: the layout's that the folder has, or the build's."""
+    if args.release_dir is not None or args.layout is not None:
+        layout = args.layout or "p3m10k"
+        folder = args.data_dir if args.layout is not None else args.release_dir
+        present = []
+        for split in layout_test_splits(layout):
+            try:
+                folder_layout.scan(folder, layout, fractions=(("test", 1.0),), splits=[split])
+            except folder_layout.LayoutNotFoundError as error:
+                raise FileNotFoundError(str(error)) from None
+            except folder_layout.BadInputError:
+                continue  # the split is missing here; a split asked for by name reports its problems
+            present.append(split)
+        return present or layout_test_splits(layout)
+    if "/" not in args.tfds_config:
+        return list(TEST_SPLITS)
+    return test_splits(ml_collections.ConfigDict({"data_dir": args.data_dir, "tfds_name": args.tfds_config}))
+
+
 def _looks_like_release(path: str) -> bool:
     names = ("P3M-10k", "validation", "train", "blurred_image", "original_image")
     return os.path.isdir(path) and any(os.path.isdir(os.path.join(path, n)) for n in names)
@@ -114,18 +154,22 @@ def main(argv=None) -> int:
     enable_for_command(args.cache_dir)
 
     created = False
+    if args.layout is not None:
+        source = {"folder": args.data_dir, "layout": args.layout}
+    else:
+        source = {"release_dir": args.release_dir, "tfds_data_dir": args.data_dir, "tfds_config": args.tfds_config}
     try:
+        default_splits = _default_splits(args)
         # The test sets and the output folder first: a wrong folder is reported before the weights load
         # and the programs compile.
         datasets = {
-            split: open_test_split(
-                split, release_dir=args.release_dir, tfds_data_dir=args.data_dir, tfds_config=args.tfds_config
-            )
-            for split in [s.strip() for s in args.split.split(",") if s.strip()]
+            split: open_test_split(split, **source)
+            for split in ([s.strip() for s in args.split.split(",") if s.strip()] if args.split else default_splits)
         }
         created = fileio.prepare_output(args.output) if args.output else False
         predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
-    except (*CHECKPOINT_ERRORS, OSError) as error:  # a missing data folder or checkpoint, an unwritable output
+    # A missing or bad data folder or checkpoint, an unwritable output:
+    except (*CHECKPOINT_ERRORS, OSError, folder_layout.BadInputError) as error:
         if args.output:
             fileio.remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)
@@ -146,6 +190,11 @@ def main(argv=None) -> int:
         )
     print(f"{predictor.arch}, {args.strategy.upper()}, {args.mode}, {args.dtype}")
     print(format_table(results))
+    for split, dataset in datasets.items():
+        derived = getattr(dataset, "trimaps_derived", 0)
+        if derived:
+            results[split]["trimaps_derived"] = derived
+            print(f"{split}: {derived} trimap(s) derived from the alpha (the folder has none)")
     if args.results_path:
         write_json(
             args.results_path,

@@ -86,7 +86,7 @@ def test_main_translates_the_old_checkpoint_flag_and_recipe_paths(capsys):
     assert "deprecated: --checkpoint=best|latest is now --which_checkpoint" in err
     assert "say --config=p3m10k_swin_t" in err
     assert main._translate_argv(["--config=default"]) == ["--config=" + main.recipes()["default"]]
-    with pytest.raises(FileNotFoundError, match="recipes: default, p3m10k, p3m10k_resnet34"):
+    with pytest.raises(FileNotFoundError, match="recipes: default, finetune_folder, p3m10k, p3m10k_resnet34"):
         main.resolve_config("p3m10k_resnet50")
 
 

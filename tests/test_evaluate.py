@@ -149,7 +149,10 @@ def test_cli_reports_a_wrong_data_folder_before_loading_weights(tmp_path, monkey
         ]
     )
     assert code == 2
-    assert f"{tmp_path / 'nope'}: no validation/P3M-500-P folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope'}: no such folder (expected the P3M-10k release layout)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main(["--checkpoint", "c", "--release_dir", str(tmp_path / "empty"), "--cache_dir", ""]) == 2
+    assert "empty: not the P3M-10k release layout (expected train/blurred_image/" in capsys.readouterr().err
     # An empty TFDS folder: said plainly, instead of TFDS trying to build P3M-10k from a manual download.
     code = evaluate.main(
         [

@@ -4,12 +4,19 @@
   python -m tfds_p3m10k.build --tfds_config=estimate_fg_bg --release_dir=... --data_dir=... --num_workers=16
   python -m tfds_p3m10k.build --tfds_config=synthetic --data_dir=/tmp/tfds \\
       [--synthetic_image_size=256 --synthetic_num_train=500 --synthetic_num_test=50]
+  python -m tfds_p3m10k.build --folder=~/my_portraits --name=mine --data_dir=~/tensorflow_datasets \\
+      [--layout=folder|ppm100|aim500|p3m10k] [--split_fractions=train=0.9,test=0.1] \\
+      [--anonymize=blur|mosaic|zero|none] [--anonymize_test=none] [--missing_face=stop|drop|keep]
 
 `--release_dir` holds the extracted `P3M-10k/` folder or the downloaded zip (TFDS's manual download folder;
 see `Builder.MANUAL_DOWNLOAD_INSTRUCTIONS`); `--data_dir` is the TFDS data folder that training
 (`config.data.data_dir`) and `python -m p3m_jax.evaluate --data_dir` read. Bad input stops the build before
 anything is written and lists every offending file; `--skip_bad_examples` leaves those examples out
 instead. Prints the split sizes and the build speed at the end.
+
+`--folder` builds `portrait_folder/<name>` from a folder of your own portraits or a public benchmark
+(`tfds_p3m10k/portrait_folder_builder.py`; layouts in `tfds_p3m10k/folder_layout.py`) and prints its
+build report: examples per split, trimaps derived, faces found and anonymised, images without a face.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import time
 import tensorflow_datasets as tfds
 
 from p3m_jax.common import cli
+from tfds_p3m10k import anonymize
+from tfds_p3m10k import folder_layout
 from tfds_p3m10k import layout
 from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
+from tfds_p3m10k import portrait_folder_builder as folder_lib
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -37,9 +47,9 @@ def _image_size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
 
 
-def _scaffolding(data_dir: str, config_name: str) -> list[str]:
+def _scaffolding(data_dir: str, config_name: str, dataset_name: str = "p3m10k") -> list[str]:
     """The folders TFDS makes before a build reads its input, deepest first."""
-    dataset = os.path.join(data_dir, "p3m10k")
+    dataset = os.path.join(data_dir, dataset_name)
     downloads = os.path.join(data_dir, "downloads")
     return [
         os.path.join(dataset, config_name),
@@ -98,7 +108,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--synthetic_num_test", type=int, default=None, help="Synthetic examples per test split (unset: 8)."
     )
+    folder = parser.add_argument_group("a folder of your own portraits or a benchmark (portrait_folder/<name>)")
+    folder.add_argument("--folder", help="Folder to build from (instead of --release_dir / --tfds_config).")
+    folder.add_argument("--name", help="Name of the build, read back as portrait_folder/<name>.")
+    folder.add_argument(
+        "--layout", default="folder", choices=sorted(folder_layout.LAYOUTS), help="The folder's layout."
+    )
+    folder.add_argument(
+        "--split_fractions",
+        default="train=0.9,test=0.1",
+        help="How a folder without train/ test/ subfolders is split (by a stable hash of each name).",
+    )
+    folder.add_argument(
+        "--anonymize", default="none", choices=anonymize.METHODS, help="Face obfuscation of train and validation."
+    )
+    folder.add_argument("--anonymize_test", default="none", choices=anonymize.METHODS, help="Face obfuscation of test.")
+    folder.add_argument(
+        "--missing_face",
+        default="stop",
+        choices=folder_lib.MISSING_FACE,
+        help="An image to anonymise without a face found: stop the build, drop it, or keep it as it is.",
+    )
+    folder.add_argument(
+        "--estimate_fg_bg", action="store_true", help="Estimate train fg/bg with pymatting (the composition loss)."
+    )
     return parser.parse_args(argv)
+
+
+def build_folder(args: argparse.Namespace) -> int:
+    """Builds portrait_folder/<name> from --folder; prints the build report."""
+    name = args.name or os.path.basename(os.path.normpath(os.path.expanduser(args.folder)))
+    try:
+        config = folder_lib.folder_config(
+            name,
+            args.folder,
+            layout=args.layout,
+            split_fractions=args.split_fractions,
+            anonymize=args.anonymize,
+            anonymize_test=args.anonymize_test,
+            missing_face=args.missing_face,
+            estimate_fg_bg=args.estimate_fg_bg,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data_dir = os.path.expanduser(args.data_dir)
+    builder = folder_lib.PortraitFolder(data_dir=data_dir, config=config, num_workers=args.num_workers)
+    if builder.is_prepared() and not args.overwrite:
+        print(f"{folder_lib.DATASET_NAME}/{name} in {builder.data_dir}: already built, reused (--overwrite rebuilds)")
+        return 0
+    new_folders = [p for p in _scaffolding(data_dir, name, folder_lib.DATASET_NAME) if not os.path.exists(p)]
+    start = time.time()
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
+                if args.overwrite
+                else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+            )
+        )
+    except (layout.BadInputError, FileNotFoundError) as e:
+        _remove_scaffolding(new_folders)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    elapsed = time.time() - start
+    total = sum(builder.report.examples.values())
+    print(f"{folder_lib.DATASET_NAME}/{name} in {builder.data_dir}")
+    for line in builder.report.lines():
+        print("  " + line)
+    print(f"  {total} examples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} examples/s)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.quiet_library_logs()
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()  # its bars would leave cursor-control codes in a redirected log
+    if args.folder:
+        return build_folder(args)
     is_synthetic = args.tfds_config == "synthetic"
     if not is_synthetic and not args.release_dir:
         print(f"error: --release_dir is required for --tfds_config={args.tfds_config}", file=sys.stderr)

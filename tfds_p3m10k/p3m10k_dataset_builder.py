@@ -112,6 +112,26 @@ def synthetic_config(
     )
 
 
+def features(rgb_format: str) -> tfds.features.FeaturesDict:
+    """The feature spec of p3m10k, also used by `portrait_folder` so that every reader takes both."""
+    grey = lambda: tfds.features.Image(shape=(None, None, 1), encoding_format="png")  # noqa: E731
+    rgb = lambda: tfds.features.Image(shape=(None, None, 3), encoding_format=rgb_format)  # noqa: E731
+    return tfds.features.FeaturesDict(
+        {
+            "image": rgb(),
+            "alpha": grey(),
+            "trimap": grey(),
+            "facemask": grey(),
+            "has_facemask": tfds.features.Scalar(np.bool_),
+            "fg": rgb(),
+            "bg": rgb(),
+            "has_fg_bg": tfds.features.Scalar(np.bool_),
+            "name": tfds.features.Text(),
+            "is_blurred": tfds.features.Scalar(np.bool_),
+        }
+    )
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for P3M-10k (registered as `p3m10k`)."""
 
@@ -183,23 +203,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         # Synthetic images are stored as PNG: lossless, so image == composite(fg, bg, alpha).
         rgb_format = "png" if self.builder_config.source == "synthetic" else "jpeg"
-        grey = lambda: tfds.features.Image(shape=(None, None, 1), encoding_format="png")
-        rgb = lambda: tfds.features.Image(shape=(None, None, 3), encoding_format=rgb_format)
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": rgb(),
-                    "alpha": grey(),
-                    "trimap": grey(),
-                    "facemask": grey(),
-                    "has_facemask": tfds.features.Scalar(np.bool_),
-                    "fg": rgb(),
-                    "bg": rgb(),
-                    "has_fg_bg": tfds.features.Scalar(np.bool_),
-                    "name": tfds.features.Text(),
-                    "is_blurred": tfds.features.Scalar(np.bool_),
-                }
-            ),
+            features=features(rgb_format),
             supervised_keys=("image", "alpha"),
             homepage="https://github.com/JizhiziLi/P3M",
         )

@@ -16,7 +16,14 @@ from p3m_jax.data.pipeline import (
     process_train_indices,
     train_indices,
 )
-from p3m_jax.data.source import BadExampleError, ensure_dataset, split_names, validation_count, validation_names
+from p3m_jax.data.source import (
+    BadExampleError,
+    ensure_dataset,
+    split_names,
+    train_stores_fg_bg,
+    validation_count,
+    validation_names,
+)
 from p3m_jax.data.transforms import ELEMENT_KEYS, TrainTransform
 
 __all__ = [
@@ -36,6 +43,7 @@ __all__ = [
     "split_names",
     "test_dataset",
     "train_indices",
+    "train_stores_fg_bg",
     "validation_count",
     "validation_dataset",
     "validation_names",

@@ -1,8 +1,9 @@
 """The one way p3m-jax opens evaluation data: the test splits and the validation slice.
 
-Either from a TFDS build (`test_dataset`, `validation_dataset`: the ArrayRecord files read without
-TensorFlow, strided over processes) or from an extracted P3M-10k release folder (`FolderDataset`).
-`open_test_split` picks between the two for the command line. Every item is a dict with ``name``,
+Either from a TFDS build (`test_dataset`, `validation_dataset`: the ArrayRecord files of `p3m10k/<config>`
+or `portrait_folder/<name>`, read without TensorFlow, strided over processes) or from a folder in one of
+the layouts of `tfds_p3m10k.folder_layout` (`FolderDataset`: the P3M-10k release, PPM-100, AIM-500, your
+own `images/` + `alphas/`), read as it is. `open_test_split` picks between the two for the command line. Every item is a dict with ``name``,
 ``image`` (H, W, 3) uint8 RGB, ``alpha`` / ``trimap`` (H, W, 1) uint8, ``has_facemask`` and, when it
 is true, ``facemask`` (H, W, 1) uint8; `plain_example` turns one into (H, W) maps for scoring.
 """
@@ -11,22 +12,20 @@ from __future__ import annotations
 
 import collections.abc
 import os
-import pathlib
 from typing import Sequence
 
 import ml_collections
 import numpy as np
 
-from p3m_jax.common import image_io
 from p3m_jax.data import source as source_lib
 from p3m_jax.data.source import BadExampleError
+from tfds_p3m10k import folder_layout
 
 RELEASE_SPLITS = {
     # split name -> (folder under the release root, image folder)
     "p3m_500_p": ("validation/P3M-500-P", "blurred_image"),
     "p3m_500_np": ("validation/P3M-500-NP", "original_image"),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 # ----------------------------------------------------------------------------------------- TFDS build
@@ -91,86 +90,86 @@ def validation_dataset(
 def test_dataset(
     data_config, split: str, *, process_index: int | None = None, process_count: int | None = None
 ) -> EvalDataset:
-    """A test split ('p3m_500_p' / 'p3m_500_np', full size), in name order, this process's share."""
-    if split not in source_lib.TEST_SPLITS:
-        raise ValueError(f"unknown test split {split!r}; expected one of {source_lib.TEST_SPLITS}")
+    """A test split of the build (p3m10k: 'p3m_500_p' / 'p3m_500_np'; a folder build: 'test', 'validation';
+    full size), in name order, this process's share."""
+    splits = test_splits(data_config)
+    if split not in splits:
+        raise ValueError(f"unknown test split {split!r} of {data_config.tfds_name}; expected one of {splits}")
     names = source_lib.split_names(data_config, split)
     order = sorted(range(len(names)), key=lambda i: names[i])
     indices, share = _share(order, names, process_index, process_count)
     return EvalDataset(data_config, split, indices, share)
 
 
+def test_splits(data_config) -> list[str]:
+    """The splits of the build other than train, in their build order."""
+    return [s for s in source_lib.get_builder(data_config).info.splits if s != source_lib.TRAIN_SPLIT]
+
+
 test_dataset.__test__ = False  # not a pytest test when imported into a test module
 
 
-# --------------------------------------------------------------------------------- release folder
+# ------------------------------------------------------------------------------------- layout folder
 class FolderDataset(collections.abc.Sequence):
-    """One test split read from a folder in the release layout; items are dicts like the TFDS examples."""
+    """One test split of a folder in a layout of `tfds_p3m10k.folder_layout`, read as it is; items are
+    dicts like the TFDS examples, with the trimap derived from the alpha where the folder has none
+    (`trimaps_derived` counts them once read). A `folder` layout without split subfolders is one split,
+    `test`. Every file is paired when the dataset opens; each is decoded when its item is read."""
 
-    def __init__(self, root, split: str):
-        if split not in RELEASE_SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(RELEASE_SPLITS)}")
-        self.split = split
-        self.folder = _find_split_folder(pathlib.Path(root), split)
-        image_folder = self.folder / RELEASE_SPLITS[split][1]
-        self.images = {p.stem: p for p in sorted(image_folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
-        if not self.images:
-            raise FileNotFoundError(f"no images in {image_folder}")
-        self.names = sorted(self.images)
-        for sub in ("mask", "trimap"):
-            missing = [n for n in self.names if not self._map_path(sub, n)]
-            if missing:
-                raise FileNotFoundError(f"{self.folder / sub}: no file for {len(missing)} image(s), e.g. {missing[0]}")
+    def __init__(self, root, split: str, layout: str = "p3m10k"):
+        splits = layout_test_splits(layout)
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r} of the {layout} layout; expected one of {splits}")
+        self.split, self.layout = split, layout
+        try:
+            examples = folder_layout.scan(root, layout, fractions=(("test", 1.0),), splits=[split])
+        except folder_layout.LayoutNotFoundError as error:
+            raise FileNotFoundError(str(error)) from None
+        self.examples = examples[split]
+        self.names = [e.name for e in self.examples]
+        self.derived = set()
 
-    def _map_path(self, sub: str, name: str):
-        for ext in (".png", ".jpg", ".jpeg"):
-            path = self.folder / sub / (name + ext)
-            if path.exists():
-                return path
-        return None
+    @property
+    def trimaps_derived(self) -> int:
+        return len(self.derived)
 
     def __len__(self):
-        return len(self.names)
+        return len(self.examples)
 
     def __getitem__(self, index):
-        name = self.names[index]
-        example = {
-            "name": name,
-            "image": image_io.load_rgb(self.images[name]),
-            "alpha": image_io.load_gray(self._map_path("mask", name))[..., None],
-            "trimap": image_io.load_gray(self._map_path("trimap", name))[..., None],
-        }
-        facemask = self._map_path("facemask", name)
-        example["has_facemask"] = facemask is not None
-        if facemask is not None:
-            example["facemask"] = image_io.load_gray(facemask)[..., None]
-        return example
+        example = self.examples[index]
+        arrays = folder_layout.load_example(example)
+        if arrays["trimap_derived"]:
+            self.derived.add(example.name)
+        out = {"name": example.name, "has_facemask": "facemask" in arrays}
+        for key in ("image", "alpha", "trimap", "facemask"):
+            if key in arrays:
+                out[key] = arrays[key] if key == "image" else arrays[key][..., None]
+        return out
 
 
-def _find_split_folder(root: pathlib.Path, split: str) -> pathlib.Path:
-    relative = pathlib.Path(RELEASE_SPLITS[split][0])
-    candidates = [root / relative, root / "P3M-10k" / relative, root / relative.name, root]
-    for candidate in candidates:
-        if (candidate / RELEASE_SPLITS[split][1]).is_dir() and (candidate / "mask").is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"{root}: no {relative} folder with {RELEASE_SPLITS[split][1]}/ and mask/ (expected the P3M-10k release layout)"
-    )
+def layout_test_splits(layout: str) -> list[str]:
+    return [s for s in folder_layout.get_layout(layout).splits if s != source_lib.TRAIN_SPLIT]
 
 
-def open_test_split(split: str, *, release_dir=None, tfds_data_dir=None, tfds_config: str = "default"):
-    """A test split for scoring: from a release-layout folder (`release_dir`) or a TFDS build
-    (`tfds_data_dir` holding ``p3m10k/<tfds_config>``), the whole split in this process."""
-    if (release_dir is None) == (tfds_data_dir is None):
-        raise ValueError("give exactly one of a release folder and a TFDS data folder")
+def open_test_split(
+    split: str, *, release_dir=None, tfds_data_dir=None, tfds_config: str = "default", folder=None, layout=None
+):
+    """A test split for scoring, the whole split in this process: from a folder in a layout (`folder` and
+    `layout`; `release_dir` is the P3M-10k release layout) or a TFDS build (`tfds_data_dir` holding
+    ``p3m10k/<tfds_config>``, or ``portrait_folder/<name>`` when `tfds_config` names one)."""
     if release_dir is not None:
-        return FolderDataset(release_dir, split)
-    data_config = ml_collections.ConfigDict(
-        {"data_dir": os.fspath(tfds_data_dir), "tfds_name": f"p3m10k/{tfds_config}"}
-    )
+        folder, layout = release_dir, "p3m10k"
+    if (folder is None) == (tfds_data_dir is None):
+        raise ValueError("give exactly one of a layout folder and a TFDS data folder")
+    if folder is not None:
+        return FolderDataset(folder, split, layout or "folder")
+    tfds_name = tfds_config if "/" in tfds_config else f"p3m10k/{tfds_config}"
+    dataset = tfds_name.split("/")[0]
+    data_config = ml_collections.ConfigDict({"data_dir": os.fspath(tfds_data_dir), "tfds_name": tfds_name})
     # Without this check TFDS would try to build the dataset here and fail on its manual download folder.
-    built = source_lib.built_configs(tfds_data_dir)
-    there = f"built there: {', '.join(built)}" if built else "no p3m10k config is built there"
+    built = source_lib.built_configs(tfds_data_dir, dataset)
+    there = f"built there: {', '.join(built)}" if built else f"no {dataset} config is built there"
     try:
         builder = source_lib.get_builder(data_config)
     except ValueError as e:

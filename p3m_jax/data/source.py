@@ -50,10 +50,17 @@ class BadExampleError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- TFDS builder
+DATASETS = ("p3m10k", "portrait_folder")  # the builders of tfds_p3m10k; the same features
+
+
 def _split_tfds_name(tfds_name: str) -> tuple[str, str]:
     dataset, _, config = tfds_name.partition("/")
-    if dataset != "p3m10k":
-        raise ValueError(f"config.data.tfds_name must be 'p3m10k/<config>', got {tfds_name!r}")
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"config.data.tfds_name must be 'p3m10k/<config>' or 'portrait_folder/<name>', got {tfds_name!r}"
+        )
+    if dataset == "portrait_folder" and not config:
+        raise ValueError(f"{tfds_name!r}: name the build, 'portrait_folder/<name>'")
     return dataset, config.split(":")[0] or "default"
 
 
@@ -64,7 +71,9 @@ def synthetic_builder_config(tfds_name: str):
     """
     from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 
-    _, config = _split_tfds_name(tfds_name)
+    dataset, config = _split_tfds_name(tfds_name)
+    if dataset != "p3m10k":
+        return None
     match = _SYNTHETIC_NAME.match(config)
     if not match:
         return None
@@ -82,15 +91,37 @@ def synthetic_builder_config(tfds_name: str):
     )
 
 
+class NotBuiltError(FileNotFoundError):
+    """A `portrait_folder/<name>` that is not built in the data folder (only its build can make it)."""
+
+
 def get_builder(data_config):
     """The TFDS builder for `data_config.tfds_name` in `data_config.data_dir` (not built here).
 
+    A `portrait_folder/<name>` is read from its folder (NotBuiltError when it is not built there).
     Raises ValueError naming the known configs when the name is not one of them."""
     import tensorflow_datasets as tfds
 
     from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 
     data_dir = os.path.expanduser(data_config.data_dir)
+    dataset, config = _split_tfds_name(data_config.tfds_name)
+    if dataset == "portrait_folder":
+        root = os.path.join(data_dir, dataset, config)
+        versions = (
+            [v for v in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
+            if os.path.isdir(root)
+            else []
+        )
+        if not versions:
+            built = built_configs(data_dir, dataset)
+            raise NotBuiltError(
+                f"{data_config.tfds_name} is not built in {data_config.data_dir} ("
+                + (f"built there: {', '.join(built)}" if built else "no portrait_folder build there")
+                + f"). Build it with: python -m tfds_p3m10k.build --folder=<your folder> --name={config} "
+                f"--data_dir={data_config.data_dir}"
+            )
+        return tfds.builder_from_directory(os.path.join(root, versions[-1]))
     synthetic = synthetic_builder_config(data_config.tfds_name)
     if synthetic is not None:
         return builder_lib.Builder(config=synthetic, data_dir=data_dir)
@@ -104,9 +135,9 @@ def get_builder(data_config):
         ) from None
 
 
-def built_configs(data_dir) -> list[str]:
-    """The p3m10k builder configs built in the TFDS ``data_dir`` (folders holding a finished version)."""
-    root = os.path.join(os.path.expanduser(os.fspath(data_dir)), "p3m10k")
+def built_configs(data_dir, dataset: str = "p3m10k") -> list[str]:
+    """The configs of `dataset` built in the TFDS ``data_dir`` (folders holding a finished version)."""
+    root = os.path.join(os.path.expanduser(os.fspath(data_dir)), dataset)
     if not os.path.isdir(root):
         return []
     return sorted(
@@ -203,6 +234,13 @@ def open_split(data_config, split: str):
     builder = get_builder(data_config)
     decoders = {key: tfds.decode.SkipDecoding() for key in IMAGE_FEATURES}
     return builder.as_data_source(split=split, decoders=decoders)
+
+
+def train_stores_fg_bg(data_config, sample: int = 8) -> bool:
+    """Whether the build stores foreground/background for train (the composition loss needs them),
+    judged from the first `sample` records: builds store them for all of train or for none."""
+    source = RawSource(open_split(data_config, TRAIN_SPLIT))
+    return any(source[i].get("has_fg_bg", False) for i in range(min(sample, len(source))))
 
 
 def _text(value) -> str:

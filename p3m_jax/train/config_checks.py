@@ -56,8 +56,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     # value before anything runs.
     OptimizerOptions.from_config(config.optimizer)
     data = config.data
-    if not str(data.tfds_name).startswith("p3m10k/"):
-        fail("data.tfds_name", f"must name a p3m10k config ('p3m10k/<config>'), got {data.tfds_name!r}")
+    if not str(data.tfds_name).startswith(("p3m10k/", "portrait_folder/")):
+        fail(
+            "data.tfds_name",
+            f"must name a p3m10k config ('p3m10k/<config>') or a folder build ('portrait_folder/<name>'), "
+            f"got {data.tfds_name!r}",
+        )
     if int(data.validation_count) < 0:
         fail("data.validation_count", f"must be >= 0, got {data.validation_count}")
     TrainTransform.from_config(data)
@@ -90,6 +94,16 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
         info = data_lib.ensure_dataset(config.data)
     except ValueError as e:  # an unknown or malformed name
         raise ConfigError(f"config.data.tfds_name: {e}") from None
+    if "train" not in info.splits:
+        raise ConfigError(
+            f"config.data.tfds_name: {config.data.tfds_name} has no train split (splits: {list(info.splits)})"
+        )
+    missing = [split for split in config.eval.test_splits if split not in info.splits or split == "train"]
+    if missing:
+        raise ConfigError(
+            f"config.eval.test_splits: {config.data.tfds_name} has no test split {', '.join(missing)} "
+            f"(its splits: {', '.join(s for s in info.splits if s != 'train')})"
+        )
     num_train = info.splits["train"].num_examples
     try:
         data_lib.validation_count(config.data, num_train)

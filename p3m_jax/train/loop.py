@@ -207,6 +207,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         f"training {config.arch} on {mesh.size} device(s) in {jax.process_count()} process(es), "
         f"global batch {config.batch_size}, steps {step} -> {config.num_train_steps}, workdir {workdir}"
     )
+    if config.data.use_fg_bg and not data_lib.train_stores_fg_bg(config.data):
+        _log(
+            f"the composition loss is off (comp 0): {config.data.tfds_name} stores no foreground/background for "
+            f"train; build it with --tfds_config=estimate_fg_bg (P3M-10k) or --estimate_fg_bg (a folder)"
+        )
 
     def flush_metrics(step: int) -> None:
         """Reads the metrics summed since the last read: logs them, and stops on NaN/Inf."""
