@@ -38,7 +38,9 @@ def get_config(arch: str = "resnet34", copy_paste: bool = False) -> ml_collectio
     config.optimizer.learning_rate = 1e-5  # the paper: Adam, lr 1e-5, constant
     config.optimizer.schedule = "constant"
 
-    config.data.tfds_name = "p3m10k/default"  # built with `python -m tfds_p3m10k.build`
+    # The release with train fg/bg estimated at build time (`python -m tfds_p3m10k.build
+    # --tfds_config=estimate_fg_bg`): the paper's composition loss needs them; the release has none.
+    config.data.tfds_name = "p3m10k/estimate_fg_bg"
     config.data.build_synthetic = False
     config.data.image_size = 512
     config.data.crop_sizes = (512, 768, 1024)
