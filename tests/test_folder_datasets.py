@@ -97,6 +97,17 @@ def test_a_folder_builds_and_reads_back_equal_to_its_files(portraits, anonymised
     np.testing.assert_array_equal(source.decode_grey(train["tr_0"]["alpha"]), _portrait(0)[1])
 
 
+def test_the_beam_path_builds_the_same_examples_as_the_local_one(portraits, anonymised_build, tmp_path):
+    beam_dir = tmp_path / "beam"
+    assert _build(portraits, beam_dir, "mine", "--anonymize", "blur", "--beam_options=--runner=DirectRunner") == 0
+    for split in ("train", "test"):
+        local, beam = _read_split(anonymised_build, "mine", split), _read_split(beam_dir, "mine", split)
+        assert sorted(beam) == sorted(local)
+        for name, record in local.items():
+            for key, value in record.items():
+                assert np.array_equal(np.asarray(beam[name][key]), np.asarray(value)), (split, name, key)
+
+
 def test_anonymisation_changes_the_face_only_and_stores_its_mask(portraits, anonymised_build):
     for name, record in _read_split(anonymised_build, "mine", "train").items():
         original = np.asarray(Image.open(portraits / "train" / "images" / f"{name}.png"))

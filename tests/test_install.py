@@ -101,7 +101,7 @@ def test_every_command_answers_help_with_its_defaults_from_another_folder(venv, 
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "default" in result.stdout, command
     help_text = run(venv, "p3m-train", "--help", cwd=tmp_path).stdout
-    assert "Recipes: default, p3m10k," in help_text and "--print_config" in help_text
+    assert "Recipes: default, finetune_folder, p3m10k," in help_text and "--print_config" in help_text
     config = run(venv, "p3m-train", "--config=p3m10k_swin_t", "--print_config", cwd=tmp_path)
     assert config.returncode == 0 and "arch: swin_t" in config.stdout
 

@@ -6,7 +6,8 @@
       [--synthetic_image_size=256 --synthetic_num_train=500 --synthetic_num_test=50]
   python -m tfds_p3m10k.build --folder=~/my_portraits --name=mine --data_dir=~/tensorflow_datasets \\
       [--layout=folder|ppm100|aim500|p3m10k] [--split_fractions=train=0.9,test=0.1] \\
-      [--anonymize=blur|mosaic|zero|none] [--anonymize_test=none] [--missing_face=stop|drop|keep]
+      [--anonymize=blur|mosaic|zero|none] [--anonymize_test=none] [--missing_face=stop|drop|keep] \\
+      [--estimate_fg_bg] [--beam_options="--runner=DirectRunner --direct_num_workers=8"]
 
 `--release_dir` holds the extracted `P3M-10k/` folder or the downloaded zip (TFDS's manual download folder;
 see `Builder.MANUAL_DOWNLOAD_INSTRUCTIONS`); `--data_dir` is the TFDS data folder that training
@@ -132,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     folder.add_argument(
         "--estimate_fg_bg", action="store_true", help="Estimate train fg/bg with pymatting (the composition loss)."
     )
+    folder.add_argument(
+        "--beam_options",
+        default=None,
+        help="Encode on Apache Beam with these pipeline options, e.g. '--runner=DirectRunner "
+        "--direct_num_workers=8 --direct_running_mode=multi_processing' (pip install 'p3m-jax[beam]').",
+    )
     return parser.parse_args(argv)
 
 
@@ -153,7 +160,17 @@ def build_folder(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     data_dir = os.path.expanduser(args.data_dir)
-    builder = folder_lib.PortraitFolder(data_dir=data_dir, config=config, num_workers=args.num_workers)
+    builder = folder_lib.PortraitFolder(
+        data_dir=data_dir, config=config, num_workers=args.num_workers, use_beam=args.beam_options is not None
+    )
+    beam_options = None
+    if args.beam_options is not None:
+        try:
+            from apache_beam.options.pipeline_options import PipelineOptions  # optional extra
+        except ImportError:
+            print("error: --beam_options needs Apache Beam: pip install 'p3m-jax[beam]'", file=sys.stderr)
+            return 2
+        beam_options = PipelineOptions(args.beam_options.split())
     if builder.is_prepared() and not args.overwrite:
         print(f"{folder_lib.DATASET_NAME}/{name} in {builder.data_dir}: already built, reused (--overwrite rebuilds)")
         return 0
@@ -162,6 +179,7 @@ def build_folder(args: argparse.Namespace) -> int:
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
+                beam_options=beam_options,
                 compute_stats=tfds.download.ComputeStatsMode.SKIP,
                 download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
                 if args.overwrite

@@ -12,6 +12,10 @@ back as `portrait_folder/<name>` (from its folder: no builder code is needed to 
 Splits: those of the folder (`train`, `validation`, `test`; the benchmarks: `test`). Trimaps missing from
 the folder are derived from the alpha (`folder_layout.derived_trimap`) and the build report counts them.
 
+With `use_beam` (`--beam_options`), the examples are encoded (and fg/bg estimated, the slow part) by an
+Apache Beam pipeline, as TFDS builders run on Beam (`pip install "p3m-jax[beam]"`); the files are still
+checked first in local processes, so that bad input is refused before the pipeline starts.
+
 Anonymisation (`anonymize.py`) obfuscates the faces of the train/validation splits (`anonymize`) and of
 the test split (`anonymize_test`, default none, like P3M-500-NP). Faces come from the folder's
 `facemasks/`, else from the BlazeFace detector (`face_detector.py`). The facemask is stored with
@@ -214,9 +218,13 @@ class PortraitFolder(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = []
 
-    def __init__(self, *, num_workers: int | None = None, **kwargs):
+    def __init__(self, *, num_workers: int | None = None, use_beam: bool = False, **kwargs):
+        """`num_workers`: local processes for checking and encoding (default: the CPU count).
+        `use_beam`: encode (and estimate fg/bg) in an Apache Beam pipeline, run by the runner of the
+        `beam_options` given to `download_and_prepare` through its DownloadConfig."""
         kwargs.setdefault("file_format", "array_record")
         self._num_workers = num_workers or os.cpu_count() or 1
+        self._use_beam = use_beam
         self.report = BuildReport()
         super().__init__(**kwargs)
 
@@ -279,18 +287,24 @@ class PortraitFolder(tfds.core.GeneratorBasedBuilder):
         if empty:
             raise BadInputError(f"{config.folder}: no example left in split(s) {', '.join(empty)}; nothing was written")
         _log.info("checked %d examples in %.1f s", len(jobs), time.time() - start)
-        return {
-            split: self._generate_examples(
-                [(example, method, boxes, config.estimate_fg_bg) for example, method, boxes in items]
-            )
+        jobs = {
+            split: [(example, method, boxes, config.estimate_fg_bg) for example, method, boxes in items]
             for split, items in kept.items()
         }
+        if self._use_beam:
+            return {split: self._beam_examples(split, split_jobs) for split, split_jobs in jobs.items()}
+        return {split: self._generate_examples(split_jobs) for split, split_jobs in jobs.items()}
 
     def _generate_examples(self, jobs):
         initializer = encode.worker_init if self.builder_config.estimate_fg_bg else None
         yield from release_layout.parallel_map(
             encode_job, jobs, self._num_workers, None, inline_below=8, initializer=initializer
         )
+
+    def _beam_examples(self, split: str, jobs):
+        """The same examples as `_generate_examples`, encoded by the Beam workers."""
+        beam = tfds.core.lazy_imports.apache_beam
+        return f"Encode {split}" >> (beam.Create(jobs) | beam.Map(encode_job))
 
 
 def read_back(data_dir: str, name: str):
