@@ -2,6 +2,10 @@
 
     python -m p3m_jax.predict --checkpoint CKPT [--arch resnet34] --input FILE_OR_DIR --output DIR \\
         [--strategy resize|hybrid] [--bucket 128] [--dtype float32|bfloat16]
+    python -m p3m_jax.predict --exported model.stablehlo|model.onnx --input FILE_OR_DIR --output DIR ...
+
+`--exported` runs a file of `python -m p3m_jax.export` instead of the Flax model (no weights to load, no
+model to build); a fixed-size file takes images whose network input fits its size (padded up to it).
 
 Writes `<name>_alpha.png` (8-bit alpha) and `<name>_rgba.png` (the image with that alpha as its alpha
 channel, colours not premultiplied) per input image. Reads JPEG, PNG and WebP, grayscale and RGBA (alpha
@@ -32,6 +36,7 @@ import numpy as np
 from p3m_jax.common import cli, fileio, image_io
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
 from p3m_jax.inference import strategies
+from p3m_jax.inference.export import ExportedPredictor
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
 
@@ -87,7 +92,9 @@ def predict_image(runner, image: np.ndarray, strategy: str) -> np.ndarray:
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser("python -m p3m_jax.predict", __doc__)
-    parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="p3m-jax checkpoint, training workdir or authors' .pth")
+    weights.add_argument("--exported", help="a StableHLO or ONNX file of python -m p3m_jax.export")
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="output folder")
@@ -174,7 +181,10 @@ def main(argv=None) -> int:
         inputs = list_inputs(args.input)
         # Before the model loads: an unusable output folder should not cost a compile.
         created = fileio.prepare_output(args.output)
-        predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+        if args.exported:
+            predictor = ExportedPredictor(args.exported)
+        else:
+            predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
     except (*CHECKPOINT_ERRORS, OSError) as error:  # a missing input, checkpoint or output folder
         fileio.remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)

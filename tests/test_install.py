@@ -19,7 +19,7 @@ import zipfile
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMANDS = ("p3m-train", "p3m-evaluate", "p3m-predict", "p3m-convert", "p3m-demo", "p3m-build")
+COMMANDS = ("p3m-train", "p3m-evaluate", "p3m-predict", "p3m-convert", "p3m-export", "p3m-demo", "p3m-build")
 TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
 
 # What a quickstart-sized run may print on stderr: the progress lines of the synthetic build and of the

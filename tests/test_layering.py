@@ -30,7 +30,7 @@ ALLOWED = {
     "train": {"evaluation", "inference", "data", "weights", "models", "ops", "common"},
 }
 ALLOWED["entry"] = set(ALLOWED)  # the command-line modules and the public API on top
-ENTRY_POINTS = {"main", "predict", "evaluate", "convert", "demo", "__init__"}
+ENTRY_POINTS = {"main", "predict", "evaluate", "convert", "demo", "export", "__init__"}
 
 # Function-local imports of project modules that are allowed, with why: (importing module, imported module).
 DEFERRED_OK = {

@@ -158,7 +158,8 @@ def global_attention(
         out = _softmax_attention(q_chunk.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
         return out.astype(dtype)
 
-    per_query = b * h * s
+    # An exported program's batch is symbolic: its chunks are chosen as for one image.
+    per_query = (b if isinstance(b, int) else 1) * h * s
     if per_query * t <= max_logits_per_chunk:
         return attend(q)
     chunk = max(1, max_logits_per_chunk // per_query)

@@ -1,13 +1,16 @@
 """Convolutions of the models: stride-1 'same' (optionally grouped) and 1x1, NHWC / HWIO.
 
 `same_conv` dispatches on the platform: XLA's own convolution everywhere (`conv_xla`), the
-rewrites of `conv_cpu` on XLA:CPU. `flax_conv_general_dilated` is what `nn.Conv` calls instead of
+rewrites of `conv_cpu` on XLA:CPU, unless traced inside `portable_convolutions()` (exported programs:
+one convolution for every runtime, and shapes that may be symbolic). `flax_conv_general_dilated` is what `nn.Conv` calls instead of
 `lax.conv_general_dilated` in the models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import jax
 
@@ -25,7 +28,27 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
     return _platform_same_conv(x, kernel, groups)
 
 
+_PORTABLE = threading.local()
+
+
+@contextlib.contextmanager
+def portable_convolutions():
+    """Within this context, traced convolutions are XLA's own on every platform (no CPU rewrites)."""
+    previous = getattr(_PORTABLE, "on", False)
+    _PORTABLE.on = True
+    try:
+        yield
+    finally:
+        _PORTABLE.on = previous
+
+
+def _is_portable() -> bool:
+    return getattr(_PORTABLE, "on", False)
+
+
 def _platform_same_conv(x, kernel, groups):
+    if _is_portable():
+        return lax_same_conv(x, kernel, groups=groups)
     return jax.lax.platform_dependent(
         x,
         kernel,
@@ -40,6 +63,8 @@ def _same_conv_fwd(x, kernel, groups):
 
 def _same_conv_bwd(groups, residuals, g):
     x, kernel = residuals
+    if _is_portable():
+        return lax_same_conv_vjp(groups, x, kernel, g)
     return jax.lax.platform_dependent(
         x,
         kernel,
@@ -74,11 +99,16 @@ def flax_conv_general_dilated(
     del window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers
     if rhs.shape[0] == rhs.shape[1] == 1 and feature_group_count == 1:
         return pointwise_conv(lhs, rhs, precision)
-    return _traced_once_same_conv(lhs, rhs, feature_group_count)
+    return _traced_once_same_conv(lhs, rhs, feature_group_count, _is_portable())
 
 
-# `same_conv` under its own jit: JAX traces it once per distinct (shapes, dtypes, groups) and reuses that
-# trace, and its lowering, for every other convolution of the same signature (ResNet-34's repeated blocks,
-# ViTAE-S's cells), where inlined it would be traced again at each call. XLA inlines the call, so the
-# compiled program is the same.
-_traced_once_same_conv = jax.jit(same_conv, static_argnums=2)
+def _same_conv_in_mode(x, kernel, groups, portable):
+    with portable_convolutions() if portable else contextlib.nullcontext():
+        return same_conv(x, kernel, groups)
+
+
+# `same_conv` under its own jit: JAX traces it once per distinct (shapes, dtypes, groups, portability) and
+# reuses that trace, and its lowering, for every other convolution of the same signature (ResNet-34's
+# repeated blocks, ViTAE-S's cells), where inlined it would be traced again at each call. XLA inlines the
+# call, so the compiled program is the same.
+_traced_once_same_conv = jax.jit(_same_conv_in_mode, static_argnums=(2, 3))

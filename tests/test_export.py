@@ -1,0 +1,119 @@
+"""Exported networks (StableHLO, ONNX) against `Predictor.forward`, their size rule, the export and
+predict commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from p3m_jax import export as export_command
+from p3m_jax import predict
+from p3m_jax.inference import export
+from p3m_jax.inference.predictor import Predictor
+
+SIZE = (64, 96)  # a size no other test module compiles for these random-weight networks
+OTHER_SIZE = (96, 64)  # ResNet-34's file has symbolic sizes: checked at a second one
+TOLERANCE = 1e-4  # float32: the exported program runs XLA's convolution, the predictor the CPU rewrites
+
+
+def _input(size, batch=2):
+    return np.random.default_rng(sum(size)).standard_normal((batch,) + size + (3,)).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=["resnet34", "swin_t", "vitae_s"])
+def variant(request):
+    """A random-weight predictor, an input batch and its outputs (one compile per variant)."""
+    predictor = Predictor.random(request.param, seed=3)
+    x = _input(SIZE)
+    return predictor, x, predictor.forward(x)
+
+
+def _assert_close(got: dict, reference: dict, names):
+    for name in names:
+        assert got[name].shape == reference[name].shape, name
+        np.testing.assert_allclose(got[name], reference[name], atol=TOLERANCE, rtol=0, err_msg=name)
+
+
+def test_stablehlo_round_trip_matches_the_predictor(variant, tmp_path):
+    predictor, x, reference = variant
+    path = tmp_path / "model.stablehlo"
+    if predictor.arch == "resnet34":  # symbolic batch and sizes
+        metadata = export.export_stablehlo(predictor, path)
+        assert metadata["height"] is None and metadata["batch"] is None
+    else:  # their window masks and attention chunks need static sizes: a clear error, then a fixed size
+        with pytest.raises(export.ExportError, match="--size"):
+            export.export_stablehlo(predictor, path)
+        assert not path.exists()
+        metadata = export.export_stablehlo(predictor, path, size=SIZE)
+        assert (metadata["height"], metadata["width"], metadata["batch"]) == (64, 96, None)
+    loaded = export.ExportedPredictor(path)
+    assert loaded.arch == predictor.arch and loaded.metadata["size_rule"].startswith("H and W positive multiples")
+    _assert_close(loaded.forward(x), reference, ("fusion", "global", "local", "side0"))
+    with pytest.raises(ValueError, match="breaks the size rule: .*multiples of 32"):
+        loaded.forward(np.zeros((1, 60, 64, 3), np.float32))
+    if predictor.arch == "resnet34":
+        other = _input(OTHER_SIZE, batch=1)
+        _assert_close(loaded.forward(other), predictor.forward(other), ("fusion", "global"))
+    else:  # a smaller input runs padded up to the file's size, as evaluate's buckets pad
+        half = x[:1, :32]
+        padded = np.pad(half, ((0, 0), (0, 32), (0, 0), (0, 0)), mode="symmetric")
+        expected = {k: v[:, :32] for k, v in predictor.forward(np.concatenate([padded, x[1:]])).items()}
+        _assert_close(loaded.forward(half), {k: v[:1] for k, v in expected.items()}, ("fusion", "local"))
+        with pytest.raises(ValueError, match="exactly 64x96"):
+            loaded.forward(np.zeros((1, 96, 96, 3), np.float32))
+
+
+def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
+    import onnx
+    import onnxruntime
+
+    predictor, x, reference = variant
+    path = tmp_path / "model.onnx"
+    metadata = export.export_onnx(predictor, path, size=SIZE)
+    model = onnx.load(path)
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["fusion", "global", "local"]
+    assert json.loads({p.key: p.value for p in model.metadata_props}["p3m_jax"]) == metadata
+    # onnxruntime directly, NCHW as documented.
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fusion = session.run(["fusion"], {"image": x[:1].transpose(0, 3, 1, 2)})[0]
+    assert fusion.shape == (1, 1) + SIZE
+    np.testing.assert_allclose(fusion.transpose(0, 2, 3, 1), reference["fusion"][:1], atol=TOLERANCE, rtol=0)
+    loaded = export.ExportedPredictor(path)  # batch 1: the two images one after the other
+    _assert_close(loaded.forward(x), reference, ("fusion", "global", "local"))
+    with pytest.raises(ValueError, match=r"breaks the size rule: .*exactly 64x96"):
+        loaded.forward(np.zeros((1, 128, 96, 3), np.float32))
+
+
+def test_export_and_predict_commands(tmp_path, capsys):
+    checkpoint = Predictor.random("resnet34", seed=4).save(tmp_path / "ckpt")
+    output = tmp_path / "model.stablehlo"
+    assert export_command.main(["--checkpoint", str(checkpoint), "--format", "stablehlo", "--output", str(output)]) == 0
+    assert "batch symbolic, size symbolic" in capsys.readouterr().out
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8)).save(photo)
+    args = ["--input", str(photo), "--strategy", "resize", "--cache_dir", ""]
+    assert predict.main(["--exported", str(output), "--output", str(tmp_path / "a")] + args) == 0
+    assert predict.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "b")] + args) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "photo_alpha.png"), np.int32)
+    b = np.asarray(Image.open(tmp_path / "b" / "photo_alpha.png"), np.int32)
+    assert np.abs(a - b).max() <= 1  # 8-bit mattes: a rounding step apart at most
+    # Bad input: one line, nothing written.
+    missing = tmp_path / "missing"
+    assert (
+        export_command.main(["--checkpoint", str(missing), "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
+        == 2
+    )
+    assert f"no checkpoint at {missing}" in capsys.readouterr().err
+    blocked = tmp_path / "nowhere" / "m.onnx"
+    assert export_command.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(blocked)]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err and not blocked.parent.exists()
+    with pytest.raises(SystemExit):
+        export_command.main(["--checkpoint", str(checkpoint), "--format", "tflite", "--output", "x"])
+    with pytest.raises(SystemExit):
+        export_command.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--output", "x", "--size", "100x100"])
+    assert predict.main(["--exported", str(tmp_path / "nope.onnx"), "--output", str(tmp_path / "c")] + args) == 2
+    assert "no exported model at" in capsys.readouterr().err
