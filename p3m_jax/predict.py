@@ -4,6 +4,12 @@
         [--strategy resize|hybrid] [--bucket 128] [--dtype float32|bfloat16]
     python -m p3m_jax.predict --exported model.stablehlo|model.onnx --input FILE_OR_DIR --output DIR ...
 
+Cutouts and backgrounds: `--foreground estimate` gives `<name>_rgba.png` the person's own colours where the
+matte mixes them with the old background (pymatting's `estimate_foreground_ml`), so no halo of the old
+background shows on a new one; `--background COLOR|IMAGE` (`white`, `#00b140`, `0,177,64`, or an image
+file, scaled to cover the photo and cropped at its centre) also writes `<name>_composite.png`, the person
+over that background. An image's files are written all or none.
+
 `--exported` runs a file of `python -m p3m_jax.export` instead of the Flax model (no weights to load, no
 model to build); a fixed-size file takes images whose network input fits its size (padded up to it).
 
@@ -35,7 +41,7 @@ import numpy as np
 
 from p3m_jax.common import cli, fileio, image_io
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
-from p3m_jax.inference import strategies
+from p3m_jax.inference import compositing, strategies
 from p3m_jax.inference.export import ExportedPredictor
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
@@ -119,6 +125,15 @@ def parse_args(argv=None):
         help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
         f"when set, else {DEFAULT_CACHE_DIR})",
     )
+    parser.add_argument(
+        "--foreground",
+        default="original",
+        choices=compositing.FOREGROUNDS,
+        help="colours of the cutout: the photo's, or the person's own estimated where the matte is soft",
+    )
+    parser.add_argument(
+        "--background", default=None, help="also write <name>_composite.png over this colour or image file"
+    )
     args = parser.parse_args(argv)
     if args.bucket < 0 or args.bucket % 32:
         parser.error(f"--bucket must be 0 or a positive multiple of 32, got {args.bucket}")
@@ -133,8 +148,13 @@ def run(
     bucket: int | None = None,
     progress: bool = True,
     output_created: bool | None = None,
+    foreground: str = "original",
+    background=None,
 ) -> tuple[list[pathlib.Path], list[tuple[pathlib.Path, str]]]:
     """Processes `inputs` (paths); returns (written alpha paths, [(failed path, reason)]).
+
+    ``foreground``: the cutout's colours, "original" or "estimate"; ``background``: None, an (R, G, B)
+    colour or an RGB image, for ``<name>_composite.png``.
 
     ``output_created``: whether the caller already made ``output_dir`` with `prepare_output` (None:
     prepare it here); a folder made for this run is removed again when nothing is written."""
@@ -156,12 +176,18 @@ def run(
             try:
                 image = image_io.load_rgb(path)
                 alpha = predict_image(runner, image, strategy)
-                rgba = np.concatenate([image, alpha[..., None]], axis=2)
-                image_io.save_png(alpha_path, alpha)
+                fg = compositing.estimate_foreground(image, alpha) if foreground == "estimate" else image
+                outputs = {alpha_path: alpha, output_dir / f"{names[path]}_rgba.png": np.dstack([fg, alpha])}
+                if background is not None:
+                    outputs[output_dir / f"{names[path]}_composite.png"] = compositing.composite(fg, alpha, background)
+                done = []
                 try:
-                    image_io.save_png(output_dir / f"{names[path]}_rgba.png", rgba)
+                    for out_path, array in outputs.items():
+                        image_io.save_png(out_path, array)
+                        done.append(out_path)
                 except BaseException:
-                    alpha_path.unlink(missing_ok=True)  # both files of an image, or neither
+                    for out_path in done:  # all of an image's files, or none
+                        out_path.unlink(missing_ok=True)
                     raise
                 written.append(alpha_path)
             except (image_io.ImageReadError, ValueError, OSError) as error:
@@ -172,6 +198,18 @@ def run(
     return written, failed
 
 
+def _background(text):
+    """None, an (R, G, B) colour or the RGB image of a file (FileNotFoundError / ImageReadError naming it)."""
+    if text is None:
+        return None
+    colour = compositing.parse_colour(text)
+    if colour is not None:
+        return colour
+    if not pathlib.Path(text).is_file():
+        raise FileNotFoundError(f"--background {text}: neither a colour (white, #00b140, 0,177,64) nor an image file")
+    return image_io.load_rgb(text)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_library_logs()
@@ -179,19 +217,30 @@ def main(argv=None) -> int:
     created = False
     try:
         inputs = list_inputs(args.input)
+        background = _background(args.background)
         # Before the model loads: an unusable output folder should not cost a compile.
         created = fileio.prepare_output(args.output)
         if args.exported:
             predictor = ExportedPredictor(args.exported)
         else:
             predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
-    except (*CHECKPOINT_ERRORS, OSError) as error:  # a missing input, checkpoint or output folder
+    # A missing input, checkpoint, background or output folder:
+    except (*CHECKPOINT_ERRORS, OSError, image_io.ImageReadError) as error:
         fileio.remove_if_empty(args.output, created)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"loaded {predictor.describe()}")
     bucket = args.bucket if len(inputs) > 1 else 0  # one image: its exact size
-    written, failed = run(predictor, inputs, args.output, args.strategy, bucket, output_created=created)
+    written, failed = run(
+        predictor,
+        inputs,
+        args.output,
+        args.strategy,
+        bucket,
+        output_created=created,
+        foreground=args.foreground,
+        background=background,
+    )
     print(f"wrote {len(written)} matte(s) to {args.output}" + (f"; {len(failed)} file(s) failed" if failed else ""))
     return 1 if failed else 0
 

@@ -98,6 +98,19 @@ def test_export_and_predict_commands(tmp_path, capsys):
     args = ["--input", str(photo), "--strategy", "resize", "--cache_dir", ""]
     assert predict.main(["--exported", str(output), "--output", str(tmp_path / "a")] + args) == 0
     assert predict.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "b")] + args) == 0
+    cutouts = ["--foreground", "estimate", "--background", "white"]
+    assert predict.main(["--exported", str(output), "--output", str(tmp_path / "d")] + args + cutouts) == 0
+    alpha = np.asarray(Image.open(tmp_path / "d" / "photo_alpha.png"))
+    composite = np.asarray(Image.open(tmp_path / "d" / "photo_composite.png"))
+    rgba = np.asarray(Image.open(tmp_path / "d" / "photo_rgba.png"))
+    assert composite.shape == (70, 50, 3) and rgba.shape == (70, 50, 4)
+    np.testing.assert_array_equal(rgba[..., 3], alpha)
+    np.testing.assert_array_equal(composite[alpha == 0], 255)
+    assert (
+        predict.main(["--exported", str(output), "--output", str(tmp_path / "e")] + args + ["--background", "x.jpg"])
+        == 2
+    )
+    assert "neither a colour" in capsys.readouterr().err and not (tmp_path / "e").exists()
     a = np.asarray(Image.open(tmp_path / "a" / "photo_alpha.png"), np.int32)
     b = np.asarray(Image.open(tmp_path / "b" / "photo_alpha.png"), np.int32)
     assert np.abs(a - b).max() <= 1  # 8-bit mattes: a rounding step apart at most
