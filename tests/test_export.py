@@ -130,3 +130,26 @@ def test_export_and_predict_commands(tmp_path, capsys):
         export_command.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--output", "x", "--size", "100x100"])
     assert predict.main(["--exported", str(tmp_path / "nope.onnx"), "--output", str(tmp_path / "c")] + args) == 2
     assert "no exported model at" in capsys.readouterr().err
+
+
+def test_rembg_runs_the_exported_model_in_its_custom_session(tmp_path, monkeypatch):
+    import rembg
+
+    monkeypatch.setenv("REMBG_HOME", str(tmp_path))  # rembg runs custom models from its models folder only
+    predictor = Predictor.random("resnet34", seed=5)
+    path = tmp_path / "p3m.onnx"
+    export.export_onnx(predictor, path, size=(320, 320))  # rembg's u2net_custom runs at 320x320
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
+    photo.putpixel((0, 0), (255, 255, 255))  # rembg divides by the image's maximum: make it 255
+    session = rembg.new_session("u2net_custom", model_path=str(path))
+    mask = np.asarray(rembg.remove(photo, session=session, only_mask=True), np.int32)
+    # Ours on rembg's input (LANCZOS to 320x320, ImageNet normalisation), with rembg's min-max scaling
+    # and LANCZOS resize back: the same matte up to rounding.
+    x = np.asarray(photo.resize((320, 320), Image.Resampling.LANCZOS), np.float32) / 255.0
+    x = (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    fusion = export.ExportedPredictor(path).forward(x[None].astype(np.float32), ["fusion"])["fusion"][0, ..., 0]
+    scaled = (fusion - fusion.min()) / (fusion.max() - fusion.min())
+    ours = Image.fromarray((scaled * 255).astype(np.uint8)).resize(photo.size, Image.Resampling.LANCZOS)
+    assert mask.shape == (90, 70)
+    assert np.abs(mask - np.asarray(ours, np.int32)).max() <= 1
