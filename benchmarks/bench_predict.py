@@ -2,7 +2,7 @@
 
     python benchmarks/bench_predict.py [--arch resnet34 swin_t vitae_s] [--strategy hybrid resize] \
         [--image PHOTO] [--height 1080 --width 1620] [--repeats 2] [--bucket 0] [--dtype float32] \
-        [--torch --authors_repo DIR]
+        [--torch --authors_repo DIR] [--onnx]
 
 The photo (default: the sample's P3M-500-NP portrait) is resized to --height x --width (the issue's 1080x1620)
 and converted to RGB uint8. Weights are random (timing does not depend on them).
@@ -13,6 +13,11 @@ first image in a fresh process: compilation of every network program of the stra
 `--repeats` later calls. Where the time goes (steady state): host resizing and normalisation of the inputs,
 each network pass split into encoder and decoder (the encoder run alone, jitted, on the same input), and the
 host-side resizing of the outputs back to the image size.
+
+ONNX (`--onnx`, the export extra): each variant exported by `p3m_jax.inference.export.export_onnx` at the
+exact network input sizes of the strategy (one fixed-size file per size) and run by onnxruntime's CPU provider
+through the same strategy code; "first" includes creating the sessions (not the export). The table also
+counts the pixels where its 8-bit matte differs from ours.
 
 Theirs (`--torch`, needs PyTorch and scikit-image): `inference_img_p3m` from the authors' `core/infer.py`
 (github.com/ViTAE-Transformer/P3M-Net, a checkout given by --authors_repo, imported at run time and never
@@ -167,6 +172,31 @@ def make_authors(arch: str, authors_repo: str):
     return predict, forward
 
 
+class OnnxBySize:
+    """ONNX files of one variant, one per network input size, run by onnxruntime: `forward` picks the
+    file of the input's size (exported on first need, outside the timed calls via `prepare`)."""
+
+    def __init__(self, predictor, folder):
+        self.predictor, self.folder, self.files = predictor, pathlib.Path(folder), {}
+
+    def prepare(self, sizes):
+        from p3m_jax.inference import export
+
+        for size in sizes:
+            if size not in self.files:
+                path = self.folder / f"{self.predictor.arch}_{size[0]}x{size[1]}.onnx"
+                export.export_onnx(self.predictor, path, size=size)
+                self.files[size] = path
+
+    def open_sessions(self):
+        from p3m_jax.inference import export
+
+        self.sessions = {size: export.ExportedPredictor(path) for size, path in self.files.items()}
+
+    def forward(self, x, outputs=None):
+        return self.sessions[tuple(x.shape[1:3])].forward(x, outputs)
+
+
 def main() -> int:
     parser = cli.ArgumentParser("python benchmarks/bench_predict.py", __doc__)
     parser.add_argument("--arch", nargs="+", default=["resnet34", "swin_t", "vitae_s"])
@@ -181,6 +211,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--torch", action="store_true", help="time the authors' PyTorch inference side by side")
     parser.add_argument("--authors_repo", default=None, help="checkout of the authors' repository (for --torch)")
+    parser.add_argument("--onnx", action="store_true", help="time the exported ONNX file in onnxruntime too")
     parser.add_argument("--no_breakdown", action="store_true")
     parser.add_argument(
         "--cache_dir",
@@ -215,9 +246,34 @@ def main() -> int:
     for arch in args.arch:
         predictor = Predictor.random(arch, dtype=jnp.dtype(args.dtype))
         authors = make_authors(arch, args.authors_repo) if args.torch else None
+        onnx = None
+        if args.onnx:
+            import tempfile
+
+            onnx = OnnxBySize(predictor, tempfile.mkdtemp(prefix="p3m_onnx_"))
+            ratios = {"resize": [inference.GLOBAL_RATIO], "hybrid": [inference.GLOBAL_RATIO, inference.LOCAL_RATIO]}
+            onnx.prepare(
+                {inference.protocol_size(args.height, args.width, r) for s in args.strategy for r in ratios[s]}
+            )
         for strategy in args.strategy:
             runner = inference.NetworkRunner(predictor, args.bucket or None)
-            _, first = _timed(inference.predict_alpha, runner, image, strategy)
+            alpha, first = _timed(inference.predict_alpha, runner, image, strategy)
+            onnx_first = onnx_steady = differing = None
+            if onnx is not None:
+                start = time.perf_counter()
+                onnx.open_sessions()
+                onnx_alpha = inference.predict_alpha(onnx, image, strategy)
+                onnx_first = time.perf_counter() - start
+                onnx_steady = statistics.median(
+                    _timed(inference.predict_alpha, onnx, image, strategy)[1] for _ in range(args.repeats)
+                )
+                diff = inference.quantize(onnx_alpha).astype(int) - inference.quantize(alpha).astype(int)
+                differing = (int((diff != 0).sum()), int(abs(diff).max()))
+                print(
+                    f"{arch} {strategy}: onnxruntime first {onnx_first:.2f}s steady {onnx_steady:.2f}s; 8-bit "
+                    f"matte vs ours: {differing[0]} pixels differ, by at most {differing[1]}",
+                    flush=True,
+                )
             their_first = _timed(authors[0], image, strategy)[1] if authors else None
             ours, theirs = [], []
             for _ in range(args.repeats):
@@ -227,7 +283,9 @@ def main() -> int:
             steady = statistics.median(ours)
             their_steady = statistics.median(theirs) if theirs else None
             shapes = ", ".join(f"{h}x{w}" for h, w in runner.input_shapes)
-            rows.append((arch, strategy, first, steady, their_first, their_steady, shapes))
+            rows.append(
+                (arch, strategy, first, steady, their_first, their_steady, shapes, onnx_first, onnx_steady, differing)
+            )
             print(
                 f"{arch} {strategy}: ours first {first:.2f}s steady {steady:.2f}s (inputs {shapes})"
                 + (
@@ -253,11 +311,14 @@ def main() -> int:
     print(
         "\narch | strategy | ours first | ours steady | first/steady"
         + (" | theirs first | theirs steady | ours/theirs steady" if args.torch else "")
+        + (" | onnxruntime first | onnxruntime steady | pixels differing (max)" if args.onnx else "")
     )
-    for arch, strategy, first, steady, their_first, their_steady, _ in rows:
+    for arch, strategy, first, steady, their_first, their_steady, _, onnx_first, onnx_steady, differing in rows:
         line = f"{arch} | {strategy} | {first:.2f}s | {steady:.2f}s | {first / steady:.2f}"
         if args.torch:
             line += f" | {their_first:.2f}s | {their_steady:.2f}s | {steady / their_steady:.2f}"
+        if args.onnx:
+            line += f" | {onnx_first:.2f}s | {onnx_steady:.2f}s | {differing[0]} ({differing[1]})"
         print(line)
     return 0
 
