@@ -15,7 +15,7 @@ Values: images are 8-bit RGB (JPEG, PNG or WebP; grey is replicated); a matte is
 0..255 (an RGB matte whose three channels are equal is read as grey); a trimap holds only 0/128/255; a
 facemask is 0 / >0. Where a split has no trimaps they are derived from the alpha (`derived_trimap`).
 
-`scan` pairs and `check_example` fully decodes every file, so that unpaired files, duplicate stems,
+`scan` pairs the files and `read_example` fully decodes every one, so that unpaired files, duplicate stems,
 unreadable files, size mismatches, mattes that are not grey and empty splits are all found, naming every
 file, before anything is written. `load_example` reads one example as arrays: it serves the dataset
 builder and `p3m_jax.data.evaluation_data`, which scores a layout folder without building it.
@@ -204,7 +204,7 @@ def scan(
     `fractions` split a `folder` layout that has no split subfolders (default 90 % train, 10 % test);
     `splits` keeps only those splits. Pairing problems (missing folders, unpaired files, several files of
     one kind for a name, empty splits) raise `BadInputError` naming every file. Files are not decoded
-    here: `check_example` does that.
+    here: `read_example` does that.
     """
     layout = get_layout(layout_name)
     given = pathlib.Path(os.path.expanduser(os.fspath(root)))
@@ -340,8 +340,3 @@ def load_example(example: Example) -> dict:
     if problems:
         raise ValueError("; ".join(problems))
     return out
-
-
-def check_example(example: Example) -> list[str]:
-    """The problems of the example's files ('path: reason'); empty when every file reads and agrees."""
-    return read_example(example)[1]

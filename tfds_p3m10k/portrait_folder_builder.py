@@ -305,19 +305,3 @@ class PortraitFolder(tfds.core.GeneratorBasedBuilder):
         """The same examples as `_generate_examples`, encoded by the Beam workers."""
         beam = tfds.core.lazy_imports.apache_beam
         return f"Encode {split}" >> (beam.Create(jobs) | beam.Map(encode_job))
-
-
-def read_back(data_dir: str, name: str):
-    """The built `portrait_folder/<name>` in `data_dir` (its newest version), read from its folder."""
-    root = os.path.join(os.path.expanduser(os.fspath(data_dir)), DATASET_NAME, name)
-    versions = sorted(
-        (
-            v
-            for v in (os.listdir(root) if os.path.isdir(root) else [])
-            if os.path.isfile(os.path.join(root, v, "dataset_info.json"))
-        ),
-        key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()),
-    )
-    if not versions:
-        raise FileNotFoundError(f"{DATASET_NAME}/{name} is not built in {data_dir}")
-    return tfds.builder_from_directory(os.path.join(root, versions[-1]))

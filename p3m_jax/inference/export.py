@@ -210,10 +210,12 @@ class ExportedPredictor:
         if m["height"] is not None and (height, width) != (m["height"], m["width"]):
             pad = ((0, 0), (0, m["height"] - height), (0, m["width"] - width), (0, 0))
             x = np.pad(x, pad, mode="symmetric")
-        batches = [x] if m["batch"] is None else [x[i : i + m["batch"]] for i in range(0, n, m["batch"])]
+        if m["batch"] is not None and n % m["batch"]:  # a fixed batch: the last one filled with copies
+            x = np.concatenate([x, np.repeat(x[-1:], m["batch"] - n % m["batch"], axis=0)])
+        batches = [x] if m["batch"] is None else [x[i : i + m["batch"]] for i in range(0, len(x), m["batch"])]
         results = [self._run(batch) for batch in batches]
         return {
-            name: np.concatenate([np.asarray(r[name], np.float32) for r in results])[:, :height, :width]
+            name: np.concatenate([np.asarray(r[name], np.float32) for r in results])[:n, :height, :width]
             for name in wanted
         }
 
