@@ -33,7 +33,7 @@ import ml_collections
 
 from p3m_jax.common import cli, fileio
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
-from p3m_jax.data.evaluation_data import layout_test_splits, open_test_split, test_splits
+from p3m_jax.data.evaluation_data import FOLDER_FRACTIONS, layout_test_splits, open_test_split, test_splits
 from p3m_jax.data.source import TEST_SPLITS, built_configs
 from p3m_jax.evaluation.report import format_table, write_json
 from p3m_jax.evaluation.scoring import evaluate
@@ -128,16 +128,12 @@ def _default_splits(args) -> list[str]:
     if args.release_dir is not None or args.layout is not None:
         layout = args.layout or "p3m10k"
         folder = args.data_dir if args.layout is not None else args.release_dir
-        present = []
-        for split in layout_test_splits(layout):
-            try:
-                folder_layout.scan(folder, layout, fractions=(("test", 1.0),), splits=[split])
-            except folder_layout.LayoutNotFoundError as error:
-                raise FileNotFoundError(str(error)) from None
-            except folder_layout.BadInputError:
-                continue  # the split is missing here; a split asked for by name reports its problems
-            present.append(split)
-        return present or layout_test_splits(layout)
+        try:
+            present = folder_layout.present_splits(folder, layout, FOLDER_FRACTIONS)
+        except folder_layout.LayoutNotFoundError as error:
+            raise FileNotFoundError(str(error)) from None
+        # None of them: all, so that opening them says what is missing.
+        return [split for split in layout_test_splits(layout) if split in present] or layout_test_splits(layout)
     if "/" not in args.tfds_config:
         return list(TEST_SPLITS)
     return test_splits(ml_collections.ConfigDict({"data_dir": args.data_dir, "tfds_name": args.tfds_config}))

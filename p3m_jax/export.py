@@ -29,10 +29,9 @@ from p3m_jax.models import ARCHITECTURES
 
 
 def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
     try:
-        height, width = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
-    except ValueError:
+        height, width = cli.image_size(text)
+    except (ValueError, argparse.ArgumentTypeError):
         height = width = 0
     if height < 32 or width < 32 or height % 32 or width % 32:
         raise argparse.ArgumentTypeError(f"expected HxW with multiples of 32 (e.g. 512x512), got {text!r}")

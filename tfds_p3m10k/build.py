@@ -38,16 +38,6 @@ from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 from tfds_p3m10k import portrait_folder_builder as folder_lib
 
 
-def _image_size(text: str) -> tuple[int, int]:
-    """'128' -> (128, 128); '96x160' -> (96, 160) (height x width)."""
-    parts = text.lower().split("x")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) == 2:
-        return int(parts[0]), int(parts[1])
-    raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
-
-
 def _scaffolding(data_dir: str, config_name: str, dataset_name: str = "p3m10k") -> list[str]:
     """The folders TFDS makes before a build reads its input, deepest first."""
     dataset = os.path.join(data_dir, dataset_name)
@@ -101,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--synthetic_image_size",
-        type=_image_size,
+        type=cli.image_size,
         default=None,
         help="SIZE or HEIGHTxWIDTH of synthetic images (unset: 128).",
     )

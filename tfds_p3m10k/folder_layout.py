@@ -193,6 +193,34 @@ def _files_by_stem(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     return by_stem
 
 
+def _locate(root, layout: Layout) -> tuple[pathlib.Path, dict[str, pathlib.Path]]:
+    """(the layout's folder, split -> its folder); one folder to split by hash is keyed ''.
+    LayoutNotFoundError when `root` is missing or holds none of the layout's folders."""
+    given = pathlib.Path(os.path.expanduser(os.fspath(root)))
+    if not given.is_dir():
+        raise LayoutNotFoundError(f"{given}: no such folder (expected the {layout.description})")
+    base = _layout_root(given, layout)
+    folders = _split_folders(base, layout)
+    if not folders and layout.hash_split and _kind_folder(base, layout, "image"):
+        folders = {"": base}
+    if not folders:
+        expected = ", ".join(
+            f"{sub + '/' if sub else ''}{layout.folders['image'][0]}/" for sub in layout.splits.values()
+        )
+        raise LayoutNotFoundError(f"{base}: not the {layout.description} (expected {expected})")
+    return base, folders
+
+
+def present_splits(root, layout_name: str, fractions: Sequence[tuple[str, float]] | None = None) -> list[str]:
+    """The splits whose folders `root` has, in the layout's order, without reading any file; a folder
+    to be split by hash has the splits of `fractions` (as `scan`). LayoutNotFoundError as `scan`."""
+    layout = get_layout(layout_name)
+    _, folders = _locate(root, layout)
+    if "" in folders:
+        return [split for split, _ in fractions or DEFAULT_FRACTIONS]
+    return [split for split in layout.splits if split in folders]
+
+
 def scan(
     root,
     layout_name: str,
@@ -207,19 +235,8 @@ def scan(
     here: `read_example` does that.
     """
     layout = get_layout(layout_name)
-    given = pathlib.Path(os.path.expanduser(os.fspath(root)))
-    if not given.is_dir():
-        raise LayoutNotFoundError(f"{given}: no such folder (expected the {layout.description})")
-    base = _layout_root(given, layout)
-    folders = _split_folders(base, layout)
-    by_hash = False
-    if not folders and layout.hash_split and _kind_folder(base, layout, "image"):
-        folders, by_hash = {"": base}, True
-    if not folders:
-        expected = ", ".join(
-            f"{sub + '/' if sub else ''}{layout.folders['image'][0]}/" for sub in layout.splits.values()
-        )
-        raise LayoutNotFoundError(f"{base}: not the {layout.description} (expected {expected})")
+    base, folders = _locate(root, layout)
+    by_hash = "" in folders
     problems: list[str] = []
     examples: dict[str, list[Example]] = {}
     for split, folder in folders.items():

@@ -54,6 +54,16 @@ class ArgumentParser(argparse.ArgumentParser):
         return out
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """A size flag: '128' -> (128, 128); '96x160' -> (96, 160) (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    if len(parts) == 2:
+        return int(parts[0]), int(parts[1])
+    raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
+
+
 def deprecated(message: str) -> None:
     """One line on stderr for a spelling or a use that still works but goes in the next release."""
     print(f"deprecated: {message}; the old form will be removed in the next release", file=sys.stderr)

@@ -110,6 +110,9 @@ test_dataset.__test__ = False  # not a pytest test when imported into a test mod
 
 
 # ------------------------------------------------------------------------------------- layout folder
+FOLDER_FRACTIONS = (("test", 1.0),)  # a `folder` layout without split subfolders is scored whole, as `test`
+
+
 class FolderDataset(collections.abc.Sequence):
     """One test split of a folder in a layout of `tfds_p3m10k.folder_layout`, read as it is; items are
     dicts like the TFDS examples, with the trimap derived from the alpha where the folder has none
@@ -122,7 +125,7 @@ class FolderDataset(collections.abc.Sequence):
             raise ValueError(f"unknown split {split!r} of the {layout} layout; expected one of {splits}")
         self.split, self.layout = split, layout
         try:
-            examples = folder_layout.scan(root, layout, fractions=(("test", 1.0),), splits=[split])
+            examples = folder_layout.scan(root, layout, fractions=FOLDER_FRACTIONS, splits=[split])
         except folder_layout.LayoutNotFoundError as error:
             raise FileNotFoundError(str(error)) from None
         self.examples = examples[split]

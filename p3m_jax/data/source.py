@@ -108,11 +108,7 @@ def get_builder(data_config):
     dataset, config = _split_tfds_name(data_config.tfds_name)
     if dataset == "portrait_folder":
         root = os.path.join(data_dir, dataset, config)
-        versions = (
-            [v for v in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
-            if os.path.isdir(root)
-            else []
-        )
+        versions = _built_versions(root)
         if not versions:
             built = built_configs(data_dir, dataset)
             raise NotBuiltError(
@@ -141,15 +137,15 @@ def built_configs(data_dir, dataset: str = "p3m10k") -> list[str]:
     if not os.path.isdir(root):
         return []
     return sorted(
-        name
-        for name in os.listdir(root)
-        if not name.startswith(".")
-        and os.path.isdir(os.path.join(root, name))
-        and any(
-            os.path.isfile(os.path.join(root, name, version, "dataset_info.json"))
-            for version in os.listdir(os.path.join(root, name))
-        )
+        name for name in os.listdir(root) if not name.startswith(".") and _built_versions(os.path.join(root, name))
     )
+
+
+def _built_versions(config_dir: str) -> list[str]:
+    """The version folders of a TFDS config folder that hold a finished build, sorted."""
+    if not os.path.isdir(config_dir):
+        return []
+    return sorted(v for v in os.listdir(config_dir) if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json")))
 
 
 def resolve_process(process_index, process_count) -> tuple[int, int]:
