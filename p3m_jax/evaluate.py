@@ -49,6 +49,7 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser("python -m p3m_jax.evaluate", __doc__, renamed={"--tfds_data_dir": "--data_dir"})
     parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
+    cli.add_ema_argument(parser)
     parser.add_argument("--release_dir", help="folder in the P3M-10k release layout")
     parser.add_argument("--data_dir", help="TFDS data folder holding a p3m10k build")
     parser.add_argument(
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
             for split in ([s.strip() for s in args.split.split(",") if s.strip()] if args.split else default_splits)
         }
         created = fileio.prepare_output(args.output) if args.output else False
-        predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+        predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype, ema=args.ema)
     # A missing or bad data folder or checkpoint, an unwritable output:
     except (*CHECKPOINT_ERRORS, OSError, folder_layout.BadInputError) as error:
         if args.output:

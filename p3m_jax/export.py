@@ -42,6 +42,7 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser("python -m p3m_jax.export", __doc__)
     parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
+    cli.add_ema_argument(parser)
     parser.add_argument("--format", required=True, choices=export.FORMATS, help="what to write")
     parser.add_argument("--output", required=True, help="the file to write")
     parser.add_argument(
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         print(f"error: cannot write {args.output}: {folder} is not a writable folder", file=sys.stderr)
         return 2
     try:
-        predictor = load_pretrained(args.checkpoint, args.arch)
+        predictor = load_pretrained(args.checkpoint, args.arch, ema=args.ema)
     except CHECKPOINT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

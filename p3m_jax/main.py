@@ -121,6 +121,7 @@ def main(argv) -> int:
             loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, rescore=FLAGS.rescore)
     except (
         loop.ConfigError,
+        loop.MemoryPlanError,
         loop.NonFiniteLossError,
         CheckpointError,
         WorkdirLockedError,

@@ -102,6 +102,7 @@ def parse_args(argv=None):
     weights.add_argument("--checkpoint", help="p3m-jax checkpoint, training workdir or authors' .pth")
     weights.add_argument("--exported", help="a StableHLO or ONNX file of python -m p3m_jax.export")
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
+    cli.add_ema_argument(parser)
     parser.add_argument("--input", required=True, help="an image file or a folder of images")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(
@@ -135,6 +136,8 @@ def parse_args(argv=None):
         "--background", default=None, help="also write <name>_composite.png over this colour or image file"
     )
     args = parser.parse_args(argv)
+    if args.ema and args.exported:
+        parser.error("--ema picks a training workdir's EMA weights: use it with --checkpoint (export with --ema)")
     if args.bucket < 0 or args.bucket % 32:
         parser.error(f"--bucket must be 0 or a positive multiple of 32, got {args.bucket}")
     return args
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
         if args.exported:
             predictor = ExportedPredictor(args.exported)
         else:
-            predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype)
+            predictor = load_pretrained(args.checkpoint, args.arch, dtype=args.dtype, ema=args.ema)
     # A missing input, checkpoint, background or output folder:
     except (*CHECKPOINT_ERRORS, OSError, image_io.ImageReadError) as error:
         fileio.remove_if_empty(args.output, created)

@@ -1,5 +1,6 @@
 """Subprocess of test_train_step.py: TinyP3M training on 1 device vs 8 virtual CPU devices
-(replicated and FSDP-sharded parameters). Writes one .npz per run into argv[1]."""
+(replicated and FSDP-sharded parameters; and with gradient accumulation). Writes one .npz per run
+into argv[1]."""
 
 import os
 import sys
@@ -27,12 +28,24 @@ def main(out_dir):
     }
     for name, (mesh, sharding) in runs.items():
         state, metrics = run_tiny_training(mesh, batch, steps=2, param_sharding=sharding)
-        sharded = sum(DATA_AXIS in tuple(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
-        out = {f"params{k}": v for k, v in flat(state.params).items()}
-        out.update({f"batch_stats{k}": v for k, v in flat(state.batch_stats).items()})
-        out.update({f"metric_{i}_{k}": v for i, m in enumerate(metrics) for k, v in m.items()})
-        out["num_sharded_params"] = np.asarray(sharded)
-        np.savez(os.path.join(out_dir, f"{name}.npz"), **out)
+        save(out_dir, name, state, metrics)
+    # Gradient accumulation: 2 micro-batches of 8, each split over the 8 devices.
+    batch = make_batch(16, 32, seed=5, has_fg_bg=[1, 0] * 8)
+    for name, mesh, sharding in (
+        ("accum_one", make_mesh(jax.devices()[:1]), "replicated"),
+        ("accum_fsdp", make_mesh(), "fsdp"),
+    ):
+        state, metrics = run_tiny_training(mesh, batch, steps=2, param_sharding=sharding, grad_accum_steps=2)
+        save(out_dir, name, state, metrics)
+
+
+def save(out_dir, name, state, metrics):
+    sharded = sum(DATA_AXIS in tuple(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
+    out = {f"params{k}": v for k, v in flat(state.params).items()}
+    out.update({f"batch_stats{k}": v for k, v in flat(state.batch_stats).items()})
+    out.update({f"metric_{i}_{k}": v for i, m in enumerate(metrics) for k, v in m.items()})
+    out["num_sharded_params"] = np.asarray(sharded)
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from p3m_jax.train.config_checks import validate_config
     [
         ("--config.arch=resnet50", {}, "config.arch"),
         ("--config.batch_size=3", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, "config.batch_size"),
+        ("--config.grad_accum_steps=3", {}, "config.batch_size"),  # 8 is not 3 micro-batches
         ("--config.data.build_synthetic=False", {}, "config.data.tfds_name"),
         ("--config.data.image_size=100", {}, "config.data.image_size"),
         ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
@@ -67,6 +68,11 @@ def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, en
         ("profile_steps", "10"),
         ("profile_steps", "15:10"),
         ("profile_steps", "10:301"),  # past num_train_steps
+        ("grad_accum_steps", 0),
+        ("ema_decay", 1.0),
+        ("remat", "decoders"),
+        ("device_memory_gib", -1.0),
+        ("eval.select_ema", True),  # without an EMA
     ],
 )
 def test_validate_config_names_each_bad_field(field, value):

@@ -194,10 +194,10 @@ def test_full_disk_is_reported_at_the_next_step_and_a_rerun_with_room_resumes(
 def change_train_step(monkeypatch, from_step, change):
     """Makes the loop's train step pass its result through ``change(state, metrics)`` from the
     step that ends at ``from_step`` on."""
-    make_train_step = loop.step_lib.make_train_step
+    plan = loop.memory_plan.plan  # returns the loop's compiled train step
 
     def changed(*args, **kwargs):
-        step_fn = make_train_step(*args, **kwargs)
+        step_fn = plan(*args, **kwargs)
 
         def run(state, batch):
             state, metrics = step_fn(state, batch)
@@ -205,7 +205,7 @@ def change_train_step(monkeypatch, from_step, change):
 
         return run
 
-    monkeypatch.setattr(loop.step_lib, "make_train_step", changed)
+    monkeypatch.setattr(loop.memory_plan, "plan", changed)
 
 
 def tmp_copy(workdir):

@@ -1,5 +1,6 @@
 """Training core: optimizer/state, step functions, sharding equivalence (8 virtual devices and
-two processes vs one), bfloat16, remat, and overfitting one fixed batch with ResNet-34.
+two processes vs one, with and without gradient accumulation), bfloat16, remat, and overfitting one
+fixed batch with ResNet-34.
 
 Multi-device runs happen in subprocesses (the main test process keeps 1 CPU device); they use
 `TinyP3M` (tests/train_helpers.py), a stand-in with P3M-Net's output contract built from the
@@ -20,7 +21,7 @@ import pytest
 
 from p3m_jax.common.errors import ConfigError
 from p3m_jax.configs import p3m10k
-from p3m_jax.models import build_model, init_variables
+from p3m_jax.models import REMAT_POLICIES, build_model, init_variables
 from p3m_jax.weights.initialize import init_key
 from p3m_jax.train import (
     create_sharded_train_state,
@@ -32,6 +33,7 @@ from p3m_jax.train import (
     prepare_batch,
     state_shardings,
 )
+from p3m_jax.train.memory_plan import backward_residual_bytes
 from p3m_jax.train.state import fsdp_spec
 from p3m_jax.train.step import eval_step
 
@@ -140,6 +142,8 @@ def test_eight_devices_match_one_device_replicated_and_fsdp(tmp_path):
         assert any(k.startswith("batch_stats") for k in got)
     assert int(np.load(tmp_path / "replicated.npz")["num_sharded_params"]) == 0
     assert int(np.load(tmp_path / "fsdp.npz")["num_sharded_params"]) > 0
+    # Gradient accumulation (2 micro-batches) on 8 devices with FSDP equals it on one device.
+    _compare(dict(np.load(tmp_path / "accum_one.npz")), dict(np.load(tmp_path / "accum_fsdp.npz")))
     # the step did something
     assert not np.allclose(one["metric_0_loss"], one["metric_1_loss"])
 
@@ -205,12 +209,27 @@ def test_remat_keeps_the_parameter_tree():
     for arch in ("resnet34", "swin_t", "vitae_s"):
         shapes = [
             jax.eval_shape(lambda r: init_variables(build_model(arch, remat=remat), r), jax.random.key(0))
-            for remat in (False, True)
+            for remat in REMAT_POLICIES
         ]
-        assert jax.tree_util.tree_structure(shapes[0]) == jax.tree_util.tree_structure(shapes[1])
-        assert jax.tree_util.tree_all(
-            jax.tree_util.tree_map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, *shapes)
-        )
+        for other in shapes[1:]:
+            assert jax.tree_util.tree_structure(shapes[0]) == jax.tree_util.tree_structure(other)
+            assert jax.tree_util.tree_all(
+                jax.tree_util.tree_map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, shapes[0], other)
+            )
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+    """What the forward pass keeps for the backward pass (traced, not compiled): each policy keeps less
+    than none, and full (encoder stages and decoder blocks) less than either alone."""
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in make_batch(2, SIZE).items()}
+    kept = {}
+    for remat in REMAT_POLICIES:
+        model = build_model("resnet34", remat=remat)
+        tx, _ = make_optimizer(paper_optimizer(), 1)
+        state = jax.eval_shape(lambda r: create_train_state(model, tx, r, SIZE), jax.random.key(0))
+        kept[remat] = backward_residual_bytes(model, state, batch)
+    assert kept["none"] > kept["encoder"] > kept["full"], kept
+    assert kept["none"] > kept["decoder"] > kept["full"], kept
 
 
 OVERFIT_STEPS = 15
@@ -274,9 +293,9 @@ def test_cpu_train_step_compiles_convolutions_without_ynnpack(overfit_run):
 
 
 def test_remat_gives_the_same_gradients(overfit_run):
-    """First step with the encoder stages rematerialised: Adam's first moment after one step
-    is 0.1 * gradient, so comparing it compares the gradients."""
-    model = build_model(overfit_run["arch"], remat=True)
+    """First step with the encoder stages and the decoder blocks rematerialised (policy "full"): Adam's
+    first moment after one step is 0.1 * gradient, so comparing it compares the gradients."""
+    model = build_model(overfit_run["arch"], remat="full")
     step = make_train_step(model, overfit_run["tx"], overfit_run["mesh"], overfit_run["shardings"], overfit_run["lr"])
     state, metrics = step(overfit_run["initial"], overfit_run["batch"])
     ref = overfit_run["first"]

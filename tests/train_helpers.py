@@ -15,7 +15,8 @@ import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath
 from p3m_jax.models.copy_paste import apply_fcp
-from p3m_jax.models.decoder import EncoderOutput
+from p3m_jax.models import REMAT_POLICIES, P3MNet
+from p3m_jax.models.decoder import DecoderSpec, EncoderOutput
 from p3m_jax.models.layers import BatchNorm, conv2d
 from p3m_jax.ops.pooling import max_pool_with_argmax, max_unpool_2x2
 from p3m_jax.ops.resize import upsample_bilinear
@@ -27,21 +28,15 @@ class TinyEncoder(nn.Module):
     dtype: jnp.dtype
     drop_path: float
     width: int
+    batch_norm: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False) -> EncoderOutput:
         x = x.astype(self.dtype)
-        h = nn.relu(
-            BatchNorm(dtype=self.dtype, name="bn0")(
-                conv2d(self.width, 3, use_bias=False, name="conv0", dtype=self.dtype)(x), train
-            )
-        )
+        norm = lambda name, y: BatchNorm(dtype=self.dtype, name=name)(y, train) if self.batch_norm else y
+        h = nn.relu(norm("bn0", conv2d(self.width, 3, use_bias=False, name="conv0", dtype=self.dtype)(x)))
         p, idx = max_pool_with_argmax(h, 2, 2, 0)
-        g = nn.relu(
-            BatchNorm(dtype=self.dtype, name="bn1")(
-                conv2d(self.width, 3, use_bias=False, name="conv1", dtype=self.dtype)(p), train
-            )
-        )
+        g = nn.relu(norm("bn1", conv2d(self.width, 3, use_bias=False, name="conv1", dtype=self.dtype)(p)))
         g = p + DropPath(self.drop_path, name="drop")(g, train)
         return EncoderOutput(deep=g, features=(h,), indices=(idx,))
 
@@ -53,10 +48,11 @@ class TinyP3M(nn.Module):
     dtype: jnp.dtype = jnp.float32
     drop_path: float = 0.3
     width: int = 8  # channels of the hidden layers (wider: larger checkpoints, same program shape)
+    batch_norm: bool = True  # False: no BatchNorm, so samples do not interact (gradient accumulation tests)
 
     @nn.compact
     def __call__(self, x, train: bool = False, fcp=None):
-        encoder = TinyEncoder(self.dtype, self.drop_path, self.width, name="encoder")
+        encoder = TinyEncoder(self.dtype, self.drop_path, self.width, self.batch_norm, name="encoder")
         features = encoder(x, train)
         if fcp is not None:
             features = apply_fcp(self, encoder, features, fcp, train)
@@ -133,6 +129,10 @@ def run_tiny_training(
     dtype=jnp.float32,
     lr: float = 0.05,
     seed: int = 0,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
+    fcp=None,
+    **model_options,
 ):
     """Trains TinyP3M with SGD (differences in gradients show up linearly in the parameters)
     for ``steps`` steps on the same global ``batch``. Returns (state, list of metrics)."""
@@ -140,10 +140,21 @@ def run_tiny_training(
     from p3m_jax.train import create_sharded_train_state, make_train_step
     from p3m_jax.train.mesh import batch_sharding
 
-    model = TinyP3M(dtype=dtype)
+    model = TinyP3M(dtype=dtype, **model_options)
     tx = optax.sgd(lr)
-    state, shardings = create_sharded_train_state(model, tx, jax.random.key(seed), 32, mesh, param_sharding)
-    step = make_train_step(model, tx, mesh, shardings, lr_schedule=optax.constant_schedule(lr))
+    state, shardings = create_sharded_train_state(
+        model, tx, jax.random.key(seed), 32, mesh, param_sharding, ema=ema_decay > 0
+    )
+    step = make_train_step(
+        model,
+        tx,
+        mesh,
+        shardings,
+        lr_schedule=optax.constant_schedule(lr),
+        fcp=fcp,
+        grad_accum_steps=grad_accum_steps,
+        ema_decay=ema_decay,
+    )
     sharding = batch_sharding(mesh)
     if jax.process_count() > 1:
         # Every process holds the full batch here; it feeds its own contiguous slice.
@@ -175,3 +186,48 @@ def use_tiny_model(patch=None, width: int = 8) -> None:
             patch.setattr(module, "build_model", build_tiny)
         else:
             setattr(module, "build_model", build_tiny)
+
+
+class _SmallStage(nn.Module):
+    """conv3x3 + BatchNorm + ReLU."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = conv2d(self.width, 3, use_bias=False, name="conv")(x)
+        return nn.relu(BatchNorm(name="bn")(x, train))
+
+
+class SmallEncoder(nn.Module):
+    """A five-level conv/BN encoder with the `EncoderOutput` contract of the real ones, narrow enough to
+    compile in seconds; with ``remat`` each level is rematerialised like the real encoders' stages."""
+
+    widths: tuple = (8, 8, 8, 16, 16, 32)  # features 0-4 (pooled with indices), then the deep feature
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool) -> EncoderOutput:
+        stage_cls = nn.remat(_SmallStage, static_argnums=(2,)) if self.remat else _SmallStage
+        feats, indices = [], []
+        for level, width in enumerate(self.widths[:5]):
+            x = stage_cls(width, name=f"stage{level}")(x, train)
+            feats.append(x)
+            x, idx = max_pool_with_argmax(x, 2, 2, 0)
+            indices.append(idx)
+        deep = stage_cls(self.widths[5], name="deep")(x, train)
+        return EncoderOutput(deep=deep, features=tuple(feats), indices=tuple(indices))
+
+
+# The real decoder at the small encoder's widths: (deep, decoder levels 3..0, last block).
+SMALL_DECODER = DecoderSpec((32, 16, 16, 8, 8, 8), "first", True, 2)
+
+
+def small_p3mnet(remat: str = "none") -> P3MNet:
+    """P3M-Net with the real decoder and bridges on `SmallEncoder`, rematerialised like `build_model`."""
+    encoder_remat, decoder_remat = REMAT_POLICIES[remat]
+    return P3MNet(
+        encoder=SmallEncoder(remat=encoder_remat, name="encoder"),
+        decoder_spec=SMALL_DECODER,
+        decoder_remat=decoder_remat,
+    )

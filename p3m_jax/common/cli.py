@@ -54,6 +54,15 @@ class ArgumentParser(argparse.ArgumentParser):
         return out
 
 
+def add_ema_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ema``, shared by the commands that load weights."""
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="with a training workdir: its EMA of the weights (trained with config.ema_decay > 0)",
+    )
+
+
 def image_size(text: str) -> tuple[int, int]:
     """A size flag: '128' -> (128, 128); '96x160' -> (96, 160) (height x width)."""
     parts = text.lower().split("x")

@@ -20,7 +20,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.batch_size = 8  # GLOBAL batch over all devices and processes (divisible by the device count)
     config.num_train_steps = 300  # optimizer steps in total
-    config.remat = False  # rematerialise encoder stages (jax.checkpoint) to fit larger batches
+    # Rematerialisation (activations recomputed in the backward pass): "none" | "encoder" (encoder stages) |
+    # "decoder" (decoder blocks and bridges keep only inputs and convolution outputs) | "full" (both, the
+    # decoder keeping only block inputs). Lower memory, a little more compute; same maths.
+    config.remat = "none"
+    config.grad_accum_steps = 1  # micro-batches per optimizer step (the global batch stays batch_size)
+    config.ema_decay = 0.0  # EMA of the parameters and BatchNorm statistics; 0 disables (e.g. 0.999)
+    # Device memory the train step may use, in GiB; 0 reads it from the device (GPUs/TPUs report it). Before the
+    # first step the compiled step's memory is compared with it, and a step that does not fit stops the run.
+    config.device_memory_gib = 0.0
     config.param_sharding = "replicated"  # "replicated" | "fsdp" (params + optimizer state sharded on "data")
     # JAX's persistent compilation cache: a resumed or repeated run skips compiling the train step and the
     # validation programs. "" turns it off; a folder set by JAX_COMPILATION_CACHE_DIR takes precedence.
@@ -73,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.test_splits = ("p3m_500_p", "p3m_500_np")  # scored at the end of training
     config.eval.validation_strategy = "resize"  # strategy on the validation slice during training
     config.eval.limit = 0  # score only the first N images per split (0: all)
+    config.eval.select_ema = False  # with ema_decay > 0: choose the best checkpoint and score tests on the EMA
 
     # Initialisation: both empty = random init.
     config.init = ml_collections.ConfigDict()

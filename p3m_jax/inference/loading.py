@@ -21,7 +21,7 @@ CHECKPOINT_ERRORS = (FileNotFoundError, ValueError, ImportError)
 
 
 def load_pretrained(
-    path: str | os.PathLike, arch: str | None = None, *, dtype=jnp.float32, verbose: bool = False
+    path: str | os.PathLike, arch: str | None = None, *, dtype=jnp.float32, verbose: bool = False, ema: bool = False
 ) -> Predictor:
     """Loads trained P3M-Net weights for inference.
 
@@ -34,6 +34,8 @@ def load_pretrained(
         checkpoint it is read from the checkpoint (and checked if given).
       dtype: compute dtype, ``jnp.float32`` (default) or ``jnp.bfloat16``.
       verbose: print what was loaded.
+      ema: a training workdir's EMA of the weights (trained with ``config.ema_decay`` > 0) instead
+        of the raw weights.
 
     Returns:
       A `Predictor`: ``predictor.forward(x)`` gives the six outputs as numpy arrays.
@@ -42,9 +44,11 @@ def load_pretrained(
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     path = os.fspath(path)
     if os.path.isdir(path) and not model_checkpoint.is_model_checkpoint(path) and is_training_workdir(path):
-        saved_arch, options, variables, step = read_training_workdir(path, arch)
-        source = f"training workdir {path}, step {step}"
+        saved_arch, options, variables, step = read_training_workdir(path, arch, ema=ema)
+        source = f"training workdir {path}, step {step}" + (", EMA weights" if ema else "")
         return Predictor(saved_arch, variables, dtype=dtype, options=options, source=source)
+    if ema:
+        raise ValueError(f"--ema needs a training workdir (the EMA is kept in its checkpoints); {path} is not one")
     if os.path.isdir(path):
         saved_arch, options, variables = model_checkpoint.load_model_checkpoint(path)
         if arch is not None and arch != saved_arch:

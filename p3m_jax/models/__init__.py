@@ -6,10 +6,12 @@ from p3m_jax.models.p3mnet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     P3MNet,
+    REMAT_POLICIES,
     build_model,
     check_input_shape,
     init_variables,
     normalize_uint8,
+    remat_policy,
 )
 
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "OUTPUT_NAMES",
     "P3MDecoder",
     "P3MNet",
+    "REMAT_POLICIES",
     "build_model",
     "check_input_shape",
     "init_variables",
     "normalize_uint8",
+    "remat_policy",
 ]

@@ -94,11 +94,31 @@ def fuse_global_local(global_logits: jax.Array, local_alpha: jax.Array) -> jax.A
     return local_alpha * transition + foreground
 
 
+# How the decoder's blocks and bridges are rematerialised in the backward pass: each keeps only its
+# inputs and, with "convs", its convolution outputs (BatchNorm, ReLU and resizing are recomputed).
+DECODER_REMAT_POLICIES = {
+    "none": None,
+    "convs": jax.checkpoint_policies.dots_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _remat(cls, policy_name: str, train_argnum: int):
+    """``cls`` rematerialised with the named policy (the same class, so the same parameter tree,
+    when the policy is "none"); ``train_argnum`` counts ``self``."""
+    if DECODER_REMAT_POLICIES[policy_name] is None:
+        return cls
+    return nn.remat(cls, static_argnums=(train_argnum,), policy=DECODER_REMAT_POLICIES[policy_name])
+
+
 class P3MDecoder(nn.Module):
-    """Global + local decoder with TFI/sBFI/dBFI bridges; returns the six P3M outputs."""
+    """Global + local decoder with TFI/sBFI/dBFI bridges; returns the six P3M outputs.
+
+    ``remat``: a key of `DECODER_REMAT_POLICIES`; the parameter tree does not depend on it."""
 
     spec: DecoderSpec
     dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, enc: EncoderOutput, train: bool) -> dict[str, jax.Array]:
@@ -107,9 +127,11 @@ class P3MDecoder(nn.Module):
         x = enc.deep
         feats, idx = enc.features, enc.indices
         pooled_stem = pool_stem(feats[0])  # one pooling for the three sBFIs
+        stack_cls = _remat(ConvBNReLUStack, self.remat, 2)
+        tfi_cls, sbfi_cls, dbfi_cls = (_remat(c, self.remat, n) for c, n in ((TFI, 4), (SBFI, 3), (DBFI, 3)))
 
         def block(level, branch, inp):
-            return ConvBNReLUStack(
+            return stack_cls(
                 spec.block_widths(level, branch),
                 plain_last=(level == 0 and branch == "global"),
                 dtype=self.dtype,
@@ -122,27 +144,27 @@ class P3MDecoder(nn.Module):
         # Global (semantic) branch.
         d4_g = upsample_bilinear(block(4, "global", x), 2)
         d3_g = upsample_bilinear(block(3, "global", d4_g), 2)
-        d2_g, side2 = DBFI(w2, 4, dtype=self.dtype, name="dbfi_2")(d3_g, x, train)
+        d2_g, side2 = dbfi_cls(w2, 4, dtype=self.dtype, name="dbfi_2")(d3_g, x, train)
         d2_g = upsample_bilinear(block(2, "global", d2_g), 2)
-        d1_g, side1 = DBFI(w1, 8, dtype=self.dtype, name="dbfi_1")(d2_g, x, train)
+        d1_g, side1 = dbfi_cls(w1, 8, dtype=self.dtype, name="dbfi_1")(d2_g, x, train)
         d1_g = upsample_bilinear(block(1, "global", d1_g), 2)
-        d0_g, side0 = DBFI(w0, 16, dtype=self.dtype, name="dbfi_0")(d1_g, x, train)
+        d0_g, side0 = dbfi_cls(w0, 16, dtype=self.dtype, name="dbfi_0")(d1_g, x, train)
         global_logits = upsample_bilinear(block(0, "global", d0_g), 2)
         if spec.global_head_conv:
             global_logits = conv2d(3, 3, use_bias=True, name="decoder_final_g", dtype=self.dtype)(global_logits)
 
         # Local (detail) branch.
         d4_l = unpool(block(4, "local", x), 4)
-        d3_l = TFI(w3, dtype=self.dtype, name="tfi_3")(d4_g, d4_l, feats[4], train)
+        d3_l = tfi_cls(w3, dtype=self.dtype, name="tfi_3")(d4_g, d4_l, feats[4], train)
         d3_l = unpool(block(3, "local", d3_l), 3)
-        d2_l = TFI(w2, dtype=self.dtype, name="tfi_2")(d3_g, d3_l, feats[3], train)
-        d2_l = SBFI(w2, 8, dtype=self.dtype, name="sbfi_2")(d2_l, pooled_stem, train)
+        d2_l = tfi_cls(w2, dtype=self.dtype, name="tfi_2")(d3_g, d3_l, feats[3], train)
+        d2_l = sbfi_cls(w2, 8, dtype=self.dtype, name="sbfi_2")(d2_l, pooled_stem, train)
         d2_l = unpool(block(2, "local", d2_l), 2)
-        d1_l = TFI(w1, dtype=self.dtype, name="tfi_1")(d2_g, d2_l, feats[2], train)
-        d1_l = SBFI(w1, 4, dtype=self.dtype, name="sbfi_1")(d1_l, pooled_stem, train)
+        d1_l = tfi_cls(w1, dtype=self.dtype, name="tfi_1")(d2_g, d2_l, feats[2], train)
+        d1_l = sbfi_cls(w1, 4, dtype=self.dtype, name="sbfi_1")(d1_l, pooled_stem, train)
         d1_l = unpool(block(1, "local", d1_l), 1)
-        d0_l = TFI(w0, dtype=self.dtype, name="tfi_0")(d1_g, d1_l, feats[1], train)
-        d0_l = SBFI(w0, 2, dtype=self.dtype, name="sbfi_0")(d0_l, pooled_stem, train)
+        d0_l = tfi_cls(w0, dtype=self.dtype, name="tfi_0")(d1_g, d1_l, feats[1], train)
+        d0_l = sbfi_cls(w0, 2, dtype=self.dtype, name="sbfi_0")(d0_l, pooled_stem, train)
         d0_l = unpool(block(0, "local", d0_l), 0)
         local_logit = conv2d(1, 3, use_bias=True, name="decoder_final_l", dtype=self.dtype)(d0_l)
 

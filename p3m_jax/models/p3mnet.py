@@ -44,6 +44,7 @@ class P3MNet(nn.Module):
     encoder: nn.Module
     decoder_spec: DecoderSpec
     dtype: Dtype = jnp.float32
+    decoder_remat: str = "none"  # a key of `DECODER_REMAT_POLICIES`
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, fcp: dict[str, Any] | None = None) -> dict[str, jax.Array]:
@@ -53,7 +54,9 @@ class P3MNet(nn.Module):
         features = self.encoder(x, train)
         if fcp is not None:
             features = apply_fcp(self, self.encoder, features, fcp, train)
-        return P3MDecoder(self.decoder_spec, dtype=self.dtype, name="decoder")(features, train)
+        return P3MDecoder(self.decoder_spec, dtype=self.dtype, remat=self.decoder_remat, name="decoder")(
+            features, train
+        )
 
 
 def check_input_shape(shape) -> None:
@@ -68,19 +71,41 @@ def check_input_shape(shape) -> None:
         )
 
 
-def build_model(arch: str, *, dtype: Dtype = jnp.float32, **encoder_options: Any) -> P3MNet:
+# Rematerialisation (recomputing activations in the backward pass instead of keeping them), by what it
+# covers: (encoder stages, decoder policy). None of them changes the parameter tree or the maths.
+REMAT_POLICIES = {
+    "none": (False, "none"),
+    "encoder": (True, "none"),  # each encoder stage keeps only its input
+    "decoder": (False, "convs"),  # decoder blocks and bridges keep their inputs and convolution outputs
+    "full": (True, "nothing"),  # both, the decoder keeping only block inputs
+}
+
+
+def remat_policy(value: Any) -> str:
+    """``config.remat`` as a key of `REMAT_POLICIES` (the booleans of older configs: False -> "none",
+    True -> "encoder")."""
+    if isinstance(value, bool):
+        return "encoder" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {value!r}; expected one of {list(REMAT_POLICIES)}")
+    return value
+
+
+def build_model(arch: str, *, dtype: Dtype = jnp.float32, remat: Any = "none", **encoder_options: Any) -> P3MNet:
     """Builds an uninitialized P3M-Net.
 
     Args:
       arch: "resnet34", "swin_t" or "vitae_s".
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay float32.
+      remat: a key of `REMAT_POLICIES` (or a bool, see `remat_policy`).
       **encoder_options: passed to the encoder's constructor.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    encoder_remat, decoder_remat = REMAT_POLICIES[remat_policy(remat)]
     encoder_cls, spec = ARCHITECTURES[arch]
-    encoder = encoder_cls(dtype=dtype, name="encoder", **encoder_options)
-    return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype)
+    encoder = encoder_cls(dtype=dtype, name="encoder", remat=encoder_remat, **encoder_options)
+    return P3MNet(encoder=encoder, decoder_spec=spec, dtype=dtype, decoder_remat=decoder_remat)
 
 
 def init_variables(model: P3MNet, rng: jax.Array, image_size: tuple[int, int] = (64, 64)):
@@ -95,6 +120,8 @@ def init_variables(model: P3MNet, rng: jax.Array, image_size: tuple[int, int] = 
 __all__ = [
     "P3MNet",
     "build_model",
+    "remat_policy",
+    "REMAT_POLICIES",
     "normalize_uint8",
     "init_variables",
     "check_input_shape",

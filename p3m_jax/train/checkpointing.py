@@ -28,6 +28,7 @@ import sys
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from p3m_jax.weights import training_checkpoint
@@ -41,9 +42,16 @@ def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+# Fields saved only when not empty -> the field they start from when a run turns them on mid-way.
+_OPTIONAL_FIELDS = {"ema_params": "params", "ema_batch_stats": "batch_stats"}
+
+
 def _fields(state: Any) -> dict:
-    """A dataclass state as a plain dict of its fields (orbax names the saved tree by them)."""
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    """A dataclass state as a plain dict of its fields (orbax names the saved tree by them). The EMA
+    fields are left out when empty, so a run without EMA saves (and restores) the same tree as before
+    EMA existed."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return {k: v for k, v in fields.items() if not (k in _OPTIONAL_FIELDS and not jax.tree_util.tree_leaves(v))}
 
 
 def to_savable(state: Any) -> dict:
@@ -275,8 +283,23 @@ class TrainCheckpointer:
         """Restores the state onto ``abstract_state``'s shardings; sets the iterator's state in place."""
         import grain  # pylint: disable=import-outside-toplevel
 
-        items = {"state": ocp.args.StandardRestore(abstract_savable(abstract_state))}
+        saved = training_checkpoint.saved_state_fields(self.directory, step)
+        wanted = _fields(abstract_state)
+        unwanted = sorted(f for f in _OPTIONAL_FIELDS if f in saved and f not in wanted)
+        if unwanted:
+            raise CheckpointError(
+                f"{self.directory}/{step} keeps an EMA of the parameters ({', '.join(unwanted)}) but this run has "
+                f"config.ema_decay=0: set config.ema_decay to the run's value to resume it"
+            )
+        started = [f for f in _OPTIONAL_FIELDS if f in wanted and f not in saved]
+        target = abstract_state.replace(**{f: {} for f in started})
+        items = {"state": ocp.args.StandardRestore(abstract_savable(target))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return from_savable(restored["state"], abstract_state)
+        state = from_savable(restored["state"], target)
+        if started:  # EMA turned on for a run saved without it: it starts from the restored weights
+            self._log(f"{', '.join(started)}: not in checkpoint {step}; starting the EMA from its weights")
+            copies = {f: jax.tree_util.tree_map(jnp.copy, getattr(state, _OPTIONAL_FIELDS[f])) for f in started}
+            state = state.replace(**copies)
+        return state

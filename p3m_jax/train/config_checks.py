@@ -15,10 +15,10 @@ from p3m_jax.data.copy_paste import CopyPasteOptions
 from p3m_jax.data.pipeline import PipelineOptions
 from p3m_jax.data.transforms import TrainTransform
 from p3m_jax.inference import strategies
-from p3m_jax.models import ARCHITECTURES
+from p3m_jax.models import ARCHITECTURES, remat_policy
 from p3m_jax.train.optimizer import OptimizerOptions
 from p3m_jax.train.profiling import ProfileWindow
-from p3m_jax.train.step import FCPOptions
+from p3m_jax.train.step import FCPOptions, StepOptions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,12 +44,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for field in ("eval_every_steps", "checkpoint_every_steps", "num_summary_images"):
         if int(config[field]) < 0:
             fail(field, f"must be >= 0, got {config[field]}")
-    if num_devices is not None and config.batch_size % num_devices:
+    step_options = StepOptions.from_config(config)
+    if num_devices is not None and config.batch_size % (num_devices * step_options.grad_accum_steps):
         fail(
             "batch_size",
-            f"{config.batch_size} is not divisible by the {num_devices} devices "
-            f"of the mesh (the global batch is split evenly across devices)",
+            f"{config.batch_size} is not divisible by the {num_devices} devices of the mesh times "
+            f"config.grad_accum_steps={step_options.grad_accum_steps} (each micro-batch is split evenly "
+            f"across devices)",
         )
+    try:
+        remat_policy(config.remat)
+    except ValueError as e:
+        fail("remat", str(e))
+    if float(config.device_memory_gib) < 0:
+        fail("device_memory_gib", f"must be >= 0 (0 reads the device), got {config.device_memory_gib}")
+    if config.eval.select_ema and step_options.ema_decay == 0:
+        fail("eval.select_ema", "needs config.ema_decay > 0 (there is no EMA to select by)")
     if config.param_sharding not in ("replicated", "fsdp"):
         fail("param_sharding", f"{config.param_sharding!r} is not 'replicated' or 'fsdp'")
     # Each consumer's options check their own fields once, when built; building them here reports a bad

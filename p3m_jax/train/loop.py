@@ -45,7 +45,8 @@ from p3m_jax.common.constants import (
 from p3m_jax.evaluation.scoring import evaluate_split
 from p3m_jax.inference import strategies
 from p3m_jax.inference.predictor import Predictor
-from p3m_jax.models import build_model
+from p3m_jax.models import build_model, remat_policy
+from p3m_jax.train import memory_plan
 from p3m_jax.train import mesh as mesh_lib
 from p3m_jax.train import state as state_lib
 from p3m_jax.train import step as step_lib
@@ -60,7 +61,15 @@ from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log, su
 from p3m_jax.train.workdir_lock import acquire_for_run
 from p3m_jax.weights.initialize import init_key
 
-__all__ = ["ConfigError", "NonFiniteLossError", "PreemptionWatcher", "evaluate_workdir", "train_and_evaluate"]
+__all__ = [
+    "ConfigError",
+    "MemoryPlanError",
+    "NonFiniteLossError",
+    "PreemptionWatcher",
+    "evaluate_workdir",
+    "train_and_evaluate",
+]
+MemoryPlanError = memory_plan.MemoryPlanError
 
 _LOSS_PARTS = ("loss", "global", "local", "fusion", "composition")
 _CP_COUNTS = {"icp_pasted": "icp_pasted_per_batch", "fcp_apply": "fcp_samples_per_batch"}
@@ -148,13 +157,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     if is_main:
         write_run_config(config, workdir)
 
-    model = build_model(config.arch, dtype=DTYPES[config.dtype], remat=bool(config.remat), **model_options(config))
+    build = lambda remat: build_model(config.arch, dtype=DTYPES[config.dtype], remat=remat, **model_options(config))
+    step_options = step_lib.StepOptions.from_config(config)
+    model = build(remat_policy(config.remat))
     optimizer, lr_schedule = make_optimizer(OptimizerOptions.from_config(config.optimizer), config.num_train_steps)
     image_size = (config.data.image_size, config.data.image_size)
     rng = init_key(config.seed)
 
     def fresh_state(variables=None):
-        return state_lib.create_train_state(model, optimizer, rng, image_size, variables=variables)
+        return state_lib.create_train_state(
+            model, optimizer, rng, image_size, variables=variables, ema=step_options.ema_decay > 0
+        )
 
     abstract_state = jax.eval_shape(fresh_state)
     shardings = state_lib.state_shardings(abstract_state, mesh, config.param_sharding)
@@ -181,14 +194,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     if is_main:  # rows of steps after the checkpoint (all, without one) are logged again by this run
         for name in (METRICS_FILE, VALIDATION_LOG_FILE):
             drop_rows_after(os.path.join(workdir, name), int(state.step))
-    train_step = step_lib.make_train_step(
-        model,
-        optimizer,
-        mesh,
-        shardings,
-        lr_schedule=lr_schedule,
-        fcp=step_lib.FCPOptions.from_config(config.copy_paste.fcp),
-    )
+    fcp = step_lib.FCPOptions.from_config(config.copy_paste.fcp)
+
+    def compile_step(setting: memory_plan.Setting, state, batch):
+        """The train step compiled for ``setting`` (the memory plan compiles others when it does not fit)."""
+        fn = step_lib.make_train_step(
+            model if setting.remat == remat_policy(config.remat) else build(setting.remat),
+            optimizer,
+            mesh,
+            shardings,
+            lr_schedule=lr_schedule,
+            fcp=fcp,
+            grad_accum_steps=setting.grad_accum_steps,
+            ema_decay=step_options.ema_decay,
+        )
+        return fn.lower(state, batch).compile()
+
+    train_step = None  # compiled on the first batch, by the memory plan
+    memory_limit = memory_plan.device_memory_bytes(mesh.devices.flat[0], float(config.device_memory_gib))
 
     writer = MetricWriter(workdir, enabled=is_main)
     validation = data_lib.validation_dataset(config.data)
@@ -254,16 +277,32 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
             + "".join(f" | {name} {means[name]:.2f}" for name in _CP_COUNTS.values() if name in means)
         )
 
-    def run_validation(step: int) -> dict:
+    def validate(step: int, ema: bool) -> dict:
+        """Scores the raw weights (``ema``: their EMA) on the validation slice and logs the means."""
         nonlocal predictor
-        variables = local_variables(state, gather_replicated)
+        variables = local_variables(state, gather_replicated, ema=ema)
         if predictor is None:
             predictor = Predictor(config.arch, variables, options=model_options(config))
         else:
             predictor.variables = variables  # same shapes: the jitted forward is reused
         result = evaluate_split(predictor, validation, config.eval.validation_strategy, config.eval.limit)
         means = result["mean"]
-        writer.write_scalars(step, {f"val/{k}": v for k, v in means.items()})
+        prefix = "val_ema" if ema else "val"
+        writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in means.items()})
+        _log(
+            f"validation @ {step}{' (EMA weights)' if ema else ''} ({result['count']} images, "
+            f"{config.eval.validation_strategy}): "
+            + ", ".join(f"{k} {means[k]:.4f}" for k in ("SAD", "MSE", "GRAD", "CONN") if k in means)
+        )
+        return result
+
+    def run_validation(step: int) -> dict:
+        """Validation metrics of the weights the run selects models by; with EMA both sets are scored,
+        and the other's means are kept under ``raw_``/``ema_`` names."""
+        select_ema = bool(config.eval.select_ema)
+        other = validate(step, ema=not select_ema)["mean"] if step_options.ema_decay > 0 else {}
+        result = validate(step, ema=select_ema)  # last: the summary images below show these weights
+        means = {**result["mean"], **{f"{'raw' if select_ema else 'ema'}_{k}": v for k, v in other.items()}}
         if is_main and config.num_summary_images:
             images = {}
             for index in range(min(config.num_summary_images, len(validation))):
@@ -275,10 +314,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
             writer.write_images(step, images)
             with open(os.path.join(workdir, VALIDATION_LOG_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "count": result["count"], **means}) + "\n")
-        _log(
-            f"validation @ {step} ({result['count']} images, {config.eval.validation_strategy}): "
-            + ", ".join(f"{k} {means[k]:.4f}" for k in ("SAD", "MSE", "GRAD", "CONN") if k in means)
-        )
         return means
 
     if step < config.num_train_steps:
@@ -292,6 +327,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     try:
         while step < config.num_train_steps:
             batch = next(train_iter)
+            if train_step is None:
+                train_step = memory_plan.plan(
+                    lambda setting: compile_step(setting, state, batch),
+                    memory_plan.current_setting(config),
+                    config.batch_size // mesh.size,
+                    memory_limit,
+                    _log,
+                )
             profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)
             # P3M-CP: how many samples of the batch got a pasted face (ICP) / replaced features (FCP).

@@ -14,6 +14,11 @@ does not average per sample). The terms:
 - ``composition_loss``: sum over channels and pixels of
   sqrt((p fg + (1 - p) bg - image)^2 + 1e-12) divided by the pixel count (not 3x it).
 - ``p3m_loss``: L = L_global / 6 + 2 L_local + 3 L_fusion + L_comp.
+
+Gradient accumulation splits a batch into micro-batches. `loss_normalizers` computes the two
+data-dependent denominators (the unknown-region pixel count, the fg/bg pixel count) over the
+whole batch; `p3m_loss` with those and ``batch_size`` returns a micro-batch's exact share of the
+whole batch's loss, so the micro-batch losses and gradients sum to the whole batch's.
 """
 
 from __future__ import annotations
@@ -65,17 +70,21 @@ def unknown_mask(trimap: jax.Array) -> jax.Array:
     return (trimap == UNKNOWN).astype(jnp.float32)
 
 
-def alpha_loss(pred: jax.Array, alpha: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+def alpha_loss(
+    pred: jax.Array, alpha: jax.Array, weight: jax.Array | None = None, denominator: jax.Array | None = None
+) -> jax.Array:
     """The authors' alpha L1 (Charbonnier with eps 1e-12).
 
-    With ``weight`` (the unknown mask): sum(sqrt(((p - a) w)^2 + eps)) / (sum(w) + 1).
-    Without: sum(sqrt((p - a)^2 + eps)) / pixel count.
+    With ``weight`` (the unknown mask): sum(sqrt(((p - a) w)^2 + eps)) / (sum(w) + 1), or divided
+    by ``denominator`` when given. Without: sum(sqrt((p - a)^2 + eps)) / pixel count.
     """
     diff = pred.astype(jnp.float32) - alpha.astype(jnp.float32)
     if weight is None:
         return jnp.sum(jnp.sqrt(jnp.square(diff) + EPSILON)) / diff.size
     weight = weight.astype(jnp.float32)
-    return jnp.sum(jnp.sqrt(jnp.square(diff * weight) + EPSILON)) / (jnp.sum(weight) + 1.0)
+    if denominator is None:
+        denominator = jnp.sum(weight) + 1.0
+    return jnp.sum(jnp.sqrt(jnp.square(diff * weight) + EPSILON)) / denominator
 
 
 def _blur(x: jax.Array) -> jax.Array:
@@ -119,12 +128,18 @@ def laplacian_loss(pred: jax.Array, alpha: jax.Array, weight: jax.Array | None =
 
 
 def composition_loss(
-    pred: jax.Array, image: jax.Array, fg: jax.Array, bg: jax.Array, valid: jax.Array | None = None
+    pred: jax.Array,
+    image: jax.Array,
+    fg: jax.Array,
+    bg: jax.Array,
+    valid: jax.Array | None = None,
+    denominator: jax.Array | None = None,
 ) -> jax.Array:
     """sqrt((p fg + (1 - p) bg - image)^2 + eps) summed over channels and pixels, / pixels.
 
     ``valid`` (N,) masks out samples without a foreground/background pair; the sum then runs
-    over the valid samples and is divided by their pixel count (0 when none is valid).
+    over the valid samples and is divided by their pixel count (0 when none is valid), or by
+    ``denominator`` when given.
     """
     pred = pred.astype(jnp.float32)
     comp = pred * fg.astype(jnp.float32) + (1.0 - pred) * bg.astype(jnp.float32)
@@ -134,12 +149,28 @@ def composition_loss(
     if valid is None:
         return jnp.sum(per_sample) / (pred.shape[0] * pixels)
     valid = valid.astype(jnp.float32).reshape(-1)
-    count = jnp.sum(valid) * pixels
-    return jnp.sum(per_sample * valid) / jnp.maximum(count, 1.0)
+    if denominator is None:
+        denominator = jnp.maximum(jnp.sum(valid) * pixels, 1.0)
+    return jnp.sum(per_sample * valid) / denominator
+
+
+def loss_normalizers(batch: Mapping[str, jax.Array]) -> dict:
+    """The denominators of `p3m_loss` that depend on the data, over all of ``batch`` (the float batch):
+    ``unknown`` (transition pixels + 1), ``composition`` (pixels of the samples with fg/bg, at least
+    1), and ``batch_size`` (a Python int, the divisor of the per-pixel means)."""
+    trimap = batch["trimap"].astype(jnp.float32)
+    n, h, w = trimap.shape[:3]
+    valid = batch.get("has_fg_bg")
+    valid = jnp.ones((n,), jnp.float32) if valid is None else valid.astype(jnp.float32).reshape(-1)
+    return {
+        "unknown": jnp.sum(unknown_mask(trimap)) + 1.0,
+        "composition": jnp.maximum(jnp.sum(valid) * (h * w), 1.0),
+        "batch_size": n,
+    }
 
 
 def p3m_loss(
-    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], normalizers: Mapping | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The P3M-Net training loss.
 
@@ -151,6 +182,8 @@ def p3m_loss(
         ``has_fg_bg`` (N,) — samples where it is false/0 are left out of the composition term,
         which is then normalised by the pixels of the remaining samples (the authors' loader
         always has fg/bg, where this equals their loss; the term is 0 if no sample has them).
+      normalizers: `loss_normalizers` of the whole batch when ``batch`` is one of its
+        micro-batches: the result is then this micro-batch's share of the whole batch's loss.
 
     Returns:
       ``(total, parts)`` with ``parts`` the unweighted ``global`` (sum of the three side CEs and
@@ -162,18 +195,28 @@ def p3m_loss(
     """
     trimap = batch["trimap"].astype(jnp.float32)
     alpha = batch["alpha"].astype(jnp.float32)
+    unknown_denominator = comp_denominator = None
+    share = 1.0  # this batch's share of the per-pixel means
+    if normalizers is not None:
+        unknown_denominator, comp_denominator = normalizers["unknown"], normalizers["composition"]
+        share = trimap.shape[0] / normalizers["batch_size"]
+    mean_share = (lambda x: x) if share == 1.0 else (lambda x: x * share)
     l_global = (
         cross_entropy_loss(outputs["side2"], trimap)
         + cross_entropy_loss(outputs["side1"], trimap)
         + cross_entropy_loss(outputs["side0"], trimap)
         + 3.0 * cross_entropy_loss(outputs["global"], trimap)
     )
+    l_global = mean_share(l_global)
     unknown = unknown_mask(trimap)
     local = outputs["local"].astype(jnp.float32)
-    l_local = alpha_loss(local, alpha, unknown) + laplacian_loss(local, alpha, unknown)
+    l_local = alpha_loss(local, alpha, unknown, unknown_denominator) + mean_share(laplacian_loss(local, alpha, unknown))
     fusion = outputs["fusion"].astype(jnp.float32)
-    l_fusion = alpha_loss(fusion, alpha) + laplacian_loss(fusion, alpha)
-    l_comp = composition_loss(fusion, batch["image"], batch["fg"], batch["bg"], batch.get("has_fg_bg"))
+    l_fusion = mean_share(alpha_loss(fusion, alpha) + laplacian_loss(fusion, alpha))
+    valid = batch.get("has_fg_bg")
+    if valid is None and comp_denominator is not None:
+        valid = jnp.ones((trimap.shape[0],), jnp.float32)
+    l_comp = composition_loss(fusion, batch["image"], batch["fg"], batch["bg"], valid, comp_denominator)
     total = GLOBAL_WEIGHT * l_global + LOCAL_WEIGHT * l_local + FUSION_WEIGHT * l_fusion + COMPOSITION_WEIGHT * l_comp
     parts = {"global": l_global, "local": l_local, "fusion": l_fusion, "composition": l_comp}
     return total, parts
@@ -181,6 +224,7 @@ def p3m_loss(
 
 __all__ = [
     "p3m_loss",
+    "loss_normalizers",
     "cross_entropy_loss",
     "alpha_loss",
     "laplacian_loss",

@@ -23,9 +23,9 @@ from p3m_jax.common.compile_options import compiler_options
 from p3m_jax.common.errors import ConfigError, check
 from p3m_jax.models.copy_paste import check_layers, fcp_inputs
 from p3m_jax.ops.normalize import normalize_uint8
-from p3m_jax.train.losses import p3m_loss
+from p3m_jax.train.losses import loss_normalizers, p3m_loss
 from p3m_jax.train.mesh import batch_sharding, replicated
-from p3m_jax.train.state import TrainState
+from p3m_jax.train.state import PyTree, TrainState
 
 Batch = Mapping[str, jax.Array]
 
@@ -50,6 +50,23 @@ class FCPOptions:
         """From ``config.copy_paste.fcp`` (checked also when off); None when it is off."""
         options = cls(int(fcp_config.start_step), tuple(fcp_config.layers))
         return options if fcp_config.enabled else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How the train step turns a batch into an update: ``grad_accum_steps`` micro-batches per
+    optimizer step (1: the whole batch at once) and the parameter EMA's decay (0: no EMA)."""
+
+    grad_accum_steps: int
+    ema_decay: float
+
+    def __post_init__(self):
+        check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1) (0 disables), got {self.ema_decay}")
+
+    @classmethod
+    def from_config(cls, config) -> "StepOptions":
+        return cls(int(config.grad_accum_steps), float(config.ema_decay))
 
 
 def _model_kwargs(batch: Batch, state: TrainState, fcp: FCPOptions | None) -> dict:
@@ -97,6 +114,85 @@ def dropout_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
+def make_loss_fn(state: TrainState, batch: Batch, *, model, fcp=None, rng=None, normalizers=None) -> Callable:
+    """``params -> (loss, (parts, updates))``: the training loss of ``batch`` (train-mode forward) with the
+    rest of ``state``; ``updates`` holds the new BatchNorm statistics."""
+    fb = prepare_batch(batch)
+    extra = _model_kwargs(batch, state, fcp)
+    rng = dropout_key(state) if rng is None else rng
+
+    def loss_fn(params):
+        variables = {**state.variables(), "params": params}
+        outputs, updates = model.apply(
+            variables, fb["image"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}, **extra
+        )
+        total, parts = p3m_loss(_as_float32(outputs), fb, normalizers)
+        return total, (parts, updates)
+
+    return loss_fn
+
+
+def _loss_and_grads(state: TrainState, batch: Batch, *, model, fcp, rng, normalizers=None):
+    """Loss, its parts, gradients and updated BatchNorm statistics of one forward/backward pass."""
+    loss_fn = make_loss_fn(state, batch, model=model, fcp=fcp, rng=rng, normalizers=normalizers)
+    (loss, (parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, parts, grads, updates.get("batch_stats", state.batch_stats)
+
+
+def micro_batches(batch: Batch, steps: int) -> dict:
+    """Splits every (N, ...) leaf into (steps, N / steps, ...): micro-batch ``j`` holds rows
+    j, j + steps, j + 2 steps, ... A device holding a contiguous shard of the batch then holds
+    its part of every micro-batch, so the split moves no data between devices."""
+    n = batch["image"].shape[0]
+
+    def split(key, x):
+        if x.ndim == 0 or x.shape[0] != n:
+            raise ValueError(f"batch[{key!r}] has shape {x.shape}; gradient accumulation needs (N, ...) leaves")
+        return jnp.swapaxes(x.reshape(n // steps, steps, *x.shape[1:]), 0, 1)
+
+    return {key: split(key, jnp.asarray(x)) for key, x in batch.items()}
+
+
+def _accumulated_loss_and_grads(state: TrainState, batch: Batch, steps: int, *, model, fcp, rng):
+    """`_loss_and_grads` summed over ``steps`` micro-batches in one `lax.scan`. The loss of each is its
+    share of the whole batch's (`losses.loss_normalizers`), so the sums equal the whole batch's loss
+    and gradients. BatchNorm normalises each micro-batch by its own statistics (as PyTorch would
+    with that batch) and updates the running statistics once per micro-batch, in order."""
+    n = batch["image"].shape[0]
+    check(n % steps == 0, "grad_accum_steps", f"{steps} does not divide the batch of {n}")
+    targets = prepare_batch({k: batch[k] for k in ("image", "alpha", "trimap", "fg", "bg", "has_fg_bg") if k in batch})
+    normalizers = loss_normalizers({"trimap": targets["trimap"], "has_fg_bg": targets["has_fg_bg"]})
+    zero = jnp.zeros((), jnp.float32)
+
+    def body(carry, xs):
+        grads_sum, loss_sum, parts_sum, batch_stats = carry
+        index, micro = xs
+        loss, parts, grads, batch_stats = _loss_and_grads(
+            state.replace(batch_stats=batch_stats),
+            micro,
+            model=model,
+            fcp=fcp,
+            rng=jax.random.fold_in(rng, index),
+            normalizers=normalizers,
+        )
+        add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+        return (add(grads_sum, grads), loss_sum + loss, add(parts_sum, parts), batch_stats), None
+
+    init = (
+        jax.tree_util.tree_map(jnp.zeros_like, state.params),
+        zero,
+        {name: zero for name in ("global", "local", "fusion", "composition")},
+        state.batch_stats,
+    )
+    (grads, loss, parts, batch_stats), _ = jax.lax.scan(body, init, (jnp.arange(steps), micro_batches(batch, steps)))
+    return loss, parts, grads, batch_stats
+
+
+def ema_update(ema: PyTree, new: PyTree, decay: float) -> PyTree:
+    """decay * ema + (1 - decay) * new, leaf by leaf."""
+    return jax.tree_util.tree_map(lambda e, x: decay * e + (1.0 - decay) * x, ema, new)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -105,34 +201,36 @@ def train_step(
     optimizer: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
     fcp: FCPOptions | None = None,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch`` (the uint8 host-contract dict; unknown keys ignored).
+
+    ``grad_accum_steps`` > 1 runs the batch as that many micro-batches (`micro_batches`) and makes one
+    update from their summed gradients. ``ema_decay`` > 0 also updates the state's EMA of the
+    parameters and BatchNorm statistics (`TrainState.ema_params`).
 
     Returns the new state and float32 scalar metrics: ``loss``, ``global``, ``local``,
     ``fusion``, ``composition`` (see `p3m_jax.train.losses.p3m_loss`), ``learning_rate`` (of this
     update; NaN without ``lr_schedule``) and ``grad_norm`` (global norm before clipping).
     """
-    fb = prepare_batch(batch)
-    extra = _model_kwargs(batch, state, fcp)
-    rngs = {"dropout": dropout_key(state)}
-
-    def loss_fn(params):
-        variables = {**state.variables(), "params": params}
-        outputs, updates = model.apply(variables, fb["image"], train=True, mutable=["batch_stats"], rngs=rngs, **extra)
-        total, parts = p3m_loss(_as_float32(outputs), fb)
-        return total, (parts, updates)
-
-    (loss, (parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    rng = dropout_key(state)
+    if grad_accum_steps == 1:
+        loss, parts, grads, batch_stats = _loss_and_grads(state, batch, model=model, fcp=fcp, rng=rng)
+    else:
+        loss, parts, grads, batch_stats = _accumulated_loss_and_grads(
+            state, batch, grad_accum_steps, model=model, fcp=fcp, rng=rng
+        )
     grad_norm = optax.tree.norm(grads)
     param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
     lr = jnp.asarray(lr_schedule(state.step), jnp.float32) if lr_schedule is not None else jnp.float32(jnp.nan)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=updates.get("batch_stats", state.batch_stats),
-        opt_state=opt_state,
-    )
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if ema_decay > 0:
+        new_state = new_state.replace(
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, ema_decay),
+        )
     metrics = {"loss": loss, **parts, "learning_rate": lr, "grad_norm": grad_norm}
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -156,11 +254,21 @@ def make_train_step(
     lr_schedule: optax.Schedule | None = None,
     fcp: FCPOptions | None = None,
     donate: bool = True,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step` jitted over ``mesh``: state in/out with ``state_sharding`` (from
     `state_shardings`), batch sharded on ``data``, metrics replicated, the state donated,
     compiled with the options of the mesh's platform (`p3m_jax.common.compile_options`)."""
-    fn = functools.partial(train_step, model=model, optimizer=optimizer, lr_schedule=lr_schedule, fcp=fcp)
+    fn = functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        fcp=fcp,
+        grad_accum_steps=grad_accum_steps,
+        ema_decay=ema_decay,
+    )
     return jax.jit(
         fn,
         in_shardings=(state_sharding, batch_sharding(mesh)),
@@ -188,11 +296,16 @@ def _mesh_compiler_options(mesh: Mesh) -> dict | None:
 
 
 __all__ = [
+    "StepOptions",
+    "FCPOptions",
     "prepare_batch",
     "train_step",
     "eval_step",
     "make_train_step",
     "make_eval_step",
     "dropout_key",
+    "micro_batches",
+    "make_loss_fn",
+    "ema_update",
     "METRIC_NAMES",
 ]

@@ -73,11 +73,18 @@ def best_or_latest_step(manager) -> int | None:
     return best if best is not None else manager.latest_step()
 
 
-def restore_variables(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+def saved_state_fields(directory: str | os.PathLike, step: int) -> set[str]:
+    """The top-level fields of the train state saved at ``<directory>/<step>/state``."""
+    with ocp.PyTreeCheckpointer() as reader:
+        return set(reader.metadata(os.path.join(os.fspath(directory), str(step), "state")).item_metadata)
+
+
+def restore_variables(directory: str | os.PathLike, step: int | None = None, ema: bool = False) -> tuple[int, dict]:
     """Reads the model variables (params, batch_stats, constants) of a training checkpoint as numpy.
 
     ``directory`` is ``<workdir>/checkpoints``; ``step`` None picks the best step by validation SAD
-    (the latest when none was evaluated).
+    (the latest when none was evaluated). ``ema``: the EMA of the parameters and BatchNorm
+    statistics instead (a run trained with ``config.ema_decay`` > 0).
     """
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
@@ -90,13 +97,21 @@ def restore_variables(directory: str | os.PathLike, step: int | None = None) -> 
         state_dir = os.path.join(directory, str(step), "state")
         with ocp.PyTreeCheckpointer() as reader:
             metadata = reader.metadata(state_dir).item_metadata
-            wanted = {k: v for k, v in metadata.items() if k in ("params", "batch_stats", "constants")}
+            if ema and "ema_params" not in metadata:
+                raise ValueError(
+                    f"{state_dir} holds no EMA of the parameters: the run was trained with config.ema_decay=0"
+                )
+            # saved field -> model collection
+            prefix = "ema_" if ema else ""
+            names = {prefix + "params": "params", prefix + "batch_stats": "batch_stats", "constants": "constants"}
+            wanted = {k: v for k, v in metadata.items() if k in names}
             restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
             restored = reader.restore(
                 state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
             )
     finally:
         manager.close()
+    restored = {names[k]: v for k, v in restored.items()}
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     if restored.get("constants"):
         variables["constants"] = restored["constants"]
@@ -107,9 +122,12 @@ def is_training_workdir(path: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
 
 
-def read_training_workdir(workdir: str | os.PathLike, arch: str | None = None) -> tuple[str, dict, dict, int]:
+def read_training_workdir(
+    workdir: str | os.PathLike, arch: str | None = None, ema: bool = False
+) -> tuple[str, dict, dict, int]:
     """``(arch, model options, variables, step)`` of the best checkpoint of a training workdir (the
-    latest when none was validated); ``arch``, when given, must be the one it trained."""
+    latest when none was validated); ``arch``, when given, must be the one it trained; ``ema``: its
+    EMA weights (`restore_variables`)."""
     workdir = os.fspath(workdir)
     config_path = os.path.join(workdir, RUN_CONFIG_FILE)
     try:
@@ -120,5 +138,5 @@ def read_training_workdir(workdir: str | os.PathLike, arch: str | None = None) -
         raise ValueError(f"corrupt training config {config_path}: {e}") from e
     if arch is not None and arch != saved_arch:
         raise ValueError(f"{workdir} trained a {saved_arch} model, not {arch}")
-    step, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    step, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR), ema=ema)
     return saved_arch, options, variables, step

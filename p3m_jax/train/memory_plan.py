@@ -1,0 +1,166 @@
+"""The memory plan: before the first step, the compiled train step's memory per device is read from
+XLA (`Compiled.memory_analysis`) and compared with the device's. A step that does not fit stops the
+run with one line naming settings that do (each found by compiling it), instead of an out-of-memory
+crash after minutes of compiling and loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from p3m_jax.common.errors import check
+from p3m_jax.models import remat_policy
+from p3m_jax.train.step import make_loss_fn
+
+GIB = 2**30
+
+# The keys of `p3m_jax.models.REMAT_POLICIES`, cheapest first: the decoder policy recomputes only
+# BatchNorm, ReLU and resizing.
+REMAT_ORDER = ("none", "decoder", "encoder", "full")
+
+
+class MemoryPlanError(RuntimeError):
+    """The train step does not fit the device; the message says what would."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Bytes per device of a compiled program: its arguments (the state and the batch), outputs and
+    temporaries; buffers donated from arguments to outputs (``alias``) count once."""
+
+    argument: int
+    output: int
+    temp: int
+    alias: int
+
+    @property
+    def total(self) -> int:
+        return self.argument + self.output + self.temp - self.alias
+
+    @classmethod
+    def of(cls, compiled) -> "StepMemory | None":
+        """From ``jax.jit(...).lower(...).compile()``; None where the backend reports nothing."""
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            return None
+        get = lambda name: int(getattr(analysis, name, 0) or 0)
+        return cls(
+            get("argument_size_in_bytes"),
+            get("output_size_in_bytes"),
+            get("temp_size_in_bytes"),
+            get("alias_size_in_bytes"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What the plan may change: the rematerialisation policy and the micro-batches per step."""
+
+    remat: str
+    grad_accum_steps: int
+
+    def flags(self) -> str:
+        return f"--config.remat={self.remat} --config.grad_accum_steps={self.grad_accum_steps}"
+
+
+def backward_residual_bytes(model, state, batch) -> int:
+    """Bytes JAX keeps from the forward pass of the training loss for its backward pass (the residuals
+    of `jax.vjp` with respect to the parameters), from tracing alone (``state`` and ``batch`` may be
+    abstract): what rematerialisation lowers before XLA schedules the program, where `StepMemory` is
+    what the compiled program then needs."""
+
+    def residuals(state, batch):
+        loss_fn = make_loss_fn(state, batch, model=model)
+        _, vjp_fn = jax.vjp(lambda params: loss_fn(params)[0], state.params)
+        return jax.tree_util.tree_leaves(vjp_fn)
+
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.eval_shape(residuals, state, batch))
+
+
+def device_memory_bytes(device, override_gib: float = 0.0) -> int | None:
+    """The memory a step may use on ``device``: ``override_gib`` when > 0 (to plan for another card),
+    else what its allocator reports (``bytes_limit``); None where the device reports none (the CPU)."""
+    check(override_gib >= 0, "device_memory_gib", f"must be >= 0, got {override_gib}")
+    if override_gib > 0:
+        return int(override_gib * GIB)
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _fallback_settings(current: Setting, per_device_batch: int) -> list[Setting]:
+    """Settings to try when ``current`` does not fit, cheapest first: more remat at the same
+    accumulation, then the most economical policy at each larger accumulation that divides the
+    per-device batch."""
+    policies = REMAT_ORDER[REMAT_ORDER.index(current.remat) + 1 :]
+    out = [Setting(p, current.grad_accum_steps) for p in policies]
+    for steps in range(current.grad_accum_steps + 1, per_device_batch + 1):
+        if per_device_batch % steps == 0 and steps % current.grad_accum_steps == 0:
+            out.append(Setting("full", steps))
+    return out
+
+
+def plan(
+    compile_setting: Callable[[Setting], Any],
+    current: Setting,
+    per_device_batch: int,
+    limit: int | None,
+    log: Callable[[str], Any],
+) -> Any:
+    """Compiles the step at ``current`` and returns the compiled program when it fits ``limit`` bytes
+    (always where the limit is unknown). Otherwise compiles the fallback settings until one fits and
+    raises `MemoryPlanError` naming it (or saying that none does)."""
+    compiled = compile_setting(current)
+    memory = StepMemory.of(compiled)
+    if memory is None:
+        log("memory plan: this backend reports no memory use for the compiled step")
+        return compiled
+    if limit is None:
+        log(
+            f"memory plan: this step needs {gib(memory.total)} per device; the device reports no memory limit "
+            f"(set config.device_memory_gib to plan for a card)"
+        )
+        return compiled
+    log(f"memory plan: this step needs {gib(memory.total)} per device; the device has {gib(limit)}")
+    if memory.total <= limit:
+        return compiled
+    log(f"memory plan: {current.flags()} does not fit; compiling other settings to find one that does")
+    tried = [f"{current.remat}/{current.grad_accum_steps}: {gib(memory.total)}"]
+    for setting in _fallback_settings(current, per_device_batch):
+        needed = StepMemory.of(compile_setting(setting)).total
+        tried.append(f"{setting.remat}/{setting.grad_accum_steps}: {gib(needed)}")
+        if needed <= limit:
+            raise MemoryPlanError(
+                f"the train step needs {gib(memory.total)} per device but the device has {gib(limit)}; "
+                f"{setting.flags()} fits ({gib(needed)}, compiled) and keeps the global batch"
+            )
+    raise MemoryPlanError(
+        f"the train step needs {gib(memory.total)} per device but the device has {gib(limit)}, and no remat/"
+        f"accumulation setting fits ({'; '.join(tried)}): lower config.batch_size or config.data.image_size, "
+        f"or use more devices with config.param_sharding=fsdp"
+    )
+
+
+def current_setting(config) -> Setting:
+    return Setting(remat_policy(config.remat), int(config.grad_accum_steps))
+
+
+__all__ = [
+    "GIB",
+    "backward_residual_bytes",
+    "MemoryPlanError",
+    "REMAT_ORDER",
+    "Setting",
+    "StepMemory",
+    "current_setting",
+    "device_memory_bytes",
+    "plan",
+]
