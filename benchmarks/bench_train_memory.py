@@ -85,15 +85,17 @@ def main(argv=None) -> int:
                     compiled, seconds, residuals = compile_step(
                         arch, jnp.dtype(args.dtype), args.size, batch, remat, grad_accum, not args.trace_only
                     )
-                    memory = StepMemory.of(compiled) if compiled else StepMemory(0, 0, 0, 0)
+                    memory = StepMemory.of(compiled) if compiled else None
                     cost = compiled.cost_analysis() if compiled else {}
                     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                    flops = float((cost or {}).get("flops", float("nan")))
+                    # The cost analysis counts the accumulation loop's body once: no FLOPs for those rows.
+                    flops = float((cost or {}).get("flops", float("nan"))) if grad_accum == 1 else float("nan")
+                    compiled_gib = lambda n: f"{n / GIB:.2f} GiB" if memory else "-"
                     print(
-                        f"{arch} | {batch} | {remat} | {grad_accum} | {memory.total / GIB:.2f} GiB | "
-                        f"{memory.temp / GIB:.2f} GiB | "
+                        f"{arch} | {batch} | {remat} | {grad_accum} | {compiled_gib(memory and memory.total)} | "
+                        f"{compiled_gib(memory and memory.temp)} | "
                         + (f"{residuals / GIB:.2f} GiB" if residuals is not None else "-")
-                        + f" | {flops / 1e9:.0f} | {seconds:.0f} s",
+                        + f" | {f'{flops / 1e9:.0f}' if flops == flops else '-'} | {seconds:.0f} s",
                         flush=True,
                     )
     return 0

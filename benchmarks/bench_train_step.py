@@ -1,7 +1,7 @@
 """Training-step benchmark: compile time, step time, throughput, FLOPs, MFU and memory.
 
     python benchmarks/bench_train_step.py --arch resnet34 swin_t vitae_s --size 512 --batch 8 \
-        --dtype float32 bfloat16 [--remat] [--param_sharding fsdp] \
+        --dtype float32 bfloat16 [--remat none|encoder|decoder|full] [--param_sharding fsdp] \
         [--torch --authors_repo DIR] [--memory_only] [--profile DIR]
     python benchmarks/bench_train_step.py --torch_only --torch_device cuda --torch_precision float32 float16 \
         --arch resnet34 --size 512 --batch 32 --authors_repo DIR
@@ -139,7 +139,7 @@ def bench_jax(
     size: int,
     batch: int,
     repeats: int,
-    remat: bool,
+    remat: str,
     param_sharding: str,
     memory_only: bool,
     profile_dir: str | None,
@@ -265,7 +265,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="per-device batch")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--remat", action="store_true", help="rematerialise encoder stages")
+    parser.add_argument(
+        "--remat", default="none", choices=["none", "encoder", "decoder", "full"], help="rematerialisation policy"
+    )
     parser.add_argument("--param_sharding", default="replicated", choices=["replicated", "fsdp"])
     parser.add_argument(
         "--memory_only", action="store_true", help="compile only; report compile time, FLOPs and memory"

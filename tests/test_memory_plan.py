@@ -44,7 +44,7 @@ def test_a_step_that_does_not_fit_stops_with_a_setting_that_fits():
     with pytest.raises(MemoryPlanError) as error:
         plan(compile_setting, Setting("none", 1), 8, limit, logs.append)
     message = str(error.value)
-    assert "--config.remat=full --config.grad_accum_steps=4 fits" in message
+    assert "--config.remat=decoder --config.grad_accum_steps=4 fits" in message
     assert f"{needs[1] / GIB:.2f} GiB per device but the device has {limit / GIB:.2f} GiB" in message
     assert f"this step needs {needs[1] / GIB:.2f} GiB per device; the device has" in logs[0]
     # Nothing fits: the line says so and what else to change.

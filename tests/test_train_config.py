@@ -4,6 +4,7 @@ and TensorBoard panels."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from loop_helpers import TFDS_NAME, run_main
+from p3m_jax import main
 from p3m_jax.common.errors import ConfigError
 from p3m_jax.configs import default as default_config
 from p3m_jax.train.config_checks import validate_config
@@ -178,3 +180,15 @@ def test_validation_images_show_input_truth_prediction_and_error_side_by_side():
     np.testing.assert_array_equal(panel[:, 5:10, 0], truth[..., 0])
     np.testing.assert_array_equal(panel[:, 10:15, 0], np.full((4, 5), 64))
     np.testing.assert_array_equal(panel[:, 15:, 0], np.where(truth[..., 0] == 255, 191, 64))
+
+
+@pytest.mark.parametrize("name", sorted(main.recipes()))
+def test_every_shipped_recipe_is_a_valid_config(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", main.recipes()[name])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.init.pretrained_backbone = ""  # the authors' download the recipe points at
+    validate_config(config, num_devices=1)
+    if name.endswith("_24gb"):  # the paper's batch of 8, in micro-batches
+        assert config.batch_size == 8

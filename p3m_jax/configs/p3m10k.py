@@ -25,7 +25,20 @@ PRETRAINED_BACKBONES = {
 
 
 STEPS_PER_EPOCH = (NUM_TRAIN_IMAGES - VALIDATION_COUNT) // BATCH_SIZE
+
+# 24 GB cards: micro-batches per step that keep the paper's batch of 8, and the remat policy, such that the
+# compiled step needs at most about half of 24 GiB (docs/training.md has the compiled figures; the other
+# half is margin for the GPU's own fusions and convolution workspaces).
+CONSUMER_GPU = {"resnet34": (1, "decoder"), "swin_t": (2, "decoder"), "vitae_s": (2, "decoder")}
 CELEBAMASK_HQ = "~/data/CelebAMask-HQ"  # CelebA-HQ-img/ + CelebAMask-HQ-mask-anno/ (P3M-CP faces)
+
+
+def consumer_gpu_config(arch: str) -> ml_collections.ConfigDict:
+    """The paper's recipe for one 24 GB GPU: the same global batch of 8, in `CONSUMER_GPU` micro-batches."""
+    config = get_config(arch)
+    config.grad_accum_steps, config.remat = CONSUMER_GPU[arch]
+    config.data.num_workers = 4  # a desktop's cores
+    return config
 
 
 def get_config(arch: str = "resnet34", copy_paste: bool = False) -> ml_collections.ConfigDict:

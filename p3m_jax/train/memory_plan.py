@@ -18,10 +18,6 @@ from p3m_jax.train.step import make_loss_fn
 
 GIB = 2**30
 
-# The keys of `p3m_jax.models.REMAT_POLICIES`, cheapest first: the decoder policy recomputes only
-# BatchNorm, ReLU and resizing.
-REMAT_ORDER = ("none", "decoder", "encoder", "full")
-
 
 class MemoryPlanError(RuntimeError):
     """The train step does not fit the device; the message says what would."""
@@ -97,15 +93,17 @@ def gib(n: int) -> str:
 
 
 def _fallback_settings(current: Setting, per_device_batch: int) -> list[Setting]:
-    """Settings to try when ``current`` does not fit, cheapest first: more remat at the same
-    accumulation, then the most economical policy at each larger accumulation that divides the
-    per-device batch."""
-    policies = REMAT_ORDER[REMAT_ORDER.index(current.remat) + 1 :]
-    out = [Setting(p, current.grad_accum_steps) for p in policies]
-    for steps in range(current.grad_accum_steps + 1, per_device_batch + 1):
-        if per_device_batch % steps == 0 and steps % current.grad_accum_steps == 0:
-            out.append(Setting("full", steps))
-    return out
+    """Settings to try when ``current`` does not fit, cheapest first: the decoder policy (it recomputes
+    only BatchNorm, ReLU and resizing) at the same and then at each larger accumulation that divides the
+    per-device batch, then the same with full remat (about a third more FLOPs)."""
+    steps = [n for n in range(current.grad_accum_steps, per_device_batch + 1) if per_device_batch % n == 0]
+    light = current.remat if current.remat != "none" else "decoder"
+    out = [Setting(light, n) for n in steps] + [Setting("full", n) for n in steps]
+    unique = []
+    for setting in out:
+        if setting != current and setting not in unique:
+            unique.append(setting)
+    return unique
 
 
 def plan(
@@ -157,7 +155,6 @@ __all__ = [
     "GIB",
     "backward_residual_bytes",
     "MemoryPlanError",
-    "REMAT_ORDER",
     "Setting",
     "StepMemory",
     "current_setting",
