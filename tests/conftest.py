@@ -8,6 +8,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+# The files that take longest (they compile the real networks), longest first, as measured with
+# `--junitxml`. `-n 2 --dist loadfile` hands whole files to the two workers in collection order
+# (pyproject.toml turns off xdist's reordering by test count); starting with the long ones keeps one
+# worker from being left with a long file at the end while the other waits.
+SLOW_FILES_FIRST = (
+    "test_train_step.py",
+    "test_export.py",
+    "test_train_gradients.py",
+    "test_inference.py",
+    "test_layers.py",
+    "test_train_loop.py",
+    "test_install.py",
+    "test_copy_paste.py",
+    "test_metrics.py",
+    "test_evaluate.py",
+    "test_predict.py",
+    "test_swin.py",
+    "test_vitae.py",
+    "test_train_accumulation.py",
+    "test_resnet.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):

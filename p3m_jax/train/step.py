@@ -88,7 +88,6 @@ def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
     inputs are taken as already converted. Other keys are not returned.
     """
     image = batch["image"]
-    n = image.shape[0]
     conv = lambda x: normalize_uint8(x) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
     out = {"image": conv(image)}
     alpha = batch["alpha"]
@@ -96,12 +95,19 @@ def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
     out["trimap"] = batch["trimap"].astype(jnp.float32)
     if "fg" in batch and "bg" in batch:
         out["fg"], out["bg"] = conv(batch["fg"]), conv(batch["bg"])
-        has = batch.get("has_fg_bg")
-        out["has_fg_bg"] = jnp.ones((n,), jnp.float32) if has is None else has.astype(jnp.float32).reshape(n)
     else:
         out["fg"] = out["bg"] = jnp.zeros_like(out["image"])
-        out["has_fg_bg"] = jnp.zeros((n,), jnp.float32)
+    out["has_fg_bg"] = _has_fg_bg(batch)
     return out
+
+
+def _has_fg_bg(batch: Batch) -> jax.Array:
+    """(N,) float32: which samples have a foreground/background pair (none when the batch has no fg/bg)."""
+    n = batch["image"].shape[0]
+    if "fg" not in batch or "bg" not in batch:
+        return jnp.zeros((n,), jnp.float32)
+    has = batch.get("has_fg_bg")
+    return jnp.ones((n,), jnp.float32) if has is None else has.astype(jnp.float32).reshape(n)
 
 
 def _as_float32(outputs):
@@ -160,8 +166,7 @@ def _accumulated_loss_and_grads(state: TrainState, batch: Batch, steps: int, *, 
     with that batch) and updates the running statistics once per micro-batch, in order."""
     n = batch["image"].shape[0]
     check(n % steps == 0, "grad_accum_steps", f"{steps} does not divide the batch of {n}")
-    targets = prepare_batch({k: batch[k] for k in ("image", "alpha", "trimap", "fg", "bg", "has_fg_bg") if k in batch})
-    normalizers = loss_normalizers({"trimap": targets["trimap"], "has_fg_bg": targets["has_fg_bg"]})
+    normalizers = loss_normalizers({"trimap": batch["trimap"], "has_fg_bg": _has_fg_bg(batch)})
     zero = jnp.zeros((), jnp.float32)
 
     def body(carry, xs):
