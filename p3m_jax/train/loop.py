@@ -211,7 +211,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         return fn.lower(state, batch).compile()
 
     train_step = None  # compiled on the first batch, by the memory plan
-    memory_limit = memory_plan.device_memory_bytes(mesh.devices.flat[0], float(config.device_memory_gib))
+    memory_limit = memory_plan.device_memory_bytes(jax.local_devices()[0], float(config.device_memory_gib))
 
     writer = MetricWriter(workdir, enabled=is_main)
     validation = data_lib.validation_dataset(config.data)
