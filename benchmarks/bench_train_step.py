@@ -33,6 +33,7 @@ when those are not installed minimal stand-in modules are registered.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -44,6 +45,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from p3m_jax.common import cli  # noqa: E402
+from p3m_jax.train.memory_plan import StepMemory  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -119,18 +121,9 @@ def _host_cost_analysis(lowered) -> dict | None:
 
 
 def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    get = lambda name: int(getattr(m, name, 0) or 0)
-    out = {
-        "argument": get("argument_size_in_bytes"),
-        "output": get("output_size_in_bytes"),
-        "temp": get("temp_size_in_bytes"),
-        "alias": get("alias_size_in_bytes"),
-    }
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+    """The memory plan's figures of ``compiled`` (`StepMemory`) as a dict for the printed rows."""
+    memory = StepMemory.of(compiled)
+    return {} if memory is None else {**dataclasses.asdict(memory), "total": memory.total}
 
 
 def bench_jax(

@@ -146,9 +146,7 @@ def composition_loss(
     err = jnp.sqrt(jnp.square(comp - image.astype(jnp.float32)) + EPSILON)
     per_sample = jnp.sum(err, axis=(1, 2, 3))
     pixels = pred.shape[1] * pred.shape[2]
-    if valid is None:
-        return jnp.sum(per_sample) / (pred.shape[0] * pixels)
-    valid = valid.astype(jnp.float32).reshape(-1)
+    valid = jnp.ones_like(per_sample) if valid is None else valid.astype(jnp.float32).reshape(-1)
     if denominator is None:
         denominator = jnp.maximum(jnp.sum(valid) * pixels, 1.0)
     return jnp.sum(per_sample * valid) / denominator
@@ -213,10 +211,9 @@ def p3m_loss(
     l_local = alpha_loss(local, alpha, unknown, unknown_denominator) + mean_share(laplacian_loss(local, alpha, unknown))
     fusion = outputs["fusion"].astype(jnp.float32)
     l_fusion = mean_share(alpha_loss(fusion, alpha) + laplacian_loss(fusion, alpha))
-    valid = batch.get("has_fg_bg")
-    if valid is None and comp_denominator is not None:
-        valid = jnp.ones((trimap.shape[0],), jnp.float32)
-    l_comp = composition_loss(fusion, batch["image"], batch["fg"], batch["bg"], valid, comp_denominator)
+    l_comp = composition_loss(
+        fusion, batch["image"], batch["fg"], batch["bg"], batch.get("has_fg_bg"), comp_denominator
+    )
     total = GLOBAL_WEIGHT * l_global + LOCAL_WEIGHT * l_local + FUSION_WEIGHT * l_fusion + COMPOSITION_WEIGHT * l_comp
     parts = {"global": l_global, "local": l_local, "fusion": l_fusion, "composition": l_comp}
     return total, parts

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from p3m_jax.common.errors import check
 from p3m_jax.models import remat_policy
 from p3m_jax.train.step import make_loss_fn
 
@@ -80,7 +79,6 @@ def backward_residual_bytes(model, state, batch) -> int:
 def device_memory_bytes(device, override_gib: float = 0.0) -> int | None:
     """The memory a step may use on ``device``: ``override_gib`` when > 0 (to plan for another card),
     else what its allocator reports (``bytes_limit``); None where the device reports none (the CPU)."""
-    check(override_gib >= 0, "device_memory_gib", f"must be >= 0, got {override_gib}")
     if override_gib > 0:
         return int(override_gib * GIB)
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -98,12 +96,8 @@ def _fallback_settings(current: Setting, per_device_batch: int) -> list[Setting]
     per-device batch, then the same with full remat (about a third more FLOPs)."""
     steps = [n for n in range(current.grad_accum_steps, per_device_batch + 1) if per_device_batch % n == 0]
     light = current.remat if current.remat != "none" else "decoder"
-    out = [Setting(light, n) for n in steps] + [Setting("full", n) for n in steps]
-    unique = []
-    for setting in out:
-        if setting != current and setting not in unique:
-            unique.append(setting)
-    return unique
+    candidates = [Setting(light, n) for n in steps] + [Setting("full", n) for n in steps]
+    return [setting for setting in dict.fromkeys(candidates) if setting != current]
 
 
 def plan(
