@@ -77,6 +77,9 @@ def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
     assert [i.name for i in model.graph.input] == ["image"]
     assert [o.name for o in model.graph.output] == ["fusion", "global", "local"]
     assert json.loads({p.key: p.value for p in model.metadata_props}["p3m_jax"]) == metadata
+    # The poolings run as onnxruntime's own kernels (`onnx_pooling`), not as window slices and selects.
+    ops = {node.op_type for node in model.graph.node}
+    assert {"MaxPool", "MaxUnpool"} <= ops
     # onnxruntime directly, NCHW as documented.
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     fusion = session.run(["fusion"], {"image": x[:1].transpose(0, 3, 1, 2)})[0]

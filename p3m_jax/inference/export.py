@@ -36,6 +36,7 @@ import numpy as np
 from p3m_jax.common.fileio import atomic_write
 from p3m_jax.models import OUTPUT_NAMES
 from p3m_jax.ops.conv import portable_convolutions
+from p3m_jax.ops.pooling import pooling_primitives
 
 FORMATS = ("stablehlo", "onnx")
 FORMAT_VERSION = 1
@@ -238,28 +239,7 @@ def export_onnx(
         out = apply(variables, jnp.transpose(image, (0, 2, 3, 1)))
         return tuple(jnp.transpose(out[name], (0, 3, 1, 2)) for name in outputs)
 
-    # jax2onnx prints its progress and the plugins it could not load: kept out of the command's output,
-    # and shown when the conversion fails.
-    chatter = io.StringIO()
-    # onnx_ir warns of values of unknown type (ONNX's checker passes the model); jax2onnx logs the plugins
-    # it cannot load on this JAX (dm_pix's), which this network does not use.
-    loggers = [logging.getLogger(name) for name in ("onnx_ir", "jax2onnx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with portable_convolutions(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            from jax2onnx import to_onnx  # noqa: PLC0415  (optional: the export extra; prints while loading)
-
-            model = to_onnx(network, [(batch, 3, height, width)], return_mode="proto")
-    except Exception as error:  # jax2onnx raises many types for an unsupported operation
-        raise ExportError(
-            f"jax2onnx could not convert {predictor.arch}: {type(error).__name__}: {error}\n"
-            f"{chatter.getvalue()[-2000:]}"
-        ) from error
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    model = onnx_model(network, [(batch, 3, height, width)], what=predictor.arch)
     _rename(
         model.graph, {model.graph.input[0].name: "image"} | dict(zip((o.name for o in model.graph.output), outputs))
     )
@@ -271,6 +251,45 @@ def export_onnx(
     with atomic_write(path, "wb") as handle:
         handle.write(model.SerializeToString())
     return metadata
+
+
+def onnx_model(fn, input_shapes, *, what: str):
+    """``fn`` (float32 arrays in and out) as an ONNX ModelProto, traced as `export_onnx` traces the
+    network: XLA's own convolutions, the poolings as ONNX's MaxPool / MaxUnpool. ``what`` names it in
+    the ExportError raised when jax2onnx cannot convert it."""
+    # jax2onnx prints its progress and the plugins it could not load: kept out of the command's output,
+    # and shown when the conversion fails.
+    chatter = io.StringIO()
+    # onnx_ir warns of values of unknown type (ONNX's checker passes the model); jax2onnx logs the plugins
+    # it cannot load on this JAX (dm_pix's), which this network does not use.
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "jax2onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with (
+            portable_convolutions(),
+            pooling_primitives(),
+            contextlib.redirect_stdout(chatter),
+            contextlib.redirect_stderr(chatter),
+        ):
+            from jax2onnx import to_onnx  # noqa: PLC0415  (optional: the export extra; prints while loading)
+
+            # The ONNX lowerings of the pooling primitives (registers jax2onnx plugins).
+            from p3m_jax.inference import onnx_pooling  # noqa: PLC0415
+
+            onnx_pooling.reset()
+            try:
+                return to_onnx(fn, list(input_shapes), return_mode="proto")
+            finally:
+                onnx_pooling.reset()
+    except Exception as error:  # jax2onnx raises many types for an unsupported operation
+        raise ExportError(
+            f"jax2onnx could not convert {what}: {type(error).__name__}: {error}\n{chatter.getvalue()[-2000:]}"
+        ) from error
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _rename(graph, names: dict) -> None:

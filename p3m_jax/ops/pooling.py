@@ -2,14 +2,45 @@
 
 Written with static slices, compares and selects only (never a scatter or a gather), so that they
 lower well on TPUs; the gradients go, as PyTorch's do, to the first maximum of each window.
+
+Within `pooling_primitives()` the three public functions bind one primitive each instead (same
+results, forward only), so that an exporter can map each to a runtime's own pooling operator: the
+ONNX export turns them into `MaxPool` (with indices) and `MaxUnpool`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+_AS_PRIMITIVES = threading.local()
+
+
+@contextlib.contextmanager
+def pooling_primitives():
+    """Within this context, `max_pool`, `max_pool_with_argmax` and `max_unpool_2x2` bind
+    `max_pool_p`, `max_pool_with_argmax_p` and `max_unpool_p` (no gradient: for exporting the
+    inference program)."""
+    previous = getattr(_AS_PRIMITIVES, "on", False)
+    _AS_PRIMITIVES.on = True
+    try:
+        yield
+    finally:
+        _AS_PRIMITIVES.on = previous
+
+
+def _as_primitives() -> bool:
+    return getattr(_AS_PRIMITIVES, "on", False)
+
+
+def _pooled_size(size: int, window: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - window) // stride + 1
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
@@ -26,6 +57,8 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     offset's cotangent back to full resolution, a large backward fusion on the 512x512 stem
     feature of ResNet-34's sBFIs.
     """
+    if _as_primitives():
+        return max_pool_p.bind(x, window=window, stride=stride)
     if stride >= window:
         return _disjoint_max_pool(x, window, stride, x.shape[1:3])
     return _max_pool_select_chain(x, window, stride)
@@ -124,6 +157,8 @@ def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int) -
     three encoders) it is assembled from ``argmax`` (`_max_pool_grad_stride2`) rather than by
     differentiating the comparisons, whose fused backward is several times slower.
     """
+    if _as_primitives():
+        return tuple(max_pool_with_argmax_p.bind(x, window=window, stride=stride, padding=padding))
     if stride == 2 and window <= 4:
         return _max_pool_with_argmax_stride2(x, window, padding, x.shape[1:3])
     return _max_pool_with_argmax(x, window, stride, padding)
@@ -255,6 +290,8 @@ def max_unpool_2x2(x: jax.Array, argmax: jax.Array, pool_window: int = 2) -> jax
     """
     if pool_window not in (2, 3):
         raise ValueError(f"pool_window must be 2 or 3, got {pool_window}")
+    if _as_primitives():
+        return max_unpool_p.bind(x, argmax, pool_window=pool_window)
     return _max_unpool(x, argmax, pool_window)
 
 
@@ -312,3 +349,49 @@ def _max_unpool_grad(g, argmax, pool_window):
             grad = jnp.zeros_like(cand)
         grad = jnp.where(argmax == dy * pool_window + dx, cand, grad)
     return grad
+
+
+# ------------------------------------------------------------------ the same operations as primitives
+def _primitive(name, fn, abstract_eval, multiple_results=False):
+    prim = Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_impl(fn)
+    prim.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(prim, mlir.lower_fun(fn, multiple_results=multiple_results))
+    return prim
+
+
+def _max_pool_abstract(x, *, window, stride):
+    n, h, w, c = x.shape
+    return jax.core.ShapedArray((n, _pooled_size(h, window, stride, 0), _pooled_size(w, window, stride, 0), c), x.dtype)
+
+
+def _max_pool_with_argmax_abstract(x, *, window, stride, padding):
+    n, h, w, c = x.shape
+    shape = (n, _pooled_size(h, window, stride, padding), _pooled_size(w, window, stride, padding), c)
+    return jax.core.ShapedArray(shape, x.dtype), jax.core.ShapedArray(shape, jnp.int32)
+
+
+def _max_unpool_abstract(x, argmax, *, pool_window):
+    del pool_window
+    n, h, w, c = x.shape
+    return jax.core.ShapedArray((n, 2 * h, 2 * w, c), x.dtype)
+
+
+# PyTorch's MaxPool2d(window, stride) without padding: (N, H, W, C) -> (N, Ho, Wo, C).
+max_pool_p = _primitive(
+    "p3m_max_pool", lambda x, *, window, stride: _max_pool_select_chain(x, window, stride), _max_pool_abstract
+)
+# `max_pool_with_argmax`: (pooled, offset dy * window + dx of each window's first maximum, int32).
+max_pool_with_argmax_p = _primitive(
+    "p3m_max_pool_with_argmax",
+    lambda x, *, window, stride, padding: list(_max_pool_with_argmax(x, window, stride, padding)),
+    _max_pool_with_argmax_abstract,
+    multiple_results=True,
+)
+# `max_unpool_2x2` after a stride-2 pooling of window ``pool_window``: (N, h, w, C) -> (N, 2h, 2w, C).
+max_unpool_p = _primitive(
+    "p3m_max_unpool",
+    lambda x, argmax, *, pool_window: _max_unpool_forward(x, argmax, pool_window),
+    _max_unpool_abstract,
+)

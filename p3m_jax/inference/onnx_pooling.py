@@ -1,0 +1,222 @@
+"""ONNX lowerings (jax2onnx plugins) of the pooling primitives of `ops.pooling`: ONNX's own `MaxPool` (with
+`Indices`) and `MaxUnpool` instead of the window slices and selects the plain trace would give.
+
+`ops.pooling.pooling_primitives()` makes the network bind those primitives while `export.export_onnx` traces
+it. onnxruntime then runs one pooling kernel per pooling, where it spent about half of ResNet-34's time on
+the slices and selects (docs/performance.md).
+
+Both ONNX operators follow PyTorch's rules, which the JAX primitives also follow: `MaxPool` keeps the first
+maximum of a window in row-major order (onnxruntime compares with a strict ">") and never picks padding;
+`MaxUnpool` writes the pooled values in order, so where two overlapping windows chose the same pixel the
+later one is kept. The export tests check the exported networks against `Predictor.forward`.
+
+Indices: ONNX's are flat positions in the whole (N, C, H, W) input. The primitive's second output is the
+offset ``dy * window + dx`` inside each window, so the lowering converts; an unpooling whose pooling was
+lowered here, to a plane of the pooled input's size, takes ONNX's indices as they are, and the conversion,
+then unused, is dropped from the graph by jax2onnx.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+from jax2onnx.plugins.jax.lax._index_utils import _const_i64
+from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
+
+from p3m_jax.ops.pooling import max_pool_p, max_pool_with_argmax_p, max_unpool_p
+
+TO_NCHW = (0, 3, 1, 2)
+TO_NHWC = (0, 2, 3, 1)
+
+# What each lowered pooling made, by the (NHWC) value of its window offsets: {id(that value): (that
+# value, ONNX's indices, the offsets in NCHW, (H, W) of the pooled input)}. Emptied by `reset`.
+_POOLINGS: dict[int, tuple[Any, Any, Any, tuple[int, int]]] = {}
+
+
+def reset() -> None:
+    """Forgets the indices of earlier exports (called before each export)."""
+    _POOLINGS.clear()
+
+
+def _node(ctx, op: str, *inputs, shape, dtype, name: str | None = None, **attributes):
+    """One ONNX node with a single output of the given static shape and dtype."""
+    out = getattr(ctx.builder, op)(*inputs, _outputs=[name or ctx.fresh_name(op)], **attributes)
+    _typed(ctx, out, shape, dtype)
+    return out
+
+
+def _typed(ctx, value, shape, dtype) -> None:
+    value.type = ir.TensorType(dtype)
+    _stamp_type_and_shape(value, tuple(int(d) for d in shape))
+    _ensure_value_metadata(ctx, value)
+
+
+def _nchw(shape) -> tuple[int, int, int, int]:
+    n, h, w, c = shape
+    return n, c, h, w
+
+
+def _output_name(ctx, var, hint: str) -> str:
+    return getattr(ctx.get_value_for_var(var, name_hint=ctx.fresh_name(hint)), "name", None) or ctx.fresh_name(hint)
+
+
+def _window_starts(size: int, stride: int, padding: int, axis: int) -> np.ndarray:
+    """Each window's first row (axis 2) or column (axis 3) in the unpadded plane, shaped to broadcast."""
+    starts = np.arange(size, dtype=np.int64) * stride - padding
+    return starts.reshape((1, 1, size, 1) if axis == 2 else (1, 1, 1, size))
+
+
+@register_primitive(
+    jaxpr_primitive=max_pool_p.name,
+    onnx=[{"component": "MaxPool", "doc": "https://onnx.ai/onnx/operators/onnx__MaxPool.html"}],
+    since="p3m-jax",
+    context="primitives.p3m_jax",
+    component="max_pool",
+)
+class MaxPoolPlugin(PrimitiveLeafPlugin):
+    """`ops.pooling.max_pool_p` as Transpose -> MaxPool -> Transpose."""
+
+    def lower(self, ctx, eqn) -> None:
+        (x_var,), (y_var,) = eqn.invars, eqn.outvars
+        window, stride = int(eqn.params["window"]), int(eqn.params["stride"])
+        dtype = ir.DataType.FLOAT
+        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("pool_in"))
+        out_shape = tuple(y_var.aval.shape)
+        xt = _node(ctx, "Transpose", x, perm=TO_NCHW, shape=_nchw(x_var.aval.shape), dtype=dtype)
+        pooled = _node(
+            ctx,
+            "MaxPool",
+            xt,
+            kernel_shape=(window, window),
+            strides=(stride, stride),
+            shape=_nchw(out_shape),
+            dtype=dtype,
+        )
+        name = _output_name(ctx, y_var, "max_pool")
+        ctx.bind_value_for_var(
+            y_var, _node(ctx, "Transpose", pooled, perm=TO_NHWC, shape=out_shape, dtype=dtype, name=name)
+        )
+
+
+@register_primitive(
+    jaxpr_primitive=max_pool_with_argmax_p.name,
+    onnx=[{"component": "MaxPool", "doc": "https://onnx.ai/onnx/operators/onnx__MaxPool.html"}],
+    since="p3m-jax",
+    context="primitives.p3m_jax",
+    component="max_pool_with_argmax",
+)
+class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
+    """`ops.pooling.max_pool_with_argmax_p` as MaxPool with Indices, the indices turned into window offsets."""
+
+    def lower(self, ctx, eqn) -> None:
+        (x_var,), (y_var, argmax_var) = eqn.invars, eqn.outvars
+        window, stride, padding = (int(eqn.params[k]) for k in ("window", "stride", "padding"))
+        n, h, w, c = (int(d) for d in x_var.aval.shape)
+        out_shape = tuple(int(d) for d in y_var.aval.shape)
+        _, ho, wo, _ = out_shape
+        f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+        nchw_out = _nchw(out_shape)
+
+        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("pool_in"))
+        xt = _node(ctx, "Transpose", x, perm=TO_NCHW, shape=(n, c, h, w), dtype=f32)
+        pooled, indices = ctx.builder.MaxPool(
+            xt,
+            _outputs=[ctx.fresh_name("MaxPool"), ctx.fresh_name("MaxPool_indices")],
+            kernel_shape=(window, window),
+            strides=(stride, stride),
+            pads=(padding,) * 4,
+        )
+        _typed(ctx, pooled, nchw_out, f32)
+        _typed(ctx, indices, nchw_out, i64)
+        name = _output_name(ctx, y_var, "max_pool")
+        ctx.bind_value_for_var(
+            y_var, _node(ctx, "Transpose", pooled, perm=TO_NHWC, shape=out_shape, dtype=f32, name=name)
+        )
+
+        # The offset in the window: (row - window's first row) * window + (column - its first column).
+        in_plane = _node(ctx, "Mod", indices, _const_i64(ctx, np.int64(h * w), "plane"), shape=nchw_out, dtype=i64)
+        width = _const_i64(ctx, np.int64(w), "width")
+        row = _node(ctx, "Div", in_plane, width, shape=nchw_out, dtype=i64)
+        col = _node(ctx, "Mod", in_plane, width, shape=nchw_out, dtype=i64)
+        dy = _node(
+            ctx, "Sub", row, _const_i64(ctx, _window_starts(ho, stride, padding, 2), "rows"), shape=nchw_out, dtype=i64
+        )
+        dx = _node(
+            ctx, "Sub", col, _const_i64(ctx, _window_starts(wo, stride, padding, 3), "cols"), shape=nchw_out, dtype=i64
+        )
+        scaled = _node(ctx, "Mul", dy, _const_i64(ctx, np.int64(window), "window"), shape=nchw_out, dtype=i64)
+        offsets = _node(ctx, "Add", scaled, dx, shape=nchw_out, dtype=i64)
+        offsets = _node(ctx, "Cast", offsets, to=int(ir.DataType.INT32), shape=nchw_out, dtype=ir.DataType.INT32)
+        name = _output_name(ctx, argmax_var, "max_pool_argmax")
+        argmax = _node(ctx, "Transpose", offsets, perm=TO_NHWC, shape=out_shape, dtype=ir.DataType.INT32, name=name)
+        ctx.bind_value_for_var(argmax_var, argmax)
+        _POOLINGS[id(argmax)] = (argmax, indices, offsets, (h, w))
+
+
+@register_primitive(
+    jaxpr_primitive=max_unpool_p.name,
+    onnx=[{"component": "MaxUnpool", "doc": "https://onnx.ai/onnx/operators/onnx__MaxUnpool.html"}],
+    since="p3m-jax",
+    context="primitives.p3m_jax",
+    component="max_unpool",
+)
+class MaxUnpoolPlugin(PrimitiveLeafPlugin):
+    """`ops.pooling.max_unpool_p` as MaxUnpool to a (2h, 2w) plane."""
+
+    def lower(self, ctx, eqn) -> None:
+        (x_var, argmax_var), (y_var,) = eqn.invars, eqn.outvars
+        window = int(eqn.params["pool_window"])
+        padding = (window - 1) // 2
+        n, h, w, c = (int(d) for d in x_var.aval.shape)
+        out_shape = tuple(int(d) for d in y_var.aval.shape)
+        big_h, big_w = out_shape[1:3]
+        f32 = ir.DataType.FLOAT
+
+        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("unpool_in"))
+        argmax = ctx.get_value_for_var(argmax_var, name_hint=ctx.fresh_name("unpool_argmax"))
+        xt = _node(ctx, "Transpose", x, perm=TO_NCHW, shape=(n, c, h, w), dtype=f32)
+        pooling = _POOLINGS.get(id(argmax))
+        if pooling is not None and pooling[0] is not argmax:
+            pooling = None
+        if pooling is not None and pooling[3] == (big_h, big_w):
+            indices = pooling[1]  # ONNX's own, into a plane of the output's size
+        else:
+            if pooling is not None:
+                offsets = pooling[2]
+            else:
+                offsets = _node(ctx, "Transpose", argmax, perm=TO_NCHW, shape=(n, c, h, w), dtype=ir.DataType.INT32)
+            indices = self._indices_from_offsets(ctx, offsets, window, padding, (n, c, h, w), (big_h, big_w))
+        unpooled = ctx.builder.MaxUnpool(
+            xt,
+            indices,
+            _const_i64(ctx, np.asarray([n, c, big_h, big_w], np.int64), "unpool_shape"),
+            _outputs=[ctx.fresh_name("MaxUnpool")],
+            kernel_shape=(window, window),
+            strides=(2, 2),
+            pads=(padding,) * 4,
+        )
+        _typed(ctx, unpooled, (n, c, big_h, big_w), f32)
+        name = _output_name(ctx, y_var, "max_unpool")
+        ctx.bind_value_for_var(
+            y_var, _node(ctx, "Transpose", unpooled, perm=TO_NHWC, shape=out_shape, dtype=f32, name=name)
+        )
+
+    @staticmethod
+    def _indices_from_offsets(ctx, offsets, window, padding, nchw, out_size):
+        """ONNX's flat indices into the (N, C, 2h, 2w) output from the (NCHW, int32) window offsets."""
+        n, c, h, w = nchw
+        big_h, big_w = out_size
+        i64 = ir.DataType.INT64
+        offsets = _node(ctx, "Cast", offsets, to=int(i64), shape=nchw, dtype=i64)
+        size = _const_i64(ctx, np.int64(window), "window")
+        dy = _node(ctx, "Div", offsets, size, shape=nchw, dtype=i64)
+        dx = _node(ctx, "Mod", offsets, size, shape=nchw, dtype=i64)
+        row = _node(ctx, "Add", dy, _const_i64(ctx, _window_starts(h, 2, padding, 2), "rows"), shape=nchw, dtype=i64)
+        col = _node(ctx, "Add", dx, _const_i64(ctx, _window_starts(w, 2, padding, 3), "cols"), shape=nchw, dtype=i64)
+        flat = _node(ctx, "Mul", row, _const_i64(ctx, np.int64(big_w), "width"), shape=nchw, dtype=i64)
+        flat = _node(ctx, "Add", flat, col, shape=nchw, dtype=i64)
+        planes = (np.arange(n * c, dtype=np.int64) * (big_h * big_w)).reshape(n, c, 1, 1)
+        return _node(ctx, "Add", flat, _const_i64(ctx, planes, "planes"), shape=nchw, dtype=i64)
