@@ -52,6 +52,7 @@ def test_stablehlo_round_trip_matches_the_predictor(variant, tmp_path):
     loaded = export.ExportedPredictor(path)
     assert loaded.arch == predictor.arch and loaded.metadata["size_rule"].startswith("H and W positive multiples")
     _assert_close(loaded.forward(x), reference, ("fusion", "global", "local", "side0"))
+    _assert_close(loaded.forward(x, outputs=("global",)), reference, ("global",))
     with pytest.raises(ValueError, match="breaks the size rule: .*multiples of 32"):
         loaded.forward(np.zeros((1, 60, 64, 3), np.float32))
     if predictor.arch == "resnet34":
@@ -87,6 +88,10 @@ def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
     np.testing.assert_allclose(fusion.transpose(0, 2, 3, 1), reference["fusion"][:1], atol=TOLERANCE, rtol=0)
     loaded = export.ExportedPredictor(path)  # batch 1: the two images one after the other
     _assert_close(loaded.forward(x), reference, ("fusion", "global", "local"))
+    # One output (as each pass of HYBRID asks) from the part of the graph that computes it.
+    local = loaded.forward(x, outputs=("local",))
+    assert list(local) == ["local"]
+    _assert_close(local, reference, ("local",))
     with pytest.raises(ValueError, match=r"breaks the size rule: .*exactly 64x96"):
         loaded.forward(np.zeros((1, 128, 96, 3), np.float32))
 

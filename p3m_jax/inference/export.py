@@ -160,24 +160,41 @@ class ExportedPredictor:
             raise ValueError(f"{self.path} is not a p3m-jax StableHLO file: {error}") from None
         # in_tree is ((variables, image), {}): the variables' structure is the first positional argument's.
         treedef = self._exported.in_tree.children()[0].children()[0]
-        self._variables = jax.tree_util.tree_unflatten(treedef, leaves)
-        self._call = jax.jit(self._exported.call)
-        self._run = lambda x: {k: np.asarray(v) for k, v in self._call(self._variables, x).items()}
+        variables = jax.tree_util.tree_unflatten(treedef, leaves)
+        calls = {}  # one program per set of wanted outputs: XLA drops what the others need
+
+        def run(x, wanted):
+            if wanted not in calls:
+                calls[wanted] = jax.jit(lambda v, x: {k: self._exported.call(v, x)[k] for k in wanted})
+            return {k: np.asarray(v) for k, v in calls[wanted](variables, x).items()}
+
+        self._run = run
 
     def _load_onnx(self):
         import onnxruntime  # noqa: PLC0415  (an optional dependency: the export extra)
 
         try:
-            self._session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
-            props = self._session.get_modelmeta().custom_metadata_map
-            self.metadata = json.loads(props["p3m_jax"])
+            full = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+            self.metadata = json.loads(full.get_modelmeta().custom_metadata_map["p3m_jax"])
         except Exception as error:  # onnxruntime raises its own exception types
             raise ValueError(f"{self.path} is not a p3m-jax ONNX file: {error}") from None
-        names = [o.name for o in self._session.get_outputs()]
+        names = tuple(o.name for o in full.get_outputs())
+        sessions = {names: full}
 
-        def run(x):
-            values = self._session.run(None, {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
-            return {name: value.transpose(0, 2, 3, 1) for name, value in zip(names, values)}
+        def run(x, wanted):
+            # onnxruntime runs every node of a graph whichever outputs are asked for, so a set of outputs
+            # that is not all of them (each pass of HYBRID wants one) runs the part of the graph they need.
+            key = tuple(name for name in names if name in wanted)
+            if key not in sessions:
+                import onnx  # noqa: PLC0415  (the export extra, as onnxruntime)
+                import onnx.utils  # noqa: PLC0415
+
+                part = onnx.utils.Extractor(onnx.load(self.path)).extract_model(["image"], list(key))
+                sessions[key] = onnxruntime.InferenceSession(
+                    part.SerializeToString(), providers=["CPUExecutionProvider"]
+                )
+            values = sessions[key].run(None, {"image": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+            return {name: value.transpose(0, 2, 3, 1) for name, value in zip(key, values)}
 
         self._run = run
 
@@ -214,7 +231,7 @@ class ExportedPredictor:
         if m["batch"] is not None and n % m["batch"]:  # a fixed batch: the last one filled with copies
             x = np.concatenate([x, np.repeat(x[-1:], m["batch"] - n % m["batch"], axis=0)])
         batches = [x] if m["batch"] is None else [x[i : i + m["batch"]] for i in range(0, len(x), m["batch"])]
-        results = [self._run(batch) for batch in batches]
+        results = [self._run(batch, wanted) for batch in batches]
         return {
             name: np.concatenate([np.asarray(r[name], np.float32) for r in results])[:n, :height, :width]
             for name in wanted
