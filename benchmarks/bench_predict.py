@@ -24,7 +24,8 @@ Theirs (`--torch`, needs PyTorch and scikit-image): `inference_img_p3m` from the
 vendored) on the same image under `torch.no_grad()`, float32, with their model's forward timed
 separately; on a machine with a GPU their model runs there (their code moves the input to CUDA whenever one is
 present). Their module imports torchvision only for `transforms.Normalize`; when torchvision is absent a
-minimal stand-in is registered. Ours and theirs alternate call by call, so both see the same machine load.
+minimal stand-in is registered. Ours, theirs and onnxruntime alternate call by call, so all see the same
+machine load.
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ class OnnxBySize:
 
         self.sessions = {size: export.ExportedPredictor(path) for size, path in self.files.items()}
 
+    def close_sessions(self):
+        self.sessions = {}
+
     def forward(self, x, outputs=None):
         return self.sessions[tuple(x.shape[1:3])].forward(x, outputs)
 
@@ -264,22 +268,25 @@ def main() -> int:
                 onnx.open_sessions()
                 onnx_alpha = inference.predict_alpha(onnx, image, strategy)
                 onnx_first = time.perf_counter() - start
-                onnx_steady = statistics.median(
-                    _timed(inference.predict_alpha, onnx, image, strategy)[1] for _ in range(args.repeats)
-                )
                 diff = inference.quantize(onnx_alpha).astype(int) - inference.quantize(alpha).astype(int)
                 differing = (int((diff != 0).sum()), int(abs(diff).max()))
+            their_first = _timed(authors[0], image, strategy)[1] if authors else None
+            # The runtimes alternate call by call, so that all see the same machine load.
+            ours, theirs, onnx_times = [], [], []
+            for _ in range(args.repeats):
+                ours.append(_timed(inference.predict_alpha, runner, image, strategy)[1])
+                if authors:
+                    theirs.append(_timed(authors[0], image, strategy)[1])
+                if onnx is not None:
+                    onnx_times.append(_timed(inference.predict_alpha, onnx, image, strategy)[1])
+            if onnx is not None:
+                onnx.close_sessions()  # their buffers, before the next strategy's
+                onnx_steady = statistics.median(onnx_times)
                 print(
                     f"{arch} {strategy}: onnxruntime first {onnx_first:.2f}s steady {onnx_steady:.2f}s; 8-bit "
                     f"matte vs ours: {differing[0]} pixels differ, by at most {differing[1]}",
                     flush=True,
                 )
-            their_first = _timed(authors[0], image, strategy)[1] if authors else None
-            ours, theirs = [], []
-            for _ in range(args.repeats):
-                ours.append(_timed(inference.predict_alpha, runner, image, strategy)[1])
-                if authors:
-                    theirs.append(_timed(authors[0], image, strategy)[1])
             steady = statistics.median(ours)
             their_steady = statistics.median(theirs) if theirs else None
             shapes = ", ".join(f"{h}x{w}" for h, w in runner.input_shapes)

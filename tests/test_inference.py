@@ -91,6 +91,31 @@ def test_hybrid_strategy_combines_global_trimap_and_local_alpha():
     assert (got == 1).any() and (got == 0).any() and ((got > 0) & (got < 1)).any()
 
 
+class OutputsPredictor(FakePredictor):
+    """FakePredictor whose forward computes only the outputs asked for, as the exported files' predictor."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def forward(self, x, outputs=None):
+        self.asked.append(outputs)
+        out = super().forward(x)
+        return out if outputs is None else {name: out[name] for name in outputs}
+
+
+def test_strategies_ask_a_predictor_that_can_for_the_outputs_they_use():
+    image = _image(np.random.default_rng(2), 130, 170)
+    predictor = OutputsPredictor()
+    np.testing.assert_array_equal(
+        inference.predict_hybrid(predictor, image), inference.predict_hybrid(FakePredictor(), image)
+    )
+    np.testing.assert_array_equal(
+        inference.predict_resize(predictor, image), inference.predict_resize(FakePredictor(), image)
+    )
+    assert predictor.asked == [("global",), ("local",), ("fusion",)]
+
+
 def test_quantize_truncates_like_the_authors():
     alpha = np.array([0.0, 0.999, 1.0, 1.2, -0.1, 0.5], np.float32)
     np.testing.assert_array_equal(inference.quantize(alpha), [0, 254, 255, 255, 0, 127])

@@ -22,6 +22,7 @@ exact ones; benchmarks/bench_eval_compile.py measures by how much.
 from __future__ import annotations
 
 import collections
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -94,7 +95,8 @@ class NetworkRunner:
 
     Args:
       predictor: anything with `forward(x) -> dict of numpy arrays` for x of shape (1, H, W, 3), H and W
-        multiples of 32 (`p3m_jax.inference.predictor.Predictor`).
+        multiples of 32 (`p3m_jax.inference.predictor.Predictor`, `export.ExportedPredictor`); one whose
+        `forward` takes `outputs` is asked for the wanted outputs only.
       bucket: None for exact shapes; else a multiple of 32: inputs are padded up to multiples of it.
     """
 
@@ -103,6 +105,7 @@ class NetworkRunner:
             raise ValueError(f"bucket must be a positive multiple of 32, got {bucket}")
         self.predictor = predictor
         self.bucket = bucket
+        self._takes_outputs = _takes_outputs(predictor.forward)
         self.input_shapes = collections.Counter()  # network input shapes used (= compilations of forward)
 
     def network_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -133,13 +136,20 @@ class NetworkRunner:
         height, width = x.shape[:2]
         x = self.pad(x)
         self.input_shapes[x.shape[:2]] += 1
-        if outputs is not None and hasattr(self.predictor, "compile_programs"):
+        if outputs is not None and self._takes_outputs:
             out = self.predictor.forward(x[None], outputs=outputs)
         else:
             out = self.predictor.forward(x[None])
         if outputs is not None:
             out = {k: out[k] for k in outputs}
         return {k: np.asarray(v[0, :height, :width]) for k, v in out.items()}
+
+
+def _takes_outputs(forward) -> bool:
+    try:
+        return "outputs" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 def _as_runner(predictor_or_runner) -> Callable[[np.ndarray], dict]:
