@@ -63,51 +63,58 @@ def _output_name(ctx, var, hint: str) -> str:
     return getattr(ctx.get_value_for_var(var, name_hint=ctx.fresh_name(hint)), "name", None) or ctx.fresh_name(hint)
 
 
+def _nchw_input(ctx, var, hint: str):
+    """The NHWC float32 input ``var`` transposed to NCHW."""
+    x = ctx.get_value_for_var(var, name_hint=ctx.fresh_name(hint))
+    return _node(ctx, "Transpose", x, perm=TO_NCHW, shape=_nchw(var.aval.shape), dtype=ir.DataType.FLOAT)
+
+
+def _bind_nhwc(ctx, var, value, hint: str, dtype=ir.DataType.FLOAT):
+    """Binds ``var`` (NHWC) to the NCHW ``value`` transposed back; returns the bound value."""
+    name = _output_name(ctx, var, hint)
+    out = _node(ctx, "Transpose", value, perm=TO_NHWC, shape=tuple(var.aval.shape), dtype=dtype, name=name)
+    ctx.bind_value_for_var(var, out)
+    return out
+
+
+def _lowering_of(primitive, onnx_op: str):
+    """Registers the decorated plugin class as jax2onnx's lowering of ``primitive``."""
+    return register_primitive(
+        jaxpr_primitive=primitive.name,
+        onnx=[{"component": onnx_op, "doc": f"https://onnx.ai/onnx/operators/onnx__{onnx_op}.html"}],
+        since="p3m-jax",
+        context="primitives.p3m_jax",
+        component=primitive.name,
+    )
+
+
 def _window_starts(size: int, stride: int, padding: int, axis: int) -> np.ndarray:
     """Each window's first row (axis 2) or column (axis 3) in the unpadded plane, shaped to broadcast."""
     starts = np.arange(size, dtype=np.int64) * stride - padding
     return starts.reshape((1, 1, size, 1) if axis == 2 else (1, 1, 1, size))
 
 
-@register_primitive(
-    jaxpr_primitive=max_pool_p.name,
-    onnx=[{"component": "MaxPool", "doc": "https://onnx.ai/onnx/operators/onnx__MaxPool.html"}],
-    since="p3m-jax",
-    context="primitives.p3m_jax",
-    component="max_pool",
-)
+@_lowering_of(max_pool_p, "MaxPool")
 class MaxPoolPlugin(PrimitiveLeafPlugin):
     """`ops.pooling.max_pool_p` as Transpose -> MaxPool -> Transpose."""
 
     def lower(self, ctx, eqn) -> None:
         (x_var,), (y_var,) = eqn.invars, eqn.outvars
         window, stride = int(eqn.params["window"]), int(eqn.params["stride"])
-        dtype = ir.DataType.FLOAT
-        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("pool_in"))
-        out_shape = tuple(y_var.aval.shape)
-        xt = _node(ctx, "Transpose", x, perm=TO_NCHW, shape=_nchw(x_var.aval.shape), dtype=dtype)
+        xt = _nchw_input(ctx, x_var, "pool_in")
         pooled = _node(
             ctx,
             "MaxPool",
             xt,
             kernel_shape=(window, window),
             strides=(stride, stride),
-            shape=_nchw(out_shape),
-            dtype=dtype,
+            shape=_nchw(y_var.aval.shape),
+            dtype=ir.DataType.FLOAT,
         )
-        name = _output_name(ctx, y_var, "max_pool")
-        ctx.bind_value_for_var(
-            y_var, _node(ctx, "Transpose", pooled, perm=TO_NHWC, shape=out_shape, dtype=dtype, name=name)
-        )
+        _bind_nhwc(ctx, y_var, pooled, "max_pool")
 
 
-@register_primitive(
-    jaxpr_primitive=max_pool_with_argmax_p.name,
-    onnx=[{"component": "MaxPool", "doc": "https://onnx.ai/onnx/operators/onnx__MaxPool.html"}],
-    since="p3m-jax",
-    context="primitives.p3m_jax",
-    component="max_pool_with_argmax",
-)
+@_lowering_of(max_pool_with_argmax_p, "MaxPool")
 class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
     """`ops.pooling.max_pool_with_argmax_p` as MaxPool with Indices, the indices turned into window offsets."""
 
@@ -120,8 +127,7 @@ class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
         f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
         nchw_out = _nchw(out_shape)
 
-        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("pool_in"))
-        xt = _node(ctx, "Transpose", x, perm=TO_NCHW, shape=(n, c, h, w), dtype=f32)
+        xt = _nchw_input(ctx, x_var, "pool_in")
         pooled, indices = ctx.builder.MaxPool(
             xt,
             _outputs=[ctx.fresh_name("MaxPool"), ctx.fresh_name("MaxPool_indices")],
@@ -131,10 +137,7 @@ class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
         )
         _typed(ctx, pooled, nchw_out, f32)
         _typed(ctx, indices, nchw_out, i64)
-        name = _output_name(ctx, y_var, "max_pool")
-        ctx.bind_value_for_var(
-            y_var, _node(ctx, "Transpose", pooled, perm=TO_NHWC, shape=out_shape, dtype=f32, name=name)
-        )
+        _bind_nhwc(ctx, y_var, pooled, "max_pool")
 
         # The offset in the window: (row - window's first row) * window + (column - its first column).
         in_plane = _node(ctx, "Mod", indices, _const_i64(ctx, np.int64(h * w), "plane"), shape=nchw_out, dtype=i64)
@@ -150,19 +153,11 @@ class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
         scaled = _node(ctx, "Mul", dy, _const_i64(ctx, np.int64(window), "window"), shape=nchw_out, dtype=i64)
         offsets = _node(ctx, "Add", scaled, dx, shape=nchw_out, dtype=i64)
         offsets = _node(ctx, "Cast", offsets, to=int(ir.DataType.INT32), shape=nchw_out, dtype=ir.DataType.INT32)
-        name = _output_name(ctx, argmax_var, "max_pool_argmax")
-        argmax = _node(ctx, "Transpose", offsets, perm=TO_NHWC, shape=out_shape, dtype=ir.DataType.INT32, name=name)
-        ctx.bind_value_for_var(argmax_var, argmax)
+        argmax = _bind_nhwc(ctx, argmax_var, offsets, "max_pool_argmax", dtype=ir.DataType.INT32)
         _POOLINGS[id(argmax)] = (argmax, indices, offsets, (h, w))
 
 
-@register_primitive(
-    jaxpr_primitive=max_unpool_p.name,
-    onnx=[{"component": "MaxUnpool", "doc": "https://onnx.ai/onnx/operators/onnx__MaxUnpool.html"}],
-    since="p3m-jax",
-    context="primitives.p3m_jax",
-    component="max_unpool",
-)
+@_lowering_of(max_unpool_p, "MaxUnpool")
 class MaxUnpoolPlugin(PrimitiveLeafPlugin):
     """`ops.pooling.max_unpool_p` as MaxUnpool to a (2h, 2w) plane."""
 
@@ -173,11 +168,9 @@ class MaxUnpoolPlugin(PrimitiveLeafPlugin):
         n, h, w, c = (int(d) for d in x_var.aval.shape)
         out_shape = tuple(int(d) for d in y_var.aval.shape)
         big_h, big_w = out_shape[1:3]
-        f32 = ir.DataType.FLOAT
 
-        x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("unpool_in"))
+        xt = _nchw_input(ctx, x_var, "unpool_in")
         argmax = ctx.get_value_for_var(argmax_var, name_hint=ctx.fresh_name("unpool_argmax"))
-        xt = _node(ctx, "Transpose", x, perm=TO_NCHW, shape=(n, c, h, w), dtype=f32)
         pooling = _POOLINGS.get(id(argmax))
         if pooling is not None and pooling[0] is not argmax:
             pooling = None
@@ -198,11 +191,8 @@ class MaxUnpoolPlugin(PrimitiveLeafPlugin):
             strides=(2, 2),
             pads=(padding,) * 4,
         )
-        _typed(ctx, unpooled, (n, c, big_h, big_w), f32)
-        name = _output_name(ctx, y_var, "max_unpool")
-        ctx.bind_value_for_var(
-            y_var, _node(ctx, "Transpose", unpooled, perm=TO_NHWC, shape=out_shape, dtype=f32, name=name)
-        )
+        _typed(ctx, unpooled, (n, c, big_h, big_w), ir.DataType.FLOAT)
+        _bind_nhwc(ctx, y_var, unpooled, "max_unpool")
 
     @staticmethod
     def _indices_from_offsets(ctx, offsets, window, padding, nchw, out_size):

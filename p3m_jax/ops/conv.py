@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 
 import jax
 
 from p3m_jax.ops.conv_cpu import cpu_same_conv, cpu_same_conv_vjp
 from p3m_jax.ops.conv_xla import lax_same_conv, lax_same_conv_vjp
+from p3m_jax.ops.switch import TraceSwitch
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -28,22 +28,16 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
     return _platform_same_conv(x, kernel, groups)
 
 
-_PORTABLE = threading.local()
+_PORTABLE = TraceSwitch()
 
 
-@contextlib.contextmanager
 def portable_convolutions():
     """Within this context, traced convolutions are XLA's own on every platform (no CPU rewrites)."""
-    previous = getattr(_PORTABLE, "on", False)
-    _PORTABLE.on = True
-    try:
-        yield
-    finally:
-        _PORTABLE.on = previous
+    return _PORTABLE.turned_on()
 
 
 def _is_portable() -> bool:
-    return getattr(_PORTABLE, "on", False)
+    return _PORTABLE.on
 
 
 def _platform_same_conv(x, kernel, groups):

@@ -10,33 +10,27 @@ ONNX export turns them into `MaxPool` (with indices) and `MaxUnpool`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-_AS_PRIMITIVES = threading.local()
+from p3m_jax.ops.switch import TraceSwitch
+
+_AS_PRIMITIVES = TraceSwitch()
 
 
-@contextlib.contextmanager
 def pooling_primitives():
     """Within this context, `max_pool`, `max_pool_with_argmax` and `max_unpool_2x2` bind
     `max_pool_p`, `max_pool_with_argmax_p` and `max_unpool_p` (no gradient: for exporting the
     inference program)."""
-    previous = getattr(_AS_PRIMITIVES, "on", False)
-    _AS_PRIMITIVES.on = True
-    try:
-        yield
-    finally:
-        _AS_PRIMITIVES.on = previous
+    return _AS_PRIMITIVES.turned_on()
 
 
 def _as_primitives() -> bool:
-    return getattr(_AS_PRIMITIVES, "on", False)
+    return _AS_PRIMITIVES.on
 
 
 def _pooled_size(size: int, window: int, stride: int, padding: int) -> int:
