@@ -292,14 +292,10 @@ def onnx_model(fn, input_shapes, *, what: str):
         ):
             from jax2onnx import to_onnx  # noqa: PLC0415  (optional: the export extra; prints while loading)
 
-            # The ONNX lowerings of the pooling primitives (registers jax2onnx plugins).
-            from p3m_jax.inference import onnx_pooling  # noqa: PLC0415
+            # The ONNX lowerings of the pooling primitives (importing it registers the jax2onnx plugins).
+            from p3m_jax.inference import onnx_pooling  # noqa: F401, PLC0415
 
-            onnx_pooling.reset()
-            try:
-                return to_onnx(fn, list(input_shapes), return_mode="proto")
-            finally:
-                onnx_pooling.reset()
+            return to_onnx(fn, list(input_shapes), return_mode="proto")
     except Exception as error:  # jax2onnx raises many types for an unsupported operation
         raise ExportError(
             f"jax2onnx could not convert {what}: {type(error).__name__}: {error}\n{chatter.getvalue()[-2000:]}"

@@ -18,8 +18,6 @@ then unused, is dropped from the graph by jax2onnx.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
@@ -31,14 +29,9 @@ from p3m_jax.ops.pooling import max_pool_p, max_pool_with_argmax_p, max_unpool_p
 TO_NCHW = (0, 3, 1, 2)
 TO_NHWC = (0, 2, 3, 1)
 
-# What each lowered pooling made, by the (NHWC) value of its window offsets: {id(that value): (that
-# value, ONNX's indices, the offsets in NCHW, (H, W) of the pooled input)}. Emptied by `reset`.
-_POOLINGS: dict[int, tuple[Any, Any, Any, tuple[int, int]]] = {}
-
-
-def reset() -> None:
-    """Forgets the indices of earlier exports (called before each export)."""
-    _POOLINGS.clear()
+# The key, in the (not serialised) analysis metadata of a lowered pooling's NHWC offsets value, of what
+# the pooling made: (ONNX's indices, the offsets in NCHW, (H, W) of the pooled input).
+POOLING_META = "p3m_jax.pooling"
 
 
 def _node(ctx, op: str, *inputs, shape, dtype, name: str | None = None, **attributes):
@@ -154,7 +147,7 @@ class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
         offsets = _node(ctx, "Add", scaled, dx, shape=nchw_out, dtype=i64)
         offsets = _node(ctx, "Cast", offsets, to=int(ir.DataType.INT32), shape=nchw_out, dtype=ir.DataType.INT32)
         argmax = _bind_nhwc(ctx, argmax_var, offsets, "max_pool_argmax", dtype=ir.DataType.INT32)
-        _POOLINGS[id(argmax)] = (argmax, indices, offsets, (h, w))
+        argmax.meta[POOLING_META] = (indices, offsets, (h, w))
 
 
 @_lowering_of(max_unpool_p, "MaxUnpool")
@@ -171,15 +164,13 @@ class MaxUnpoolPlugin(PrimitiveLeafPlugin):
 
         xt = _nchw_input(ctx, x_var, "unpool_in")
         argmax = ctx.get_value_for_var(argmax_var, name_hint=ctx.fresh_name("unpool_argmax"))
-        pooling = _POOLINGS.get(id(argmax))
-        if pooling is not None and pooling[0] is not argmax:
-            pooling = None
-        if pooling is not None and pooling[3] == (big_h, big_w):
-            indices = pooling[1]  # ONNX's own, into a plane of the output's size
+        pooling = argmax.meta.get(POOLING_META)
+        if pooling is not None and pooling[2] == (big_h, big_w):
+            indices = pooling[0]  # ONNX's own, into a plane of the output's size
         else:
             if pooling is not None:
-                offsets = pooling[2]
-            else:
+                offsets = pooling[1]
+            else:  # offsets that another operation made
                 offsets = _node(ctx, "Transpose", argmax, perm=TO_NCHW, shape=(n, c, h, w), dtype=ir.DataType.INT32)
             indices = self._indices_from_offsets(ctx, offsets, window, padding, (n, c, h, w), (big_h, big_w))
         unpooled = ctx.builder.MaxUnpool(
