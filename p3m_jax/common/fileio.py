@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pathlib
 import tempfile
 from typing import IO, Iterator
+
+from p3m_jax.common import storage
 
 
 def _current_umask() -> int:
@@ -29,8 +32,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     A reader never sees a half-written file, and a failure (exception, interrupt) leaves
     neither the target nor the temporary file behind. The file gets the permissions a plain
     ``open(path, "w")`` would give it (0666 less the umask), not `mkstemp`'s owner-only 0600.
+    A ``gs://`` object is written from memory in one upload once the block succeeds.
     """
     path = os.fspath(path)
+    if storage.is_remote(path):
+        buffer = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buffer
+        data = buffer.getvalue()
+        storage.write_whole(path, data if isinstance(data, bytes) else data.encode("utf-8"))
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -48,7 +58,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 
 def prepare_output(output_dir) -> bool:
     """Creates ``output_dir`` if needed and proves it writable (OSError naming it otherwise).
-    Returns whether it was created here (so that it can be removed if nothing is written)."""
+    Returns whether it was created here (so that it can be removed if nothing is written).
+    A ``gs://`` folder needs no creating: its bucket is checked to exist and accept writes."""
+    if storage.is_remote(output_dir):
+        storage.check_bucket(output_dir, write=True)
+        return False
     output_dir = pathlib.Path(output_dir)
     created = not output_dir.exists()
     try:
@@ -64,6 +78,8 @@ def prepare_output(output_dir) -> bool:
 
 def remove_if_empty(output_dir, created: bool) -> None:
     """Removes ``output_dir`` if this run created it and nothing was written into it."""
+    if storage.is_remote(output_dir):
+        return  # a bucket "folder" exists only through its objects
     output_dir = pathlib.Path(output_dir)
     if created and output_dir.is_dir() and not any(output_dir.iterdir()):
         output_dir.rmdir()

@@ -18,12 +18,15 @@ import os
 import sys
 import re
 import struct
+import tempfile
 import time
 from concurrent import futures
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
+
+from p3m_jax.common import storage
 
 _log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def get_builder(data_config):
 
     from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 
-    data_dir = os.path.expanduser(data_config.data_dir)
+    data_dir = os.fspath(storage.resolve(data_config.data_dir))
     dataset, config = _split_tfds_name(data_config.tfds_name)
     if dataset == "portrait_folder":
         root = os.path.join(data_dir, dataset, config)
@@ -133,19 +136,20 @@ def get_builder(data_config):
 
 def built_configs(data_dir, dataset: str = "p3m10k") -> list[str]:
     """The configs of `dataset` built in the TFDS ``data_dir`` (folders holding a finished version)."""
-    root = os.path.join(os.path.expanduser(os.fspath(data_dir)), dataset)
-    if not os.path.isdir(root):
+    root = storage.resolve(data_dir) / dataset
+    if not root.is_dir():
         return []
     return sorted(
-        name for name in os.listdir(root) if not name.startswith(".") and _built_versions(os.path.join(root, name))
+        p.name for p in root.iterdir() if not p.name.startswith(".") and _built_versions(p)
     )
 
 
 def _built_versions(config_dir: str) -> list[str]:
     """The version folders of a TFDS config folder that hold a finished build, sorted."""
-    if not os.path.isdir(config_dir):
+    config_dir = storage.resolve(config_dir)
+    if not config_dir.is_dir():
         return []
-    return sorted(v for v in os.listdir(config_dir) if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json")))
+    return sorted(v.name for v in config_dir.iterdir() if (v / "dataset_info.json").is_file())
 
 
 def resolve_process(process_index, process_count) -> tuple[int, int]:
@@ -180,11 +184,14 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
     """
     import tensorflow_datasets as tfds
 
+    storage.check_bucket(data_config.data_dir)
     builder = get_builder(data_config)
-    if builder.is_prepared():
+    with storage.reported(data_config.data_dir, "reading the dataset folder"):
+        prepared = builder.is_prepared()
+    if prepared:
         return builder.info
     synthetic = synthetic_builder_config(data_config.tfds_name)
-    data_dir = os.path.expanduser(data_config.data_dir)
+    data_dir = os.fspath(storage.resolve(data_config.data_dir))
     if synthetic is None or not data_config.build_synthetic:
         how = (
             f"python -m tfds_p3m10k.build --release_dir=<folder with P3M-10k/ or its zip> "
@@ -207,9 +214,7 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
         _log.info("building %s into %s (first use)", data_config.tfds_name, data_dir)
         if not sys.stderr.isatty():
             tfds.disable_progress_bar()  # its bars would leave cursor-control codes in a redirected log
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-        )
+        _build_synthetic(synthetic, data_dir)
     else:
         deadline = time.time() + wait_timeout_s
         while not builder.is_prepared():
@@ -221,6 +226,24 @@ def ensure_dataset(data_config, *, process_index: int | None = None, wait_timeou
             time.sleep(2.0)
             builder = get_builder(data_config)
     return get_builder(data_config).info
+
+
+def _build_synthetic(synthetic, data_dir: str) -> None:
+    """Builds the synthetic stand-in into ``data_dir``; a bucket gets a build made in a local temporary
+    folder (ArrayRecord writes local files only), uploaded with its metadata last."""
+    import tensorflow_datasets as tfds
+
+    from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
+
+    download_config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    if not storage.is_remote(data_dir):
+        builder_lib.Builder(config=synthetic, data_dir=data_dir).download_and_prepare(download_config=download_config)
+        return
+    with tempfile.TemporaryDirectory(prefix="p3m_tfds_") as local:
+        builder = builder_lib.Builder(config=synthetic, data_dir=local)
+        builder.download_and_prepare(download_config=download_config)
+        count = storage.upload_tfds_build(local, builder.data_dir, data_dir)
+        _log.info("uploaded %d files of %s to %s", count, synthetic.name, data_dir)
 
 
 def open_split(data_config, split: str):
@@ -341,10 +364,10 @@ def _hash_key(name: str) -> bytes:
 
 def _names_cache_path(data_config, split: str, num_examples: int) -> str:
     builder = get_builder(data_config)
-    info_file = os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
+    info_file = storage.resolve(os.fspath(builder.data_dir)) / "dataset_info.json"
     try:
-        stamp = os.path.getmtime(info_file)
-    except OSError:
+        stamp = float(info_file.stat().mtime)
+    except (OSError, ValueError, AttributeError):
         stamp = 0.0
     key = json.dumps([os.fspath(builder.data_dir), split, num_examples, stamp])
     return os.path.join(NAMES_CACHE_DIR, hashlib.sha1(key.encode()).hexdigest() + ".json")

@@ -7,6 +7,7 @@ import os
 
 import jax.numpy as jnp
 
+from p3m_jax.common import storage
 from p3m_jax.inference.predictor import Predictor
 from p3m_jax.models import ARCHITECTURES
 from p3m_jax.weights import model_checkpoint
@@ -42,19 +43,23 @@ def load_pretrained(
     """
     if arch is not None and arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    path = os.fspath(path)
-    if os.path.isdir(path) and not model_checkpoint.is_model_checkpoint(path) and is_training_workdir(path):
+    path = os.fspath(storage.resolve(path))
+    if storage.is_remote(path):
+        storage.check_bucket(path)
+    with storage.reported(path, "reading weights"):
+        is_dir, exists = storage.resolve(path).is_dir(), storage.resolve(path).exists()
+    if is_dir and not model_checkpoint.is_model_checkpoint(path) and is_training_workdir(path):
         saved_arch, options, variables, step = read_training_workdir(path, arch, ema=ema)
         source = f"training workdir {path}, step {step}" + (", EMA weights" if ema else "")
         return Predictor(saved_arch, variables, dtype=dtype, options=options, source=source)
     if ema:
         raise ValueError(f"--ema needs a training workdir (the EMA is kept in its checkpoints); {path} is not one")
-    if os.path.isdir(path):
+    if is_dir:
         saved_arch, options, variables = model_checkpoint.load_model_checkpoint(path)
         if arch is not None and arch != saved_arch:
             raise ValueError(f"{path} holds a {saved_arch} model, not {arch}")
         return Predictor(saved_arch, variables, dtype=dtype, options=options, source=f"model checkpoint {path}")
-    if not os.path.exists(path):
+    if not exists:
         raise FileNotFoundError(f"no checkpoint at {path}")
     if arch is None:
         raise ValueError(f"{path} looks like a PyTorch checkpoint: pass arch= (one of {sorted(ARCHITECTURES)})")

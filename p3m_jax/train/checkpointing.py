@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from p3m_jax.common import storage
 from p3m_jax.weights import training_checkpoint
 
 
@@ -134,7 +135,7 @@ class TrainCheckpointer:
     ):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = os.fspath(storage.resolve(directory))  # a local folder or a gs:// prefix
         self.keep = keep
         self._log = log or (lambda message: None)
         self._pending_step: int | None = None  # the step of the save still in flight
@@ -219,7 +220,7 @@ class TrainCheckpointer:
     def _finished_steps(self) -> list[int]:
         """Steps whose checkpoint folder is complete (orbax renames a folder only once written)."""
         try:
-            names = os.listdir(self.directory)
+            names = [p.name for p in storage.resolve(self.directory).iterdir()]
         except OSError:
             return []
         return sorted(int(n) for n in names if n.isdigit())
@@ -253,7 +254,7 @@ class TrainCheckpointer:
         mb = lambda n: f"{n / 2**20:.0f} MB"  # noqa: E731
         try:
             free = mb(shutil.disk_usage(self.directory).free)
-        except OSError:
+        except (OSError, ValueError):
             free = "unknown"
         return (
             f"a checkpoint needs ~{mb(self._checkpoint_bytes)}, keeping {self.keep} needs room for "
@@ -263,7 +264,9 @@ class TrainCheckpointer:
 
     def _check_free_space(self) -> None:
         """Warns when the filesystem cannot hold ``keep`` + 1 checkpoints (a new one is written
-        before the oldest is deleted)."""
+        before the oldest is deleted). A bucket has no such limit to read."""
+        if storage.is_remote(self.directory):
+            return
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:

@@ -4,12 +4,12 @@ depend on the dataset (`check_dataset`). Errors name the field."""
 
 from __future__ import annotations
 
-import os
 
 import jax.numpy as jnp
 import ml_collections
 
 from p3m_jax import data as data_lib
+from p3m_jax.common import storage
 from p3m_jax.common.errors import ConfigError
 from p3m_jax.data.copy_paste import CopyPasteOptions
 from p3m_jax.data.pipeline import PipelineOptions
@@ -91,8 +91,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         fail("eval.validation_strategy", f"{config.eval.validation_strategy!r} is not one of {strategies.STRATEGIES}")
     for field in ("pretrained_backbone", "checkpoint"):
         path = config.init[field]
-        if path and not os.path.exists(os.path.expanduser(path)):
-            fail(f"init.{field}", f"no such file or directory: {path}")
+        if path:
+            storage.check_bucket(path)
+            if not storage.resolve(path).exists():
+                fail(f"init.{field}", f"no such file or directory: {path}")
     if config.init.pretrained_backbone and config.init.checkpoint:
         fail("init", "set at most one of init.pretrained_backbone and init.checkpoint")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 
+from p3m_jax.common import storage
 from p3m_jax.common.constants import RUN_CONFIG_FILE
 from p3m_jax.common.fileio import atomic_write
 from p3m_jax.data.copy_paste import make_copy_paste_transforms
@@ -20,8 +21,14 @@ from p3m_jax.weights.initialize import variables_from_torch
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> str:
-    """Creates ``workdir`` and proves it is writable (a clear error now, not at the first save)."""
-    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    """Creates ``workdir`` and proves it is writable (a clear error now, not at the first save).
+
+    Returns it as a string: an absolute local path, or the ``gs://`` path itself (its bucket must exist
+    and accept writes: StorageError otherwise)."""
+    workdir = os.fspath(storage.resolve(workdir))
+    if storage.is_remote(workdir):
+        storage.check_bucket(workdir, write=True)
+        return workdir
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test_{jax.process_index()}_{os.getpid()}")
@@ -35,7 +42,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> str:
 
 def write_run_config(config, workdir: str) -> None:
     """``<workdir>/config.json``: the arch and model options `load_pretrained` needs, and the config."""
-    with atomic_write(os.path.join(workdir, RUN_CONFIG_FILE)) as f:
+    with atomic_write(storage.resolve(workdir) / RUN_CONFIG_FILE) as f:
         json.dump(
             {
                 "arch": config.arch,
@@ -55,12 +62,12 @@ def initial_variables(config, model, rng) -> tuple[Any, str]:
 
     if config.init.pretrained_backbone:
         variables, report = load_backbone(
-            os.path.expanduser(config.init.pretrained_backbone), config.arch, random_init()
+            os.fspath(storage.resolve(config.init.pretrained_backbone)), config.arch, random_init()
         )
         return variables, f"ImageNet backbone {config.init.pretrained_backbone}: {report.summary()}"
-    path = os.path.expanduser(config.init.checkpoint)
+    path = os.fspath(storage.resolve(config.init.checkpoint)) if config.init.checkpoint else ""
     if path:
-        if os.path.isdir(path):
+        if storage.resolve(path).is_dir():
             loaded = load_pretrained(path, config.arch)
             return loaded.variables, f"fine-tuning from p3m-jax checkpoint {path}"
         loaded, _ = variables_from_torch(path, config.arch, options=model_options(config))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import time
@@ -35,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from p3m_jax import data as data_lib
+from p3m_jax.common import storage
 from p3m_jax.common.constants import (
     CHECKPOINT_SUBDIR,
     METRICS_FILE,
@@ -57,7 +57,7 @@ from p3m_jax.train.initialization import copy_paste_transforms, initial_variable
 from p3m_jax.train.optimizer import OptimizerOptions, make_optimizer
 from p3m_jax.train.profiling import ProfileWindow, StepProfiler
 from p3m_jax.train.scoring import evaluate_test_splits, local_variables
-from p3m_jax.train.summary import MetricWriter, drop_rows_after, log as _log, summary_panel
+from p3m_jax.train.summary import MetricWriter, append_row, drop_rows_after, log as _log, summary_panel
 from p3m_jax.train.workdir_lock import acquire_for_run
 from p3m_jax.weights.initialize import init_key
 
@@ -129,8 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> int | None:
     """The last step when ``workdir`` holds a finished run (its final checkpoint and, when the config
     scores test splits, their results); else None."""
-    directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    if not os.path.isdir(directory):
+    directory = storage.resolve(workdir) / CHECKPOINT_SUBDIR
+    if not directory.is_dir():
         return None
     checkpointer = TrainCheckpointer(directory, read_only=True)
     try:
@@ -139,7 +139,7 @@ def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> int | 
         checkpointer.close()
     if latest is None or latest < config.num_train_steps:
         return None
-    if config.eval.test_splits and not os.path.isfile(os.path.join(workdir, TEST_RESULTS_FILE)):
+    if config.eval.test_splits and not (storage.resolve(workdir) / TEST_RESULTS_FILE).is_file():
         return None  # stopped while scoring the test splits: scored now
     return latest
 
@@ -182,7 +182,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         sharding=mesh_lib.batch_sharding(mesh),
         extra_transforms=copy_paste_transforms(config),
     )
-    checkpointer = TrainCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), keep=config.keep_checkpoints, log=_log)
+    checkpointer = TrainCheckpointer(
+        storage.resolve(workdir) / CHECKPOINT_SUBDIR, keep=config.keep_checkpoints, log=_log
+    )
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest, abstract_state, train_iter)
@@ -193,7 +195,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         _log(f"initialised {config.arch} ({origin})")
     if is_main:  # rows of steps after the checkpoint (all, without one) are logged again by this run
         for name in (METRICS_FILE, VALIDATION_LOG_FILE):
-            drop_rows_after(os.path.join(workdir, name), int(state.step))
+            drop_rows_after(storage.resolve(workdir) / name, int(state.step))
     fcp = step_lib.FCPOptions.from_config(config.copy_paste.fcp)
 
     def compile_step(setting: memory_plan.Setting, state, batch):
@@ -218,7 +220,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     gather_replicated = jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
     predictor = None
     profiler = StepProfiler(
-        ProfileWindow.from_config(config.profile_steps), os.path.join(workdir, PROFILE_SUBDIR), _log
+        ProfileWindow.from_config(config.profile_steps), os.fspath(storage.resolve(workdir) / PROFILE_SUBDIR), _log
     )
     preemption = PreemptionWatcher()
     meter = _Meter()
@@ -312,8 +314,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
                 )
                 images[f"validation/{index}"] = summary_panel(example["image"], example["alpha"], alpha)
             writer.write_images(step, images)
-            with open(os.path.join(workdir, VALIDATION_LOG_FILE), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "count": result["count"], **means}) + "\n")
+            append_row(storage.resolve(workdir) / VALIDATION_LOG_FILE, {"step": step, "count": result["count"], **means})
         return means
 
     if step < config.num_train_steps:
@@ -376,6 +377,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
             if save_now:
                 # Only a checkpoint validated at its own step carries metrics (and can be "best").
                 checkpointer.save(step, state, train_iter, metrics=last_validation if evaluate_now else None)
+                writer.flush()  # the logs reach a bucket at least with each checkpoint
             if preempted:
                 stopped = "preempted"
                 _log(f"SIGTERM: saved step {step}; run the same command again to resume")
@@ -399,9 +401,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     """`--mode=eval`: scores the best (or latest) checkpoint of ``workdir`` on the test splits."""
     validate_config(config)
     mesh_lib.initialize_distributed_if_needed()
-    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-    directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    if not os.path.isdir(directory):
+    workdir = os.fspath(storage.resolve(workdir))
+    storage.check_bucket(workdir)
+    directory = storage.resolve(workdir) / CHECKPOINT_SUBDIR
+    if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory}); train first")
     data_lib.ensure_dataset(config.data)
     checkpointer = TrainCheckpointer(directory, read_only=True)

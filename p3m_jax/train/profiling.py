@@ -1,5 +1,6 @@
 """A profiler window: a `jax.profiler` trace of the training steps that `config.profile_steps` names,
-written under the workdir for TensorBoard's profile tab (xplane.pb) or Perfetto (perfetto_trace.json.gz)."""
+written under the workdir for TensorBoard's profile tab (xplane.pb) or Perfetto (perfetto_trace.json.gz).
+For a ``gs://`` workdir the trace is written locally and uploaded when it stops."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 
+from p3m_jax.common import storage
 from p3m_jax.common.errors import check
 
 
@@ -53,8 +55,9 @@ class StepProfiler:
     def before_step(self, step: int) -> None:
         """``step``: the number the coming step will have."""
         if self.window and not self.active and self.window.first <= step <= self.window.last:
-            os.makedirs(self.directory, exist_ok=True)
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self._staged = storage.StagedFolder(self.directory)
+            os.makedirs(self._staged.local, exist_ok=True)
+            jax.profiler.start_trace(self._staged.local, create_perfetto_trace=True)
             self.active, self.started = True, step
 
     def after_step(self, step: int, state: Any) -> None:
@@ -65,6 +68,7 @@ class StepProfiler:
     def stop(self, step: int) -> None:
         if self.active:
             jax.profiler.stop_trace()
+            self._staged.close()
             self.active = False
             self.log(
                 f"profile of steps {self.started}-{step} written to {self.directory} (TensorBoard's profile tab: "

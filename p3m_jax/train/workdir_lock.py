@@ -1,12 +1,17 @@
 """One training run per workdir: ``<workdir>/run.lock``.
 
-The lock file is created atomically (``O_CREAT | O_EXCL``) and holds the holder's host, pid and
-start time as JSON; while the run lives, a background thread refreshes its modification time.
+The lock is created only if absent (``O_CREAT | O_EXCL`` on a disk; a ``gs://`` object uploaded with
+the precondition "no live generation", ``ifGenerationMatch=0``) and holds the holder's host, pid and
+start time as JSON; while the run lives, a background thread refreshes it (a file's modification
+time; an object's metadata, on the condition that its generation is still the holder's).
 A second run on the same workdir stops at once with `WorkdirLockedError` naming the holder.
 A lock left by a killed run is taken over (with a log line) when it is stale:
 
 - on this host, when its pid is no longer running;
-- from another host (shared storage), when it has not been refreshed for ``stale_after_s``.
+- from another host (shared storage, a bucket), when it has not been refreshed for ``stale_after_s``.
+
+Of two runs taking over the same stale lock, one wins: a file is renamed aside (atomic), an object is
+deleted by its generation (only one deletion of that generation succeeds).
 
 In a multi-process run only process 0 takes the lock, and every process learns the outcome
 (`acquire_for_run`), so all of them stop together.
@@ -20,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
@@ -45,8 +50,113 @@ def _describe(holder: dict) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
 
 
+class _LockFile:
+    """The lock as a file on a local or shared disk."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def create(self, content: bytes) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        return True
+
+    def read(self) -> tuple[bytes, float, Any] | None:
+        """(content, seconds since the last refresh, a token naming this version) or None when absent."""
+        try:
+            with open(self.path, "rb") as f:
+                content = f.read()
+            return content, time.time() - os.stat(self.path).st_mtime, None
+        except FileNotFoundError:
+            return None
+
+    def remove_stale(self, token) -> bool:
+        """Removes the lock file; False when another process removed or replaced it first."""
+        aside = f"{self.path}.stale.{os.getpid()}"
+        try:
+            os.rename(self.path, aside)  # atomic: of two runs taking over, one renames it
+        except FileNotFoundError:
+            return False
+        os.remove(aside)
+        return True
+
+    def refresh(self) -> None:
+        os.utime(self.path)
+
+    def remove(self) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class _LockObject:
+    """The lock as a Cloud Storage object; every change is conditional on the object's generation."""
+
+    def __init__(self, path: str):
+        from p3m_jax.common import storage  # pylint: disable=import-outside-toplevel
+
+        self.path = path
+        self.fs = storage.gcs_filesystem()
+        self.bucket, _, self.key = path[len(storage.GCS_SCHEME) :].partition("/")
+        self.generation: str | None = None  # of the object this process created
+
+    def create(self, content: bytes) -> bool:
+        try:
+            self.fs.pipe_file(f"{self.bucket}/{self.key}", content, mode="create")
+        except FileExistsError:
+            return False
+        self.generation = self._info()["generation"]
+        return True
+
+    def _info(self) -> dict:
+        return self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, json_out=True)
+
+    def read(self) -> tuple[bytes, float, Any] | None:
+        try:
+            info = self._info()
+            content = self.fs.cat_file(f"{self.bucket}/{self.key}", generation=info["generation"])
+        except FileNotFoundError:
+            return None
+        # The last refresh: the object's update time, or the heartbeat its holder wrote in its metadata.
+        refreshed = datetime.datetime.fromisoformat(info["updated"].replace("Z", "+00:00")).timestamp()
+        try:
+            refreshed = max(refreshed, float(info.get("metadata", {}).get("heartbeat", 0.0)))
+        except ValueError:
+            pass
+        return content, time.time() - refreshed, info["generation"]
+
+    def remove_stale(self, token) -> bool:
+        try:
+            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=token)
+        except (FileNotFoundError, OSError):
+            return False  # gone, or replaced by a run that took it over first
+        return True
+
+    def refresh(self) -> None:
+        self.fs.call(
+            "PATCH",
+            "b/{}/o/{}",
+            self.bucket,
+            self.key,
+            ifGenerationMatch=self.generation,
+            json={"metadata": {"heartbeat": str(time.time())}},
+            json_out=True,
+        )
+
+    def remove(self) -> None:
+        try:
+            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=self.generation)
+        except (FileNotFoundError, OSError):
+            pass
+
+
 class WorkdirLock:
-    """The lock of one workdir; `acquire` takes it (or raises), `release` gives it back."""
+    """The lock of one workdir (local or ``gs://``); `acquire` takes it (or raises), `release` gives it back."""
 
     def __init__(
         self,
@@ -56,7 +166,9 @@ class WorkdirLock:
         heartbeat_s: float = HEARTBEAT_S,
         log: Callable[[str], None] = print,
     ):
-        self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
+        workdir = os.fspath(workdir)
+        self.path = f"{workdir.rstrip('/')}/{LOCK_FILE}" if "://" in workdir else os.path.join(workdir, LOCK_FILE)
+        self._store = _LockObject(self.path) if workdir.startswith("gs://") else _LockFile(self.path)
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         self.log = log
@@ -68,67 +180,52 @@ class WorkdirLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> dict | None:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
+    def _read(self) -> tuple[dict, float, Any] | None:
+        """(holder, seconds since its last refresh, version token), or None when there is no lock."""
+        found = self._store.read()
+        if found is None:
             return None
-        except (OSError, ValueError):
-            return {}  # half-written or unreadable: judged by its age alone
+        content, age, token = found
+        try:
+            holder = json.loads(content)
+        except ValueError:
+            holder = {}  # half-written or unreadable: judged by its age alone
+        return (holder if isinstance(holder, dict) else {}), age, token
 
-    def _stale_reason(self, holder: dict) -> str | None:
+    def _stale_reason(self, holder: dict, age: float) -> str | None:
         """Why the lock ``holder`` wrote is stale, or None while its run may be alive."""
         if holder.get("host") == self._me["host"] and isinstance(holder.get("pid"), int):
             return None if _pid_alive(holder["pid"]) else f"pid {holder['pid']} is not running"
-        try:
-            age = time.time() - os.stat(self.path).st_mtime
-        except FileNotFoundError:
-            return "it was just released"
         if age > self.stale_after_s:
             return f"not refreshed for {age:.0f} s"
         return None
 
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self._me, f)
-        return True
-
     def acquire(self) -> None:
         """Takes the lock, taking over a stale one; raises WorkdirLockedError if it is held."""
-        for _ in range(3):  # a concurrent release or takeover can change the file between looks
-            if self._create():
+        for _ in range(3):  # a concurrent release or takeover can change the lock between looks
+            if self._store.create(json.dumps(self._me).encode("utf-8")):
                 self._start_heartbeat()
                 return
-            holder = self._read()
-            if holder is None:
+            found = self._read()
+            if found is None:
                 continue
-            reason = self._stale_reason(holder)
+            holder, age, token = found
+            reason = self._stale_reason(holder, age)
             if reason is None:
                 raise WorkdirLockedError(
-                    f"{os.path.dirname(self.path)} is in use by another training run ({_describe(holder)}); "
+                    f"{self.path.rsplit('/', 1)[0]} is in use by another training run ({_describe(holder)}); "
                     f"wait for it to finish or stop it, or use another --workdir. If no such run exists, "
                     f"delete {self.path}"
                 )
-            # Renaming is atomic: of two runs taking over the same stale lock, one wins.
-            aside = f"{self.path}.stale.{os.getpid()}"
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                continue
-            os.remove(aside)
-            self.log(f"took over the workdir lock of a run that is gone ({_describe(holder)}: {reason})")
+            if self._store.remove_stale(token):
+                self.log(f"took over the workdir lock of a run that is gone ({_describe(holder)}: {reason})")
         raise WorkdirLockedError(f"could not take the workdir lock {self.path}: it keeps changing")
 
     def _start_heartbeat(self) -> None:
         def beat():
             while not self._stop.wait(self.heartbeat_s):
                 try:
-                    os.utime(self.path)
+                    self._store.refresh()
                 except OSError:
                     pass  # a vanished lock is noticed by whoever looks at it next
 
@@ -141,11 +238,9 @@ class WorkdirLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-            if self._read() == self._me:
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+            found = self._read()
+            if found is not None and found[0] == self._me:
+                self._store.remove()
 
 
 def acquire_for_run(workdir: str, log: Callable[[str], None]) -> WorkdirLock | None:

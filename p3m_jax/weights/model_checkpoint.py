@@ -6,8 +6,9 @@ A model checkpoint is a directory::
       p3m_model.json     {"format": 1, "arch": "resnet34", "options": {...}}
       variables/         orbax StandardCheckpointer tree: params, batch_stats, [constants]
 
-It is written to a temporary sibling directory and renamed into place at the end, so an
-interrupted save never leaves a directory that reads as a checkpoint.
+Locally it is written to a temporary sibling directory and renamed into place at the end; in a
+``gs://`` bucket (no rename) ``p3m_model.json`` is written last. Either way an interrupted save never
+leaves a directory that reads as a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from p3m_jax.common import fileio
+from p3m_jax.common import fileio, storage
 
 MODEL_META_FILE = "p3m_model.json"
 VARIABLES_DIR = "variables"
@@ -30,7 +31,9 @@ FORMAT_VERSION = 1
 
 def is_model_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by `save_model_checkpoint`."""
-    return os.path.isfile(os.path.join(os.fspath(path), MODEL_META_FILE))
+    path = storage.resolve(path)
+    with storage.reported(path, "reading"):
+        return (path / MODEL_META_FILE).is_file()
 
 
 def save_model_checkpoint(
@@ -39,7 +42,9 @@ def save_model_checkpoint(
     """Saves model variables with their architecture name; returns the absolute path."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    path = os.path.abspath(os.fspath(path))
+    if storage.is_remote(path):
+        return _save_to_bucket(storage.resolve(path), arch, variables, options=options, overwrite=overwrite)
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     parent = os.path.dirname(path)
@@ -63,23 +68,41 @@ def save_model_checkpoint(
     return path
 
 
+def _save_to_bucket(path, arch: str, variables: Any, *, options: dict | None, overwrite: bool) -> str:
+    """`save_model_checkpoint` into a bucket: the variables first, the metadata object last."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    storage.check_bucket(path, write=True)
+    with storage.reported(path, "saving the model checkpoint"):
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+            path.rmtree()
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, variables))
+            checkpointer.wait_until_finished()
+        meta = {"format": FORMAT_VERSION, "arch": arch, "options": options or {}}
+        storage.write_whole(path / MODEL_META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
+    return os.fspath(path)
+
+
 def load_model_checkpoint(path: str | os.PathLike) -> tuple[str, dict, Any]:
     """Reads a model checkpoint; returns ``(arch, options, variables)`` (numpy leaves)."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, MODEL_META_FILE)
-    if not os.path.isfile(meta_path):
+    path = storage.resolve(path)
+    meta_path = path / MODEL_META_FILE
+    if not is_model_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a p3m-jax model checkpoint (no {MODEL_META_FILE})")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        with storage.reported(meta_path, "reading"):
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         arch, options = meta["arch"], dict(meta.get("options", {}))
     except (ValueError, KeyError) as e:
         raise ValueError(f"corrupt checkpoint metadata {meta_path}: {e}") from e
     if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer p3m-jax (format {meta['format']})")
     with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(os.path.join(path, VARIABLES_DIR))
+        variables = checkpointer.restore(path / VARIABLES_DIR)
     variables = jax.tree_util.tree_map(np.asarray, variables)
     return arch, options, variables

@@ -19,11 +19,14 @@ that names them. Reading a ``.pth`` needs PyTorch (the ``torch`` extra); nothing
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from p3m_jax.common import storage
 
 # Keys whose tensors are derived from the configuration and recomputed by our modules.
 _ALWAYS_IGNORED_LEAVES = ("num_batches_tracked", "relative_position_index", "attn_mask")
@@ -118,8 +121,10 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Accepts a bare state dict or a dict holding one under ``state_dict``, ``state_dict_ema``,
     ``model`` or ``model_state_dict``; a leading ``module.`` (DataParallel) is stripped.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = storage.resolve(path)
+    with storage.reported(path, "reading"):
+        found = path.is_file()
+    if not found:
         raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
     try:
         import torch  # pylint: disable=import-outside-toplevel
@@ -128,10 +133,11 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "reading a PyTorch checkpoint needs PyTorch: pip install 'p3m-jax[torch]' (the CPU build is enough)"
         ) from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointImportError(f"cannot read {path} as a PyTorch checkpoint: {e}") from e
-    return state_dict_to_numpy(obj, source=path)
+    return state_dict_to_numpy(obj, source=os.fspath(path))
 
 
 def state_dict_to_numpy(obj: Any, source: str = "state dict") -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from p3m_jax.common import storage
 from p3m_jax.common.constants import BEST_METRIC, CHECKPOINT_SUBDIR, RUN_CONFIG_FILE
 
 _ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
@@ -76,7 +77,7 @@ def best_or_latest_step(manager) -> int | None:
 def saved_state_fields(directory: str | os.PathLike, step: int) -> set[str]:
     """The top-level fields of the train state saved at ``<directory>/<step>/state``."""
     with ocp.PyTreeCheckpointer() as reader:
-        return set(reader.metadata(os.path.join(os.fspath(directory), str(step), "state")).item_metadata)
+        return set(reader.metadata(storage.resolve(directory) / str(step) / "state").item_metadata)
 
 
 def restore_variables(directory: str | os.PathLike, step: int | None = None, ema: bool = False) -> tuple[int, dict]:
@@ -86,15 +87,17 @@ def restore_variables(directory: str | os.PathLike, step: int | None = None, ema
     (the latest when none was evaluated). ``ema``: the EMA of the parameters and BatchNorm
     statistics instead (a run trained with ``config.ema_decay`` > 0).
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    directory = storage.resolve(directory)
+    with storage.reported(directory, "reading training checkpoints"):
+        found = directory.is_dir()
+    if not found:
         raise FileNotFoundError(f"no training checkpoints at {directory}")
     manager = open_manager(directory, read_only=True)
     try:
         step = best_or_latest_step(manager) if step is None else step
         if step is None:
             raise FileNotFoundError(f"no finished training checkpoint in {directory}")
-        state_dir = os.path.join(directory, str(step), "state")
+        state_dir = directory / str(step) / "state"
         with ocp.PyTreeCheckpointer() as reader:
             metadata = reader.metadata(state_dir).item_metadata
             if ema and "ema_params" not in metadata:
@@ -119,7 +122,9 @@ def restore_variables(directory: str | os.PathLike, step: int | None = None, ema
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
-    return os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR))
+    path = storage.resolve(path)
+    with storage.reported(path, "reading"):
+        return (path / CHECKPOINT_SUBDIR).is_dir()
 
 
 def read_training_workdir(
@@ -128,15 +133,15 @@ def read_training_workdir(
     """``(arch, model options, variables, step)`` of the best checkpoint of a training workdir (the
     latest when none was validated); ``arch``, when given, must be the one it trained; ``ema``: its
     EMA weights (`restore_variables`)."""
-    workdir = os.fspath(workdir)
-    config_path = os.path.join(workdir, RUN_CONFIG_FILE)
+    workdir = storage.resolve(workdir)
+    config_path = workdir / RUN_CONFIG_FILE
     try:
-        with open(config_path, encoding="utf-8") as f:
-            run = json.load(f)
+        with storage.reported(config_path, "reading the run's config"):
+            run = json.loads(config_path.read_text(encoding="utf-8"))
         saved_arch, options = run["arch"], dict(run.get("model_options", {}))
     except (ValueError, KeyError) as e:
         raise ValueError(f"corrupt training config {config_path}: {e}") from e
     if arch is not None and arch != saved_arch:
         raise ValueError(f"{workdir} trained a {saved_arch} model, not {arch}")
-    step, variables = restore_variables(os.path.join(workdir, CHECKPOINT_SUBDIR), ema=ema)
+    step, variables = restore_variables(workdir / CHECKPOINT_SUBDIR, ema=ema)
     return saved_arch, options, variables, step
