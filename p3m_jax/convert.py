@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from p3m_jax.common import cli
+from p3m_jax.common import cli, storage
 from p3m_jax.models import ARCHITECTURES
 from p3m_jax.weights import model_checkpoint
 from p3m_jax.weights.initialize import variables_from_torch
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.arch, backbone_only=args.backbone_only, seed=args.seed
         )
         out = model_checkpoint.save_model_checkpoint(args.output, args.arch, variables, overwrite=args.overwrite)
-    except (CheckpointImportError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (CheckpointImportError, FileNotFoundError, FileExistsError, ImportError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(report.summary())

@@ -12,14 +12,12 @@ real matte.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import numpy as np
-from PIL import Image
 
-from p3m_jax.common import cli
+from p3m_jax.common import cli, image_io, storage
 from p3m_jax.inference import Predictor, load_pretrained
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS
 from p3m_jax.inference.strategies import normalize
@@ -71,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     t3 = time.perf_counter()
 
     alpha = out["fusion"][0, :, :, 0]
-    os.makedirs(args.output, exist_ok=True)
-    Image.fromarray(sample.image).save(os.path.join(args.output, "image.png"))
-    Image.fromarray(sample.alpha).save(os.path.join(args.output, "alpha_true.png"))
-    Image.fromarray(np.round(alpha * 255).astype(np.uint8)).save(os.path.join(args.output, "alpha_pred.png"))
-    Image.fromarray(overview(sample.image, alpha)).save(os.path.join(args.output, "overview.png"))
+    output = storage.as_path(args.output)
+    images = {
+        "image.png": sample.image,
+        "alpha_true.png": sample.alpha,
+        "alpha_pred.png": np.round(alpha * 255).astype(np.uint8),
+        "overview.png": overview(sample.image, alpha),
+    }
+    for name, image in images.items():
+        image_io.save_png(output / name, image)
     classes = np.bincount(out["global"][0].argmax(-1).ravel(), minlength=3) / alpha.size
     sad = np.abs(alpha - sample.alpha / 255.0).sum() / 1000
     print("outputs: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))

@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from p3m_jax.common import cli
+from p3m_jax.common import cli, storage
 from p3m_jax.inference import export
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
@@ -62,10 +62,17 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_library_logs()
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        print(f"error: cannot write {args.output}: {folder} is not a writable folder", file=sys.stderr)
-        return 2
+    if storage.is_remote(args.output):
+        try:
+            storage.check_bucket(args.output, write=True)
+        except storage.StorageError as error:
+            print(f"error: cannot write {args.output}: {error}", file=sys.stderr)
+            return 2
+    else:
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(args.output)))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            print(f"error: cannot write {args.output}: {folder} is not a writable folder", file=sys.stderr)
+            return 2
     try:
         predictor = load_pretrained(args.checkpoint, args.arch, ema=args.ema)
     except CHECKPOINT_ERRORS as error:
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
     size = "symbolic" if metadata["height"] is None else f"{metadata['height']}x{metadata['width']}"
     batch = "symbolic" if metadata["batch"] is None else metadata["batch"]
     print(
-        f"wrote {args.output} ({args.format}, {os.path.getsize(args.output) / 1e6:.1f} MB): batch {batch}, "
+        f"wrote {args.output} ({args.format}, {storage.size_of(args.output) / 1e6:.1f} MB): batch {batch}, "
         f"size {size}, outputs {', '.join(metadata['outputs'])}"
     )
     return 0

@@ -39,7 +39,7 @@ import sys
 
 import numpy as np
 
-from p3m_jax.common import cli, fileio, image_io
+from p3m_jax.common import cli, fileio, image_io, storage
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
 from p3m_jax.inference import compositing, strategies
 from p3m_jax.inference.export import ExportedPredictor
@@ -52,7 +52,9 @@ _EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 def list_inputs(path) -> list[pathlib.Path]:
     """The image files to process: `path` itself, or the image files directly inside the folder `path`."""
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
+    if storage.is_remote(path):
+        storage.check_bucket(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _EXTENSIONS)
         if not files:
@@ -70,7 +72,7 @@ def output_names(inputs) -> tuple[dict[pathlib.Path, str], list[str]]:
     Returns the names and the file names that needed the second rule."""
     by_stem: dict[str, list[pathlib.Path]] = {}
     for path in inputs:
-        by_stem.setdefault(pathlib.Path(path).stem.lower(), []).append(pathlib.Path(path))
+        by_stem.setdefault(storage.as_path(path).stem.lower(), []).append(storage.as_path(path))
     names, shared = {}, []
     for paths in by_stem.values():
         for path in paths:
@@ -162,7 +164,7 @@ def run(
     ``output_created``: whether the caller already made ``output_dir`` with `prepare_output` (None:
     prepare it here); a folder made for this run is removed again when nothing is written."""
     runner = strategies.NetworkRunner(predictor, bucket or None)
-    output_dir = pathlib.Path(output_dir)
+    output_dir = storage.as_path(output_dir)
     created = fileio.prepare_output(output_dir) if output_created is None else output_created
     names, shared = output_names(inputs)
     if shared:
@@ -174,7 +176,7 @@ def run(
     written, failed = [], []
     try:
         for path in cli.progress(inputs, enabled=progress and len(inputs) > 1, desc="predict", unit="image"):
-            path = pathlib.Path(path)
+            path = storage.as_path(path)
             alpha_path = output_dir / f"{names[path]}_alpha.png"
             try:
                 image = image_io.load_rgb(path)
@@ -190,7 +192,8 @@ def run(
                         done.append(out_path)
                 except BaseException:
                     for out_path in done:  # all of an image's files, or none
-                        out_path.unlink(missing_ok=True)
+                        if out_path.exists():
+                            out_path.unlink()
                     raise
                 written.append(alpha_path)
             except (image_io.ImageReadError, ValueError, OSError) as error:
@@ -208,7 +211,7 @@ def _background(text):
     colour = compositing.parse_colour(text)
     if colour is not None:
         return colour
-    if not pathlib.Path(text).is_file():
+    if not storage.as_path(text).is_file():
         raise FileNotFoundError(f"--background {text}: neither a colour (white, #00b140, 0,177,64) nor an image file")
     return image_io.load_rgb(text)
 

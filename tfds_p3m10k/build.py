@@ -15,6 +15,9 @@ see `Builder.MANUAL_DOWNLOAD_INSTRUCTIONS`); `--data_dir` is the TFDS data folde
 anything is written and lists every offending file; `--skip_bad_examples` leaves those examples out
 instead. Prints the split sizes and the build speed at the end.
 
+A ``gs://`` `--data_dir` gets a build made in a local temporary folder (ArrayRecord writes local files)
+and uploaded at the end, its metadata files last, so that a reader never sees a partial build.
+
 `--folder` builds `portrait_folder/<name>` from a folder of your own portraits or a public benchmark
 (`tfds_p3m10k/portrait_folder_builder.py`; layouts in `tfds_p3m10k/folder_layout.py`) and prints its
 build report: examples per split, trimaps derived, faces found and anonymised, images without a face.
@@ -25,12 +28,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import tensorflow_datasets as tfds
 
-from p3m_jax.common import cli
+from p3m_jax.common import cli, storage
 from tfds_p3m10k import anonymize
 from tfds_p3m10k import folder_layout
 from tfds_p3m10k import layout
@@ -63,6 +68,39 @@ def _remove_scaffolding(new_folders: list[str]) -> None:
             os.rmdir(folder)
         except OSError:
             pass  # not empty, or already gone: left as it is
+
+
+class _Destination:
+    """Where a build goes: ``--data_dir`` itself, or for a bucket a local temporary folder whose build
+    `publish` uploads."""
+
+    def __init__(self, data_dir: str):
+        self.remote = data_dir if storage.is_remote(data_dir) else None
+        if self.remote:
+            storage.check_bucket(self.remote, write=True)
+        self.local = tempfile.mkdtemp(prefix="p3m_build_") if self.remote else os.path.expanduser(data_dir)
+
+    def built_in_bucket(self, builder) -> bool:
+        """Whether the bucket already holds this build (always False for a local --data_dir)."""
+        return bool(self.remote) and (self._remote_version(builder) / "dataset_info.json").exists()
+
+    def _remote_version(self, builder):
+        relative = os.path.relpath(os.fspath(builder.data_dir), self.local).replace(os.sep, "/")
+        return storage.resolve(self.remote) / relative
+
+    def publish(self, builder) -> None:
+        """Uploads the finished build to the bucket (replacing an older one there)."""
+        if not self.remote:
+            return
+        target = self._remote_version(builder)
+        if target.exists():
+            target.rmtree()
+        count = storage.upload_tfds_build(self.local, builder.data_dir, self.remote)
+        print(f"  uploaded {count} files to {target}")
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_folder(args: argparse.Namespace) -> int:
+def build_folder(args: argparse.Namespace, destination: _Destination) -> int:
     """Builds portrait_folder/<name> from --folder; prints the build report."""
     name = args.name or os.path.basename(os.path.normpath(os.path.expanduser(args.folder)))
     try:
@@ -149,7 +187,7 @@ def build_folder(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    data_dir = os.path.expanduser(args.data_dir)
+    data_dir = destination.local
     builder = folder_lib.PortraitFolder(
         data_dir=data_dir, config=config, num_workers=args.num_workers, use_beam=args.beam_options is not None
     )
@@ -161,8 +199,9 @@ def build_folder(args: argparse.Namespace) -> int:
             print("error: --beam_options needs Apache Beam: pip install 'p3m-jax[beam]'", file=sys.stderr)
             return 2
         beam_options = PipelineOptions(args.beam_options.split())
-    if builder.is_prepared() and not args.overwrite:
-        print(f"{folder_lib.DATASET_NAME}/{name} in {builder.data_dir}: already built, reused (--overwrite rebuilds)")
+    if (builder.is_prepared() or destination.built_in_bucket(builder)) and not args.overwrite:
+        where = destination.remote or builder.data_dir
+        print(f"{folder_lib.DATASET_NAME}/{name} in {where}: already built, reused (--overwrite rebuilds)")
         return 0
     new_folders = [p for p in _scaffolding(data_dir, name, folder_lib.DATASET_NAME) if not os.path.exists(p)]
     start = time.time()
@@ -182,10 +221,11 @@ def build_folder(args: argparse.Namespace) -> int:
         return 1
     elapsed = time.time() - start
     total = sum(builder.report.examples.values())
-    print(f"{folder_lib.DATASET_NAME}/{name} in {builder.data_dir}")
+    print(f"{folder_lib.DATASET_NAME}/{name} in {destination.remote or builder.data_dir}")
     for line in builder.report.lines():
         print("  " + line)
     print(f"  {total} examples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} examples/s)")
+    destination.publish(builder)
     return 0
 
 
@@ -195,8 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     cli.quiet_library_logs()
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()  # its bars would leave cursor-control codes in a redirected log
-    if args.folder:
-        return build_folder(args)
+    try:
+        destination = _Destination(args.data_dir)
+    except (storage.StorageError, ValueError) as e:
+        print(f"error: --data_dir {e}", file=sys.stderr)
+        return 2
+    try:
+        return build_folder(args, destination) if args.folder else build_release(args, destination)
+    except storage.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destination.close()
+
+
+def build_release(args: argparse.Namespace, destination: _Destination) -> int:
+    """Builds p3m10k/<config> from --release_dir, or the synthetic stand-in; prints the split sizes."""
     is_synthetic = args.tfds_config == "synthetic"
     if not is_synthetic and not args.release_dir:
         print(f"error: --release_dir is required for --tfds_config={args.tfds_config}", file=sys.stderr)
@@ -208,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     builder = builder_lib.Builder(
-        data_dir=os.path.expanduser(args.data_dir),
+        data_dir=destination.local,
         config=args.tfds_config,
         skip_bad_examples=args.skip_bad_examples,
         num_workers=args.num_workers,
@@ -225,8 +279,13 @@ def main(argv: list[str] | None = None) -> int:
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
         ),
     )
+    if destination.built_in_bucket(builder) and not args.overwrite:
+        print(
+            f"p3m10k/{builder.builder_config.name} in {destination.remote}: already built, reused (--overwrite rebuilds)"
+        )
+        return 0
     reused = builder.is_prepared() and not args.overwrite
-    scaffolding = _scaffolding(os.path.expanduser(args.data_dir), builder.builder_config.name)
+    scaffolding = _scaffolding(destination.local, builder.builder_config.name)
     new_folders = [path for path in scaffolding if not os.path.exists(path)]
     start = time.time()
     try:
@@ -238,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - start
     sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
     total = sum(sizes.values())
-    print(f"p3m10k/{builder.builder_config.name} in {builder.data_dir}")
+    print(f"p3m10k/{builder.builder_config.name} in {destination.remote or builder.data_dir}")
     print("  " + ", ".join(f"{name}: {count}" for name, count in sizes.items()))
     for split, names in getattr(builder, "skipped_examples", {}).items():
         if names:
@@ -247,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {total} examples: already built, reused (--overwrite rebuilds)")
     else:
         print(f"  {total} examples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} examples/s)")
+    destination.publish(builder)
     return 0
 
 

@@ -8,11 +8,13 @@ colour files, as the authors' `trim_img`). Failures raise `ImageReadError` namin
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from p3m_jax.common import storage
 from p3m_jax.common.fileio import atomic_write
 
 # Portraits can be large; allow up to ~400 megapixels before Pillow's decompression-bomb guard.
@@ -25,7 +27,7 @@ class ImageReadError(ValueError):
 
 def _open(path) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(storage.resolve(path).read_bytes()) if storage.is_remote(path) else path)
         image.load()
         return ImageOps.exif_transpose(image)
     except Exception as error:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError...)

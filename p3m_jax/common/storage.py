@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import shutil
 import socket
 import tempfile
@@ -27,8 +28,7 @@ from etils import epath
 GCS_SCHEME = "gs://"
 GCS_ENDPOINT = "https://storage.googleapis.com"
 AUTH_HINT = (
-    "authenticate with `gcloud auth application-default login`, or run on a VM whose service account may use "
-    "the bucket"
+    "authenticate with `gcloud auth application-default login`, or run on a VM whose service account may use the bucket"
 )
 
 
@@ -54,6 +54,13 @@ def resolve(path) -> epath.Path:
     if "://" in text:
         raise ValueError(f"{text}: only local paths and gs:// buckets are supported")
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def as_path(path) -> pathlib.Path:
+    """``path`` as given, for a command's own paths: a `pathlib.Path` (``~`` expanded, a relative path kept
+    relative, so that messages show it as the user typed it) or an `epath.Path` for ``gs://``."""
+    text = os.fspath(path)
+    return resolve(text) if is_remote(text) else pathlib.Path(os.path.expanduser(text))
 
 
 def bucket_of(path) -> str:
@@ -94,7 +101,7 @@ def describe_error(path, error: BaseException) -> str:
     """One line for an error of the storage client on ``path``."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     code = getattr(error, "code", None)
-    if isinstance(error, PermissionError) or code in (401, 403):
+    if isinstance(error, PermissionError) or code in (401, 403) or text.startswith("Forbidden"):
         return f"{path}: permission denied ({text}); {AUTH_HINT}"
     if isinstance(error, FileNotFoundError):
         return f"{path}: not found"
@@ -109,6 +116,8 @@ def check_bucket(path, *, write: bool = False) -> None:
     _check_endpoint_reachable()
     bucket = bucket_of(path)
     fs = gcs_filesystem()
+    if write and endpoint() == GCS_ENDPOINT and getattr(getattr(fs, "credentials", None), "method", "") == "anon":
+        raise StorageError(f"no Google Cloud credentials found to write to {path}: {AUTH_HINT}")
     try:
         fs.call("GET", "b/{}", bucket, json_out=True)
     except FileNotFoundError:
@@ -164,6 +173,13 @@ def _usual_file_mode() -> int:
     mask = os.umask(0o022)  # the only way to read the umask is to set it; set it straight back
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def size_of(path) -> int:
+    """The size of a file or object in bytes."""
+    if is_remote(path):
+        return int(gcs_filesystem().size(os.fspath(path)))
+    return os.path.getsize(os.path.expanduser(os.fspath(path)))
 
 
 def upload_tree(local_dir, remote_dir, *, last: Iterable[str] = ()) -> int:
@@ -243,6 +259,7 @@ class StagedFolder:
 __all__ = [
     "StagedFolder",
     "StorageError",
+    "as_path",
     "bucket_of",
     "check_bucket",
     "describe_error",
@@ -250,6 +267,7 @@ __all__ = [
     "is_remote",
     "reported",
     "resolve",
+    "size_of",
     "upload_tfds_build",
     "upload_tree",
     "write_whole",

@@ -139,9 +139,7 @@ def built_configs(data_dir, dataset: str = "p3m10k") -> list[str]:
     root = storage.resolve(data_dir) / dataset
     if not root.is_dir():
         return []
-    return sorted(
-        p.name for p in root.iterdir() if not p.name.startswith(".") and _built_versions(p)
-    )
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and _built_versions(p))
 
 
 def _built_versions(config_dir: str) -> list[str]:

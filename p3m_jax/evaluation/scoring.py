@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import math
-import pathlib
 import time
 from typing import Iterable, Sequence
 
@@ -23,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from p3m_jax.common import cli, image_io
+from p3m_jax.common import cli, image_io, storage
 from p3m_jax.data.evaluation_data import plain_example
 from p3m_jax.evaluation import metrics
 from p3m_jax.inference import strategies
@@ -136,7 +135,7 @@ def evaluate(
             example = plain_example(raw)
             pred_u8 = strategies.quantize(strategies.predict_alpha(runner, example["image"], strategy))
             if save_png_dir is not None:
-                image_io.save_png(pathlib.Path(save_png_dir) / f"{example['name'] or index}.png", pred_u8)
+                image_io.save_png(storage.as_path(save_png_dir) / f"{example['name'] or index}.png", pred_u8)
             shape = example["alpha"].shape
             metric_shapes[strategies.bucket_shape(*shape, metric_pad) if metric_pad else shape] += 1
             per_image.append(

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from p3m_jax.common import storage
 from p3m_jax.common.fileio import atomic_write
 from p3m_jax.models import OUTPUT_NAMES
 from p3m_jax.ops.conv import portable_convolutions
@@ -140,8 +141,10 @@ class ExportedPredictor:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        if not storage.as_path(self.path).is_file():
             raise FileNotFoundError(f"no exported model at {self.path}")
+        # A gs:// file is read once into memory; a local one is opened by path.
+        self._file = storage.resolve(self.path).read_bytes() if storage.is_remote(self.path) else self.path
         if self.path.endswith(".onnx"):
             self._load_onnx()
         else:
@@ -151,7 +154,7 @@ class ExportedPredictor:
 
     def _load_stablehlo(self):
         try:
-            with np.load(self.path) as data:
+            with np.load(io.BytesIO(self._file) if isinstance(self._file, bytes) else self._file) as data:
                 self.metadata = json.loads(bytes(data["metadata"]).decode())
                 self._exported = jax.export.deserialize(bytearray(data["exported"].tobytes()))
                 names = sorted(k for k in data.files if k.startswith("variable_"))
@@ -174,7 +177,7 @@ class ExportedPredictor:
         import onnxruntime  # noqa: PLC0415  (an optional dependency: the export extra)
 
         try:
-            full = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+            full = onnxruntime.InferenceSession(self._file, providers=["CPUExecutionProvider"])
             self.metadata = json.loads(full.get_modelmeta().custom_metadata_map["p3m_jax"])
         except Exception as error:  # onnxruntime raises its own exception types
             raise ValueError(f"{self.path} is not a p3m-jax ONNX file: {error}") from None
@@ -189,7 +192,8 @@ class ExportedPredictor:
                 import onnx  # noqa: PLC0415  (the export extra, as onnxruntime)
                 import onnx.utils  # noqa: PLC0415
 
-                part = onnx.utils.Extractor(onnx.load(self.path)).extract_model(["image"], list(key))
+                whole = onnx.load(io.BytesIO(self._file) if isinstance(self._file, bytes) else self._file)
+                part = onnx.utils.Extractor(whole).extract_model(["image"], list(key))
                 sessions[key] = onnxruntime.InferenceSession(
                     part.SerializeToString(), providers=["CPUExecutionProvider"]
                 )

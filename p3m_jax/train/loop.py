@@ -314,7 +314,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
                 )
                 images[f"validation/{index}"] = summary_panel(example["image"], example["alpha"], alpha)
             writer.write_images(step, images)
-            append_row(storage.resolve(workdir) / VALIDATION_LOG_FILE, {"step": step, "count": result["count"], **means})
+            append_row(
+                storage.resolve(workdir) / VALIDATION_LOG_FILE, {"step": step, "count": result["count"], **means}
+            )
         return means
 
     if step < config.num_train_steps:
