@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from p3m_jax.common import storage
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # 20 missed heartbeats: the holder on another host is gone
@@ -98,8 +100,6 @@ class _LockObject:
     """The lock as a Cloud Storage object; every change is conditional on the object's generation."""
 
     def __init__(self, path: str):
-        from p3m_jax.common import storage  # pylint: disable=import-outside-toplevel
-
         self.path = path
         self.fs = storage.gcs_filesystem()
         self.bucket, _, self.key = path[len(storage.GCS_SCHEME) :].partition("/")
@@ -168,7 +168,7 @@ class WorkdirLock:
     ):
         workdir = os.fspath(workdir)
         self.path = f"{workdir.rstrip('/')}/{LOCK_FILE}" if "://" in workdir else os.path.join(workdir, LOCK_FILE)
-        self._store = _LockObject(self.path) if workdir.startswith("gs://") else _LockFile(self.path)
+        self._store = _LockObject(self.path) if storage.is_remote(workdir) else _LockFile(self.path)
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         self.log = log
