@@ -63,6 +63,8 @@ class GcsEmulator:
             "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
             # gcsfs first asks a gRPC control API for the bucket type; an HTTP emulator has none.
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            # google-auth would otherwise probe the Compute Engine metadata server (off this machine).
+            "NO_GCE_CHECK": "true",
         }
 
     def new_bucket(self, prefix: str = "p3m-test") -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,7 +24,7 @@ from etils import epath
 from PIL import Image
 
 from gcs_emulator import GcsEmulator, use_emulator
-from loop_helpers import assert_trees_equal, final_params, run_main, start_main, tiny_config, tiny_main_args
+from loop_helpers import REPO, assert_trees_equal, final_params, run_main, start_main, tiny_config, tiny_main_args
 from p3m_jax import evaluate, export, predict
 from p3m_jax.train import loop
 from p3m_jax.train.workdir_lock import WorkdirLock
@@ -330,3 +332,30 @@ def test_two_processes_train_and_resume_on_one_bucket_workdir(emulator, bucket, 
     rows = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
     assert "run.lock" not in [p.name for p in epath.Path(workdir).iterdir()]
+
+
+def test_no_credentials_at_all_say_how_to_authenticate(tmp_path):
+    """Without an emulator, credentials or a metadata server, writing to a bucket stops before any
+    request, saying how to authenticate."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_photo(3)).save(photo)
+    env = {k: v for k, v in os.environ.items() if "STORAGE" not in k and k not in ("GOOGLE_APPLICATION_CREDENTIALS",)}
+    env.update(
+        HOME=str(tmp_path),
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        NO_GCE_CHECK="true",
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+        PYTHONPATH=str(REPO),
+    )
+    command = ["-m", "p3m_jax.predict", "--checkpoint", str(tmp_path / "none"), "--input", str(photo)]
+    result = subprocess.run(
+        [sys.executable, *command, "--output", "gs://some-bucket/mattes"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "no Google Cloud credentials found" in result.stderr
+    assert "gcloud auth application-default login" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

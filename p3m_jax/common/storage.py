@@ -14,6 +14,7 @@ An emulator such as fake-gcs-server is used by setting ``STORAGE_EMULATOR_HOST``
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import shutil
@@ -50,6 +51,7 @@ def resolve(path) -> epath.Path:
     if is_remote(text):
         if not text[len(GCS_SCHEME) :].split("/", 1)[0]:
             raise ValueError(f"{text}: a gs:// path needs a bucket name, e.g. gs://my-bucket/runs/r34")
+        gcs_filesystem()  # the client epath will use, made quietly (cached after the first call)
         return epath.Path(text.rstrip("/") if text.count("/") > 2 else text)
     if "://" in text:
         raise ValueError(f"{text}: only local paths and gs:// buckets are supported")
@@ -69,13 +71,22 @@ def bucket_of(path) -> str:
 
 
 def gcs_filesystem():
-    """The process's gcsfs filesystem (fsspec caches one instance, which epath shares)."""
+    """The process's gcsfs filesystem (fsspec caches one instance, which epath shares).
+
+    Made here with google-auth's warning about a missing metadata server held back: gcsfs tries each
+    way to find credentials in turn, and a machine that is not a Cloud VM has none. What is missing is
+    said by `check_bucket` when it matters (a write without any credentials)."""
     try:
         import fsspec  # pylint: disable=import-outside-toplevel
-
-        return fsspec.filesystem("gs")
     except ImportError as e:  # gcsfs is a dependency; a broken install gets a clear line
         raise StorageError(f"gs:// paths need gcsfs (pip install gcsfs): {e}") from e
+    probe_logger = logging.getLogger("google.auth._default")
+    level = probe_logger.level
+    probe_logger.setLevel(logging.ERROR)
+    try:
+        return fsspec.filesystem("gs", finalize_on_close=True)  # the arguments epath passes: one shared instance
+    finally:
+        probe_logger.setLevel(level)
 
 
 def endpoint() -> str:
@@ -113,11 +124,12 @@ def check_bucket(path, *, write: bool = False) -> None:
     writes. StorageError naming the bucket otherwise. Nothing happens for a local path."""
     if not is_remote(path):
         return
-    _check_endpoint_reachable()
     bucket = bucket_of(path)
     fs = gcs_filesystem()
+    # gcsfs falls back to anonymous access when it finds no credentials: enough to read a public bucket.
     if write and endpoint() == GCS_ENDPOINT and getattr(getattr(fs, "credentials", None), "method", "") == "anon":
         raise StorageError(f"no Google Cloud credentials found to write to {path}: {AUTH_HINT}")
+    _check_endpoint_reachable()
     try:
         fs.call("GET", "b/{}", bucket, json_out=True)
     except FileNotFoundError:
