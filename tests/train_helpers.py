@@ -175,13 +175,13 @@ def use_tiny_model(patch=None, width: int = 8) -> None:
     of the loop rather than the architecture (the real networks compile in minutes on a 2-core CPU).
     ``patch``: a pytest MonkeyPatch (undone after the test); without it the change is for this process."""
     from p3m_jax.inference import predictor
-    from p3m_jax.train import loop
+    from p3m_jax.train import program
     from p3m_jax.weights import initialize
 
     def build_tiny(arch, dtype=jnp.float32, remat=False, **options):
         return TinyP3M(dtype=dtype, width=width)
 
-    for module in (loop, predictor, initialize):
+    for module in (program, predictor, initialize):
         if patch is not None:
             patch.setattr(module, "build_model", build_tiny)
         else:

@@ -42,6 +42,29 @@ _log = logging.getLogger(__name__)
 
 # Keys of one training element (and of a host batch, with a leading batch axis).
 ELEMENT_KEYS = ("image", "alpha", "trimap", "fg", "bg", "has_fg_bg", "facemask", "has_facemask")
+
+
+def element_spec(size: int, *, icp: bool = False, fcp: bool = False) -> dict[str, tuple[tuple, str]]:
+    """Shape and dtype of each array of one training element at crop ``size`` (a batch adds a leading
+    axis): what the input pipeline yields, with P3M-CP's ICP flag and FCP inputs when they are on."""
+    image, single = ((size, size, 3), "uint8"), ((size, size, 1), "uint8")
+    spec = {
+        "image": image,
+        "alpha": single,
+        "trimap": single,
+        "fg": image,
+        "bg": image,
+        "has_fg_bg": ((), "bool"),
+        "facemask": single,
+        "has_facemask": ((), "bool"),
+    }
+    if icp:
+        spec["icp_pasted"] = ((), "bool")
+    if fcp:
+        spec.update(fcp_source=image, fcp_mask=single, fcp_apply=((), "bool"))
+    return spec
+
+
 BAD = "_bad"  # key of the marker element that replaces a skipped bad example
 _TRANSITION_GRID = 256  # transition pixels are searched on a grid with about this short side
 

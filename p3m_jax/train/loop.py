@@ -45,16 +45,13 @@ from p3m_jax.common.constants import (
 from p3m_jax.evaluation.scoring import evaluate_split
 from p3m_jax.inference import strategies
 from p3m_jax.inference.predictor import Predictor
-from p3m_jax.models import build_model, remat_policy
 from p3m_jax.train import memory_plan
 from p3m_jax.train import mesh as mesh_lib
-from p3m_jax.train import state as state_lib
-from p3m_jax.train import step as step_lib
 from p3m_jax.train.checkpointing import TrainCheckpointer
-from p3m_jax.train.config_checks import DTYPES, ConfigError, check_dataset, model_options, validate_config
+from p3m_jax.train.config_checks import ConfigError, check_dataset, model_options, validate_config
 from p3m_jax.train.guards import NonFiniteLossError, PreemptionWatcher, first_non_finite_leaf, last_good_checkpoint
 from p3m_jax.train.initialization import copy_paste_transforms, initial_variables, prepare_workdir, write_run_config
-from p3m_jax.train.optimizer import OptimizerOptions, make_optimizer
+from p3m_jax.train.program import TrainProgram
 from p3m_jax.train.profiling import ProfileWindow, StepProfiler
 from p3m_jax.train.scoring import evaluate_test_splits, local_variables
 from p3m_jax.train.summary import MetricWriter, append_row, drop_rows_after, log as _log, summary_panel
@@ -157,23 +154,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     if is_main:
         write_run_config(config, workdir)
 
-    build = lambda remat: build_model(config.arch, dtype=DTYPES[config.dtype], remat=remat, **model_options(config))
-    step_options = step_lib.StepOptions.from_config(config)
-    model = build(remat_policy(config.remat))
-    optimizer, lr_schedule = make_optimizer(OptimizerOptions.from_config(config.optimizer), config.num_train_steps)
-    image_size = (config.data.image_size, config.data.image_size)
+    program = TrainProgram.build(config, mesh)
+    model, abstract_state, shardings = program.model, program.abstract_state, program.shardings
     rng = init_key(config.seed)
-
-    def fresh_state(variables=None):
-        return state_lib.create_train_state(
-            model, optimizer, rng, image_size, variables=variables, ema=step_options.ema_decay > 0
-        )
-
-    abstract_state = jax.eval_shape(fresh_state)
-    shardings = state_lib.state_shardings(abstract_state, mesh, config.param_sharding)
-    abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-    )
 
     train_iter = data_lib.create_train_iterator(
         config.data,
@@ -191,26 +174,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         _log(f"resumed from {checkpointer.directory}/{latest} (step {int(state.step)})")
     else:
         variables, origin = initial_variables(config, model, rng)
-        state = jax.jit(fresh_state, out_shardings=shardings)(variables)
+        state = jax.jit(program.fresh_state, out_shardings=shardings)(variables)
         _log(f"initialised {config.arch} ({origin})")
     if is_main:  # rows of steps after the checkpoint (all, without one) are logged again by this run
         for name in (METRICS_FILE, VALIDATION_LOG_FILE):
             drop_rows_after(storage.resolve(workdir) / name, int(state.step))
-    fcp = step_lib.FCPOptions.from_config(config.copy_paste.fcp)
-
-    def compile_step(setting: memory_plan.Setting, state, batch):
-        """The train step compiled for ``setting`` (the memory plan compiles others when it does not fit)."""
-        fn = step_lib.make_train_step(
-            model if setting.remat == remat_policy(config.remat) else build(setting.remat),
-            optimizer,
-            mesh,
-            shardings,
-            lr_schedule=lr_schedule,
-            fcp=fcp,
-            grad_accum_steps=setting.grad_accum_steps,
-            ema_decay=step_options.ema_decay,
-        )
-        return fn.lower(state, batch).compile()
 
     train_step = None  # compiled on the first batch, by the memory plan
     memory_limit = memory_plan.device_memory_bytes(jax.local_devices()[0], float(config.device_memory_gib))
@@ -302,7 +270,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         """Validation metrics of the weights the run selects models by; with EMA both sets are scored,
         and the other's means are kept under ``raw_``/``ema_`` names."""
         select_ema = bool(config.eval.select_ema)
-        other = validate(step, ema=not select_ema)["mean"] if step_options.ema_decay > 0 else {}
+        other = validate(step, ema=not select_ema)["mean"] if program.ema_decay > 0 else {}
         result = validate(step, ema=select_ema)  # last: the summary images below show these weights
         means = {**result["mean"], **{f"{'raw' if select_ema else 'ema'}_{k}": v for k, v in other.items()}}
         if is_main and config.num_summary_images:
@@ -332,7 +300,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
             batch = next(train_iter)
             if train_step is None:
                 train_step = memory_plan.plan(
-                    lambda setting: compile_step(setting, state, batch),
+                    lambda setting: program.compile(setting, state, batch),
                     memory_plan.current_setting(config),
                     config.batch_size // mesh.size,
                     memory_limit,
