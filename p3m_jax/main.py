@@ -5,12 +5,16 @@
         --config.data.data_dir=gs://bucket/tensorflow_datasets --config.batch_size=64
     python -m p3m_jax.main --config=default --workdir=workdir/quickstart --mode=eval
     python -m p3m_jax.main --config=default --print_config
+    python -m p3m_jax.main --config=p3m10k_vitae_s --config.batch_size=64 --compile_for=v5litepod-8
 
 `--config` is a recipe shipped in p3m_jax/configs (by name: default, p3m10k_resnet34, ...) or the path of
 a config file of your own. Running the same command again resumes from the latest checkpoint in
 --workdir; a run that already finished says so and does nothing (`--rescore` scores its test splits
 again). Any config field can be overridden with --config.<field>=<value>; `--print_config` prints them
-all with their values.
+all with their values. `--compile_for=TYPE` plans a Cloud TPU run from this machine (libtpu: pip install
+"p3m-jax[tpu]"): it compiles the train step for every chip of that slice and prints the memory per chip
+against its HBM and a roofline estimate of the step; exit 0 when it fits, 1 (naming a setting that
+fits) when it does not.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("which_checkpoint", "best", ["best", "latest"], "eval mode: which checkpoint of --workdir to score.")
 flags.DEFINE_bool("rescore", False, "A finished run started again scores its test splits again.")
 flags.DEFINE_bool("print_config", False, "Print the config (after overrides) and exit; needs no --workdir.")
+flags.DEFINE_string(
+    "compile_for",
+    None,
+    "A Cloud TPU type (v5litepod-8, v5p-8, v6e-8, v4-32, ...) or topology (v5e:2x2): compile the train step for "
+    "that slice ahead of time, print memory per chip and a roofline estimate, and exit; needs no --workdir.",
+)
 
 flags.mark_flag_as_required("config")
 
@@ -101,6 +111,8 @@ def main(argv) -> int:
     if FLAGS.print_config:
         print(FLAGS.config)
         return 0
+    if FLAGS.compile_for:
+        return _compile_for(FLAGS.config, FLAGS.compile_for)
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     if not FLAGS["verbosity"].present:
@@ -131,6 +143,19 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _compile_for(config, target_name: str) -> int:
+    """``--compile_for``: the plan of ``config`` on a Cloud TPU slice; 0 when it fits, 1 otherwise."""
+    cli.quiet_library_logs()
+    from p3m_jax.train import tpu_plan  # pylint: disable=import-outside-toplevel
+
+    try:
+        target = tpu_plan.parse_target(target_name)
+        return tpu_plan.plan_for(config, target)
+    except (tpu_plan.TargetError, tpu_plan.ConfigError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

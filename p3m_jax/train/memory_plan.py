@@ -31,10 +31,16 @@ class StepMemory:
     output: int
     temp: int
     alias: int
+    exceeded: bool = False  # the compiler refused the program: it needs more than the device has
 
     @property
     def total(self) -> int:
         return self.argument + self.output + self.temp - self.alias
+
+    def describe(self) -> str:
+        return (
+            f"more than {gib(self.total)} (the compiler ran out of device memory)" if self.exceeded else gib(self.total)
+        )
 
     @classmethod
     def of(cls, compiled) -> "StepMemory | None":
@@ -48,6 +54,7 @@ class StepMemory:
             get("output_size_in_bytes"),
             get("temp_size_in_bytes"),
             get("alias_size_in_bytes"),
+            bool(getattr(analysis, "exceeded", False)),
         )
 
 
@@ -117,25 +124,25 @@ def plan(
         return compiled
     if limit is None:
         log(
-            f"memory plan: this step needs {gib(memory.total)} per device; the device reports no memory limit "
+            f"memory plan: this step needs {memory.describe()} per device; the device reports no memory limit "
             f"(set config.device_memory_gib to plan for a card)"
         )
         return compiled
-    log(f"memory plan: this step needs {gib(memory.total)} per device; the device has {gib(limit)}")
-    if memory.total <= limit:
+    log(f"memory plan: this step needs {memory.describe()} per device; the device has {gib(limit)}")
+    if memory.total <= limit and not memory.exceeded:
         return compiled
     log(f"memory plan: {current.flags()} does not fit; compiling other settings to find one that does")
-    tried = [f"{current.remat}/{current.grad_accum_steps}: {gib(memory.total)}"]
+    tried = [f"{current.remat}/{current.grad_accum_steps}: {memory.describe()}"]
     for setting in _fallback_settings(current, per_device_batch):
-        needed = StepMemory.of(compile_setting(setting)).total
-        tried.append(f"{setting.remat}/{setting.grad_accum_steps}: {gib(needed)}")
-        if needed <= limit:
+        needed = StepMemory.of(compile_setting(setting))
+        tried.append(f"{setting.remat}/{setting.grad_accum_steps}: {needed.describe()}")
+        if needed.total <= limit and not needed.exceeded:
             raise MemoryPlanError(
-                f"the train step needs {gib(memory.total)} per device but the device has {gib(limit)}; "
-                f"{setting.flags()} fits ({gib(needed)}, compiled) and keeps the global batch"
+                f"the train step needs {memory.describe()} per device but the device has {gib(limit)}; "
+                f"{setting.flags()} fits ({gib(needed.total)}, compiled) and keeps the global batch"
             )
     raise MemoryPlanError(
-        f"the train step needs {gib(memory.total)} per device but the device has {gib(limit)}, and no remat/"
+        f"the train step needs {memory.describe()} per device but the device has {gib(limit)}, and no remat/"
         f"accumulation setting fits ({'; '.join(tried)}): lower config.batch_size or config.data.image_size, "
         f"or use more devices with config.param_sharding=fsdp"
     )
