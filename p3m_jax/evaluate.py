@@ -26,12 +26,13 @@ line and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import ml_collections
 
-from p3m_jax.common import cli, fileio
+from p3m_jax.common import cli, fileio, storage
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
 from p3m_jax.data.evaluation_data import FOLDER_FRACTIONS, layout_test_splits, open_test_split, test_splits
 from p3m_jax.data.source import TEST_SPLITS, built_configs
@@ -149,7 +150,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_library_logs()
     enable_for_command(args.cache_dir)
+    try:
+        with contextlib.ExitStack() as stack:
+            # A gs:// folder in a layout (a benchmark, the release) is read from a local copy; a gs:// TFDS
+            # data folder is read in place.
+            if args.release_dir and storage.is_remote(args.release_dir):
+                args.release_dir = stack.enter_context(storage.local_copy(args.release_dir))
+            if args.layout is not None and args.data_dir and storage.is_remote(args.data_dir):
+                args.data_dir = stack.enter_context(storage.local_copy(args.data_dir))
+            return _evaluate(args)
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
+
+def _evaluate(args) -> int:
     created = False
     if args.layout is not None:
         source = {"folder": args.data_dir, "layout": args.layout}

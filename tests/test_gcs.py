@@ -359,3 +359,25 @@ def test_no_credentials_at_all_say_how_to_authenticate(tmp_path):
     assert "no Google Cloud credentials found" in result.stderr
     assert "gcloud auth application-default login" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_benchmark_folder_in_a_bucket_is_built_and_scored(emulator, bucket, bucket_run, tmp_path, capsys):
+    """--folder and evaluate's layout folders read from gs:// (through a local copy)."""
+    remote = epath.Path(f"gs://{bucket}/benchmarks/bench")
+    for i in range(3):
+        rng = np.random.default_rng(100 + i)
+        (remote / "images" / f"{i}.png").write_bytes(_png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+        alpha = np.zeros((64, 64), np.uint8)
+        alpha[16:56, 20:44] = 255
+        (remote / "alphas" / f"{i}.png").write_bytes(_png_bytes(alpha))
+    args = ["--folder", os.fspath(remote), "--data_dir", str(tmp_path / "tfds"), "--num_workers", "1"]
+    assert build.main([*args, "--split_fractions", "test=1.0"]) == 0
+    assert "portrait_folder/bench in" in capsys.readouterr().out
+    code = evaluate.main(
+        [
+            *("--checkpoint", f"gs://{bucket}/runs/quickstart", "--data_dir", os.fspath(remote)),
+            *("--layout", "folder", "--strategy", "resize", "--cache_dir", str(tmp_path / "cache")),
+        ]
+    )
+    assert code == 0
+    assert "copied gs://" in capsys.readouterr().out

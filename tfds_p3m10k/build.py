@@ -26,6 +26,7 @@ build report: examples per split, trimaps derived, faces found and anonymised, i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -241,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --data_dir {e}", file=sys.stderr)
         return 2
     try:
-        return build_folder(args, destination) if args.folder else build_release(args, destination)
-    except storage.StorageError as e:
+        with contextlib.ExitStack() as stack:
+            # A gs:// source folder (or release zip's folder) is read from a local copy.
+            if args.folder and storage.is_remote(args.folder):
+                args.name = args.name or os.path.basename(args.folder.rstrip("/"))
+                args.folder = stack.enter_context(storage.local_copy(args.folder))
+            if args.release_dir and storage.is_remote(args.release_dir):
+                args.release_dir = stack.enter_context(storage.local_copy(args.release_dir))
+            return build_folder(args, destination) if args.folder else build_release(args, destination)
+    except (storage.StorageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -212,6 +212,30 @@ def upload_tree(local_dir, remote_dir, *, last: Iterable[str] = ()) -> int:
     return len(files)
 
 
+@contextlib.contextmanager
+def local_copy(path, log=print) -> Iterator[str]:
+    """A local path for ``path``: itself when local (``~`` expanded); for a ``gs://`` folder or file, a
+    copy downloaded into a temporary folder, removed afterwards (for readers of local files only: the
+    folder layouts, the release zip, Pillow's decoders)."""
+    if not is_remote(path):
+        yield os.path.expanduser(os.fspath(path))
+        return
+    check_bucket(path)
+    source = resolve(path)
+    with reported(source, "reading"):
+        if not source.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+    local = tempfile.mkdtemp(prefix="p3m_copy_")
+    try:
+        target = os.path.join(local, source.name)
+        with reported(source, "downloading"):
+            gcs_filesystem().get(os.fspath(source), target, recursive=True)
+        log(f"copied {path} to a local temporary folder")
+        yield target
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 # TFDS reads a version folder as built once both are there (`is_valid_variant_dir`): uploaded last.
 TFDS_FINAL_FILES = ("features.json", "dataset_info.json")
 
@@ -277,6 +301,7 @@ __all__ = [
     "describe_error",
     "endpoint",
     "is_remote",
+    "local_copy",
     "reported",
     "resolve",
     "size_of",
