@@ -13,12 +13,14 @@ import pytest
 # (pyproject.toml turns off xdist's reordering by test count); starting with the long ones keeps one
 # worker from being left with a long file at the end while the other waits.
 SLOW_FILES_FIRST = (
+    "test_tpu_plan.py",
     "test_train_step.py",
     "test_export.py",
     "test_train_gradients.py",
     "test_inference.py",
     "test_layers.py",
     "test_train_loop.py",
+    "test_gcs.py",
     "test_install.py",
     "test_copy_paste.py",
     "test_metrics.py",
