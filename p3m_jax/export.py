@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     cli.quiet_library_logs()
     if storage.is_remote(args.output):
         try:
-            storage.check_bucket(args.output, write=True)
+            storage.check_bucket(args.output.rsplit("/", 1)[0], write=True)  # the folder the file goes to
         except storage.StorageError as error:
             print(f"error: cannot write {args.output}: {error}", file=sys.stderr)
             return 2

@@ -120,8 +120,9 @@ def describe_error(path, error: BaseException) -> str:
 
 
 def check_bucket(path, *, write: bool = False) -> None:
-    """For a ``gs://`` path: that the endpoint answers, the bucket exists and (``write``) accepts
-    writes. StorageError naming the bucket otherwise. Nothing happens for a local path."""
+    """For a ``gs://`` path: that the endpoint answers, the bucket exists and (``write``) that an object
+    can be written under ``path`` (a folder; a probe object is written there and removed). StorageError
+    naming the bucket otherwise. Nothing happens for a local path."""
     if not is_remote(path):
         return
     bucket = bucket_of(path)
@@ -137,7 +138,7 @@ def check_bucket(path, *, write: bool = False) -> None:
     except Exception as e:  # noqa: BLE001  (the client's HTTP and auth errors)
         raise StorageError(describe_error(f"gs://{bucket}", e)) from None
     if write:
-        probe = epath.Path(f"{GCS_SCHEME}{bucket}/.p3m_write_test_{socket.gethostname()}_{os.getpid()}")
+        probe = resolve(path) / f".p3m_write_test_{socket.gethostname()}_{os.getpid()}"
         try:
             probe.write_bytes(b"ok")
             probe.unlink()
