@@ -91,7 +91,12 @@ def main(argv=None) -> int:
         else:
             metadata = export.export_onnx(predictor, args.output, size=args.size or (512, 512), batch=args.batch)
     except ImportError as error:
-        print(f"error: ONNX export needs the export extra (pip install 'p3m-jax[export]'): {error}", file=sys.stderr)
+        if args.format == "onnx":
+            print(
+                f"error: ONNX export needs the export extra (pip install 'p3m-jax[export]'): {error}", file=sys.stderr
+            )
+        else:
+            print(f"error: {args.format} export: {error}", file=sys.stderr)
         return 2
     except (export.ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -183,13 +183,16 @@ def run() -> None:
 def _flag_error_text(error: BaseException) -> str:
     """``--config.nonexistent: no such field in default`` from the KeyError inside."""
     inner = error.args[0] if error.args else error
-    field = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner).strip("'\"")
+    # ml_collections' KeyError text is "'field'" then, on a second line, a "Did you mean ...?" hint.
+    text = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner)
+    first, _, hint = text.partition("\n")
+    field = first.strip("'\"")
     argv = _GIVEN_ARGV or sys.argv[1:]
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "the config")
     flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and field in a), None)
     if flag is None:
-        return f"cannot read the config or its overrides: {error}"
-    return f"{flag}: no such field in {config_file}"
+        return f"cannot read the config or its overrides: {' '.join(text.split())}"
+    return f"{flag}: no such field in {config_file}" + (f"; {hint.strip()}" if hint.strip() else "")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ from p3m_jax.train.config_checks import validate_config
         ("--config.optimizer.schedule=linear", {}, "config.optimizer.schedule"),
         ("--config.nonexistent=1", {}, "error: --config.nonexistent: no such field in default"),
         (
+            "--config.num_train_step=3",
+            {},
+            'error: --config.num_train_step: no such field in default; Did you mean "num_train_steps"',
+        ),
+        (
             "--config.data.tfds_name=p3m10k/nosuchconfig",
             {},
             "error: config.data.tfds_name: 'p3m10k/nosuchconfig' is not a p3m10k build config",
