@@ -39,7 +39,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         buffer = io.BytesIO() if "b" in mode else io.StringIO()
         yield buffer
         data = buffer.getvalue()
-        storage.write_whole(path, data if isinstance(data, bytes) else data.encode("utf-8"))
+        storage.write_object(path, data if isinstance(data, bytes) else data.encode("utf-8"))
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

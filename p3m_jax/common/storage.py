@@ -3,7 +3,7 @@
 Paths are `etils.epath.Path`s (what orbax and TFDS use): a local path has ``~`` expanded and is made
 absolute; a ``gs://bucket/...`` path reaches Google Cloud Storage through gcsfs, without TensorFlow.
 Object storage has no rename and no append, so the helpers here write an object whole in one upload
-(`write_whole`), mirror a local staging folder to a bucket (`StagedFolder`, for files that other
+(`write_object`), mirror a local staging folder to a bucket (`StagedFolder`, for files that other
 libraries append to), and turn the client's errors into one-line `StorageError`s that say what to do.
 
 An emulator such as fake-gcs-server is used by setting ``STORAGE_EMULATOR_HOST`` (gcsfs),
@@ -161,31 +161,23 @@ def reported(path, what: str) -> Iterator[None]:
         raise StorageError(f"{what}: {describe_error(path, e)}") from None
 
 
-def write_whole(path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a reader sees all of it or nothing: one upload for an
-    object (it appears when the upload completes), a temporary file renamed into place locally."""
+def write_object(path, data: bytes) -> None:
+    """Writes the ``gs://`` object ``path`` in one upload: a reader sees all of ``data`` or nothing (the
+    object appears when the upload completes). Local files are written by `fileio.atomic_write`."""
+    if not is_remote(path):
+        raise ValueError(f"{path}: not a gs:// object (use fileio.atomic_write for a local file)")
     path = resolve(path)
-    if is_remote(path):
-        with reported(path, "writing"):
-            path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=os.fspath(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, _usual_file_mode())
-        os.replace(tmp, os.fspath(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with reported(path, "writing"):
+        path.write_bytes(data)
 
 
-def _usual_file_mode() -> int:
-    mask = os.umask(0o022)  # the only way to read the umask is to set it; set it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
+def _relative_files(local_dir: str) -> list[str]:
+    """The files under ``local_dir``, as paths relative to it."""
+    return [
+        os.path.relpath(os.path.join(folder, name), local_dir)
+        for folder, _, names in os.walk(local_dir)
+        for name in names
+    ]
 
 
 def size_of(path) -> int:
@@ -201,15 +193,11 @@ def upload_tree(local_dir, remote_dir, *, last: Iterable[str] = ()) -> int:
     Returns the number of files."""
     local_dir, remote_dir = os.fspath(local_dir), resolve(remote_dir)
     last = list(last)
-    files = []
-    for folder, _, names in os.walk(local_dir):
-        for name in names:
-            files.append(os.path.relpath(os.path.join(folder, name), local_dir))
+    files = _relative_files(local_dir)
     files.sort(key=lambda rel: (last.index(os.path.basename(rel)) + 1 if os.path.basename(rel) in last else 0, rel))
     for rel in files:
-        target = remote_dir / rel.replace(os.sep, "/")
-        with open(os.path.join(local_dir, rel), "rb") as f, reported(target, "uploading"):
-            target.write_bytes(f.read())
+        with open(os.path.join(local_dir, rel), "rb") as f:
+            write_object(remote_dir / rel.replace(os.sep, "/"), f.read())
     return len(files)
 
 
@@ -272,16 +260,13 @@ class StagedFolder:
         if not self.remote or (not force and time.monotonic() - self._last_sync < self.min_interval_s):
             return
         self._last_sync = time.monotonic()
-        for folder, _, names in os.walk(self.local):
-            for name in names:
-                path = os.path.join(folder, name)
-                rel = os.path.relpath(path, self.local)
-                stat = os.stat(path)
-                stamp = (stat.st_mtime, stat.st_size)
-                if self._uploaded.get(rel) == stamp:
-                    continue
+        for rel in _relative_files(self.local):
+            path = os.path.join(self.local, rel)
+            stat = os.stat(path)
+            stamp = (stat.st_mtime, stat.st_size)
+            if self._uploaded.get(rel) != stamp:
                 with open(path, "rb") as f:
-                    write_whole(self.destination / rel.replace(os.sep, "/"), f.read())
+                    write_object(self.destination / rel.replace(os.sep, "/"), f.read())
                 self._uploaded[rel] = stamp
 
     def close(self) -> None:
@@ -308,5 +293,5 @@ __all__ = [
     "size_of",
     "upload_tfds_build",
     "upload_tree",
-    "write_whole",
+    "write_object",
 ]

@@ -43,11 +43,11 @@ def load_pretrained(
     """
     if arch is not None and arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    path = os.fspath(storage.resolve(path))
-    if storage.is_remote(path):
-        storage.check_bucket(path)
+    resolved = storage.resolve(path)
+    path = os.fspath(resolved)
+    storage.check_bucket(path)
     with storage.reported(path, "reading weights"):
-        is_dir, exists = storage.resolve(path).is_dir(), storage.resolve(path).exists()
+        is_dir, exists = resolved.is_dir(), resolved.exists()
     if is_dir and not model_checkpoint.is_model_checkpoint(path) and is_training_workdir(path):
         saved_arch, options, variables, step = read_training_workdir(path, arch, ema=ema)
         source = f"training workdir {path}, step {step}" + (", EMA weights" if ema else "")

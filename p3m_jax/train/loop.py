@@ -126,7 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> int | None:
     """The last step when ``workdir`` holds a finished run (its final checkpoint and, when the config
     scores test splits, their results); else None."""
-    directory = storage.resolve(workdir) / CHECKPOINT_SUBDIR
+    root = storage.resolve(workdir)
+    directory = root / CHECKPOINT_SUBDIR
     if not directory.is_dir():
         return None
     checkpointer = TrainCheckpointer(directory, read_only=True)
@@ -136,13 +137,14 @@ def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> int | 
         checkpointer.close()
     if latest is None or latest < config.num_train_steps:
         return None
-    if config.eval.test_splits and not (storage.resolve(workdir) / TEST_RESULTS_FILE).is_file():
+    if config.eval.test_splits and not (root / TEST_RESULTS_FILE).is_file():
         return None  # stopped while scoring the test splits: scored now
     return latest
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool = False) -> dict:
     is_main = jax.process_index() == 0
+    root = storage.resolve(workdir)  # the workdir as a path, local or gs://
     finished = None if rescore else _already_finished(config, workdir)
     if finished is not None:
         _log(
@@ -165,9 +167,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         sharding=mesh_lib.batch_sharding(mesh),
         extra_transforms=copy_paste_transforms(config),
     )
-    checkpointer = TrainCheckpointer(
-        storage.resolve(workdir) / CHECKPOINT_SUBDIR, keep=config.keep_checkpoints, log=_log
-    )
+    checkpointer = TrainCheckpointer(root / CHECKPOINT_SUBDIR, keep=config.keep_checkpoints, log=_log)
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest, abstract_state, train_iter)
@@ -178,7 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         _log(f"initialised {config.arch} ({origin})")
     if is_main:  # rows of steps after the checkpoint (all, without one) are logged again by this run
         for name in (METRICS_FILE, VALIDATION_LOG_FILE):
-            drop_rows_after(storage.resolve(workdir) / name, int(state.step))
+            drop_rows_after(root / name, int(state.step))
 
     train_step = None  # compiled on the first batch, by the memory plan
     memory_limit = memory_plan.device_memory_bytes(jax.local_devices()[0], float(config.device_memory_gib))
@@ -187,9 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
     validation = data_lib.validation_dataset(config.data)
     gather_replicated = jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
     predictor = None
-    profiler = StepProfiler(
-        ProfileWindow.from_config(config.profile_steps), os.fspath(storage.resolve(workdir) / PROFILE_SUBDIR), _log
-    )
+    profiler = StepProfiler(ProfileWindow.from_config(config.profile_steps), os.fspath(root / PROFILE_SUBDIR), _log)
     preemption = PreemptionWatcher()
     meter = _Meter()
     step = int(state.step)
@@ -282,9 +280,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
                 )
                 images[f"validation/{index}"] = summary_panel(example["image"], example["alpha"], alpha)
             writer.write_images(step, images)
-            append_row(
-                storage.resolve(workdir) / VALIDATION_LOG_FILE, {"step": step, "count": result["count"], **means}
-            )
+            append_row(root / VALIDATION_LOG_FILE, {"step": step, "count": result["count"], **means})
         return means
 
     if step < config.num_train_steps:
@@ -371,9 +367,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     """`--mode=eval`: scores the best (or latest) checkpoint of ``workdir`` on the test splits."""
     validate_config(config)
     mesh_lib.initialize_distributed_if_needed()
-    workdir = os.fspath(storage.resolve(workdir))
+    root = storage.resolve(workdir)
+    workdir = os.fspath(root)
     storage.check_bucket(workdir)
-    directory = storage.resolve(workdir) / CHECKPOINT_SUBDIR
+    directory = root / CHECKPOINT_SUBDIR
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory}); train first")
     data_lib.ensure_dataset(config.data)

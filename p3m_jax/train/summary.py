@@ -60,7 +60,7 @@ def append_row(path: str | os.PathLike, row: Mapping) -> None:
         return
     with storage.reported(path, "appending to"):
         previous = path.read_text(encoding="utf-8") if path.exists() else ""
-    storage.write_whole(path, (previous + line).encode("utf-8"))
+    storage.write_object(path, (previous + line).encode("utf-8"))
 
 
 def _row_step(line: str) -> float:

@@ -82,7 +82,7 @@ def _save_to_bucket(path, arch: str, variables: Any, *, options: dict | None, ov
             checkpointer.save(path / VARIABLES_DIR, jax.tree_util.tree_map(np.asarray, variables))
             checkpointer.wait_until_finished()
         meta = {"format": FORMAT_VERSION, "arch": arch, "options": options or {}}
-        storage.write_whole(path / MODEL_META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
+        storage.write_object(path / MODEL_META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
     return os.fspath(path)
 
 

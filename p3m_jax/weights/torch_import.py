@@ -133,8 +133,9 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "reading a PyTorch checkpoint needs PyTorch: pip install 'p3m-jax[torch]' (the CPU build is enough)"
         ) from e
     try:
-        with path.open("rb") as f:
-            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        # A local file is read by torch itself; a gs:// object through memory.
+        source = io.BytesIO(path.read_bytes()) if storage.is_remote(path) else os.fspath(path)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointImportError(f"cannot read {path} as a PyTorch checkpoint: {e}") from e
     return state_dict_to_numpy(obj, source=os.fspath(path))
