@@ -21,6 +21,7 @@ SLOW_FILES_FIRST = (
     "test_layers.py",
     "test_train_loop.py",
     "test_gcs.py",
+    "test_serve.py",
     "test_install.py",
     "test_copy_paste.py",
     "test_metrics.py",

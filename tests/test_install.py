@@ -19,7 +19,16 @@ import zipfile
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMANDS = ("p3m-train", "p3m-evaluate", "p3m-predict", "p3m-convert", "p3m-export", "p3m-demo", "p3m-build")
+COMMANDS = (
+    "p3m-train",
+    "p3m-evaluate",
+    "p3m-predict",
+    "p3m-convert",
+    "p3m-export",
+    "p3m-demo",
+    "p3m-build",
+    "p3m-serve",
+)
 TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"
 
 # What a quickstart-sized run may print on stderr: the progress lines of the synthetic build and of the
@@ -83,7 +92,12 @@ def test_the_wheel_holds_the_package_its_recipes_licence_dependencies_and_comman
         names = set(archive.namelist())
         metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
         scripts = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    for name in ("p3m_jax/main.py", "p3m_jax/configs/default.py", "p3m_jax/configs/p3m10k_vitae_s_cp.py"):
+    for name in (
+        "p3m_jax/main.py",
+        "p3m_jax/configs/default.py",
+        "p3m_jax/configs/p3m10k_vitae_s_cp.py",
+        "p3m_jax/serve/index.html",
+    ):
         assert name in names
     assert "tfds_p3m10k/checksums.tsv" in names and "tfds_p3m10k/CITATIONS.bib" in names
     assert not any("/dummy_data/" in n for n in names)  # the builder's test data stays in the checkout

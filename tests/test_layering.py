@@ -30,7 +30,7 @@ ALLOWED = {
     "train": {"evaluation", "inference", "data", "weights", "models", "ops", "common"},
 }
 ALLOWED["entry"] = set(ALLOWED)  # the command-line modules and the public API on top
-ENTRY_POINTS = {"main", "predict", "evaluate", "convert", "demo", "export", "__init__"}
+ENTRY_POINTS = {"main", "predict", "evaluate", "convert", "demo", "export", "serve", "__init__"}
 
 # Function-local imports of project modules that are allowed, with why: (importing module, imported module).
 DEFERRED_OK = {
@@ -61,7 +61,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "tfds_p3m10k":
         return "tfds_p3m10k"
-    if len(parts) == 1 or (len(parts) == 2 and parts[1] in ENTRY_POINTS):
+    if len(parts) == 1 or parts[1] in ENTRY_POINTS:  # p3m_jax.serve is a package of entry-point modules
         return "entry"
     return parts[1]
 

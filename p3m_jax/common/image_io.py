@@ -47,7 +47,11 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 def load_rgb(path) -> np.ndarray:
     """RGB uint8 (H, W, 3) of an image file, upright per its EXIF orientation."""
-    image = _open(path)
+    return rgb_of(_open(path))
+
+
+def rgb_of(image: Image.Image) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a decoded, upright Pillow image (what `load_rgb` returns for its file)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image = Image.fromarray(_to_uint8(np.asarray(image)))
     if image.mode != "RGB":
@@ -68,4 +72,11 @@ def load_gray(path) -> np.ndarray:
 def save_png(path, array: np.ndarray) -> None:
     """Writes a uint8 (H, W), (H, W, 3) or (H, W, 4) array as PNG atomically (temp file + rename)."""
     with atomic_write(path, "wb") as handle:
-        Image.fromarray(np.asarray(array, np.uint8)).save(handle, format="PNG")
+        handle.write(png_bytes(array))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """The PNG file `save_png` writes for a uint8 (H, W), (H, W, 3) or (H, W, 4) array."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
