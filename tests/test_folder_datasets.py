@@ -149,6 +149,32 @@ def test_a_single_folder_is_split_by_a_stable_hash_of_the_names(tmp_path):
         folder_layout.parse_fractions("train=0.5,test=0.4")
 
 
+def test_a_small_folder_fills_every_split_or_says_what_to_do(tmp_path, capsys):
+    """Eleven photos split 90/10 by hash give every photo to train; one moves to test, the same one on
+    every build, and the folder builds without TFDS's download banner. One photo cannot fill two splits:
+    the message names the count and the flag to change."""
+    names = [f"IMG_{i:04d}" for i in range(40)]
+    names = [n for n in names if folder_layout.split_by_hash(n, folder_layout.DEFAULT_FRACTIONS) == "train"][:11]
+    for i, name in enumerate(names):
+        image, alpha, _ = _portrait(i, 16, 16)
+        _write(tmp_path / "eleven", name, image, alpha)
+    splits = folder_layout.scan(tmp_path / "eleven", "folder")
+    assert [len(splits["train"]), len(splits["test"])] == [10, 1]
+    assert all(e.split == "test" for e in splits["test"])
+    assert folder_layout.scan(tmp_path / "eleven", "folder")["test"] == splits["test"]
+    capsys.readouterr()
+    assert _build(tmp_path / "eleven", tmp_path / "tfds", "eleven") == 0
+    out = capsys.readouterr().out
+    assert "train: 10 examples" in out and "test: 1 examples" in out, out
+    assert "Downloading and preparing" not in out, out
+    _write(tmp_path / "one", "IMG_0000", *_portrait(0, 16, 16)[:2])
+    with pytest.raises(folder_layout.BadInputError) as raised:
+        folder_layout.scan(tmp_path / "one", "folder")
+    message = str(raised.value)
+    assert message.startswith(f"folder {tmp_path / 'one'} has 1 problem(s)"), message
+    assert "1 photo(s) cannot fill the 2 splits" in message and "--split_fractions train=1.0" in message
+
+
 def _benchmark(root: pathlib.Path, layout: str) -> pathlib.Path:
     """Three portraits in the published structure of PPM-100 or AIM-500 (under their top folder)."""
     top, image_dir, matte_dir = {"ppm100": ("PPM-100", "image", "matte"), "aim500": ("AIM-500", "original", "mask")}[

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from loop_helpers import tiny_config
-from p3m_jax.train import loop, make_mesh, make_train_step, state_shardings
+from p3m_jax.train import loop, make_mesh, make_train_step, memory_plan, state_shardings
 from p3m_jax.train.memory_plan import GIB, MemoryPlanError, Setting, StepMemory, device_memory_bytes, plan
 from p3m_jax.train.state import create_train_state
 from train_helpers import TinyP3M, make_batch
@@ -55,10 +55,24 @@ def test_a_step_that_does_not_fit_stops_with_a_setting_that_fits():
     assert StepMemory.of(compiled).total == needs[2]
 
 
-def test_device_memory_comes_from_the_config_or_the_device():
+def test_device_memory_comes_from_the_config_or_the_device(tmp_path):
     cpu = jax.devices()[0]
-    assert device_memory_bytes(cpu) is None  # the CPU reports no limit
+    # The CPU's limit: the machine's available RAM (Linux's MemAvailable), shared by its CPU devices.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   12000000 kB\n")
+    assert memory_plan.host_memory_available(str(meminfo)) == 12000000 * 1024
+    assert memory_plan.host_memory_available(str(tmp_path / "none")) is None
+    available = memory_plan.host_memory_available()
+    limit = device_memory_bytes(cpu)
+    assert 0 < limit <= available // len(jax.local_devices()) * 1.5
     assert device_memory_bytes(cpu, 24.0) == 24 * GIB
+
+
+def test_a_cpu_run_stops_when_the_step_needs_more_than_the_free_ram(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory_plan, "host_memory_available", lambda: 1024 * len(jax.local_devices()))
+    with pytest.raises(MemoryPlanError, match="the device has 0.00 GiB, and no remat/accumulation setting fits"):
+        loop.train_and_evaluate(tiny_config(data_dir), tmp_path / "w")
+    assert "the device has 0.00 GiB (the machine's available RAM per CPU device" in capsys.readouterr().out
 
 
 def test_the_run_stops_before_training_when_the_step_does_not_fit(data_dir, tmp_path, capsys):

@@ -206,16 +206,16 @@ def build_folder(args: argparse.Namespace, destination: _Destination) -> int:
         return 0
     new_folders = [p for p in _scaffolding(data_dir, name, folder_lib.DATASET_NAME) if not os.path.exists(p)]
     start = time.time()
+    download_config = tfds.download.DownloadConfig(
+        beam_options=beam_options,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
+        if args.overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+    )
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                beam_options=beam_options,
-                compute_stats=tfds.download.ComputeStatsMode.SKIP,
-                download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
-                if args.overwrite
-                else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-            )
-        )
+        with cli.without_tfds_banner():
+            builder.download_and_prepare(download_config=download_config)
     except (layout.BadInputError, FileNotFoundError) as e:
         _remove_scaffolding(new_folders)
         print(f"error: {e}", file=sys.stderr)
@@ -297,7 +297,8 @@ def build_release(args: argparse.Namespace, destination: _Destination) -> int:
     new_folders = [path for path in scaffolding if not os.path.exists(path)]
     start = time.time()
     try:
-        builder.download_and_prepare(download_config=download_config)
+        with cli.without_tfds_banner():
+            builder.download_and_prepare(download_config=download_config)
     except layout.BadInputError as e:
         _remove_scaffolding(new_folders)
         print(f"error: {e}", file=sys.stderr)

@@ -144,16 +144,41 @@ def parse_fractions(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def _hash_position(name: str) -> float:
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _ranges(fractions: Sequence[tuple[str, float]]) -> dict[str, tuple[float, float]]:
+    ranges, total = {}, 0.0
+    for split, fraction in fractions:
+        ranges[split] = (total, total + fraction)
+        total += fraction
+    return ranges
+
+
 def split_by_hash(name: str, fractions: Sequence[tuple[str, float]]) -> str:
     """The split of `name`: a SHA-256 of the name read as a number in [0, 1) against the cumulative
     fractions. The same name always lands in the same split, whatever else is in the folder."""
-    position = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
-    total = 0.0
-    for split, fraction in fractions:
-        total += fraction
-        if position < total:
+    position = _hash_position(name)
+    for split, (_, end) in _ranges(fractions).items():
+        if position < end:
             return split
     return fractions[-1][0]
+
+
+def fill_empty_splits(assigned: dict[str, list[str]], fractions: Sequence[tuple[str, float]]) -> dict[str, list[str]]:
+    """Gives each split the hash left empty one name: from the largest split, the name whose hash lies
+    nearest to the empty split's range. Only small folders (a few dozen photos) meet this; a folder with
+    fewer names than splits keeps its empty splits."""
+    assigned = {split: list(assigned.get(split, ())) for split, _ in fractions}
+    for split, (start, end) in _ranges(fractions).items():
+        donor = max(assigned, key=lambda s: len(assigned[s]))
+        if assigned[split] or len(assigned[donor]) < 2:
+            continue
+        name = min(assigned[donor], key=lambda n: min(abs(_hash_position(n) - start), abs(_hash_position(n) - end)))
+        assigned[donor].remove(name)
+        assigned[split].append(name)
+    return assigned
 
 
 # ------------------------------------------------------------------------------------------ pairing
@@ -260,24 +285,49 @@ def scan(
             if ("fg" in paths) != ("bg" in paths):
                 problems.append(f"{paths.get('fg') or paths.get('bg')}: has no {'bg' if 'fg' in paths else 'fg'} file")
             target = split_by_hash(stem, fractions or DEFAULT_FRACTIONS) if by_hash else split
-            examples.setdefault(target, []).append(
-                Example(target, stem, paths, is_blurred=target in layout.blurred_splits)
-            )
+            examples.setdefault(target, []).append(Example(target, stem, paths, is_blurred=False))
         for kind in ("trimap", "facemask", "fg", "bg"):  # maps whose image is missing
             for stem in sorted(set(files.get(kind, {})) - set(files["image"]) - set(files["alpha"])):
                 problems.append(f"{files[kind][stem][0]}: a {kind} with no image or matte")
+    if by_hash:
+        examples = _fill_hash_splits(examples, fractions or DEFAULT_FRACTIONS)
+    examples = {
+        split: [dataclasses.replace(e, split=split, is_blurred=split in layout.blurred_splits) for e in found]
+        for split, found in examples.items()
+    }
     wanted = list(splits) if splits else ([s for s, _ in fractions or DEFAULT_FRACTIONS] if by_hash else folders)
     for split in wanted:
         if not examples.get(split):
-            where = f"{base} split by name hash ({fractions or DEFAULT_FRACTIONS})" if by_hash else base
-            problems.append(f"{where}: split {split!r} has no examples")
+            problems.append(_empty_split_problem(base, split, by_hash, fractions or DEFAULT_FRACTIONS, examples))
     if problems:
         raise BadInputError(_format(base, layout, problems))
     return {split: sorted(examples[split], key=lambda e: e.name) for split in wanted}
 
 
+def _fill_hash_splits(examples: dict[str, list[Example]], fractions) -> dict[str, list[Example]]:
+    by_name = {e.name: e for found in examples.values() for e in found}
+    assigned = fill_empty_splits({split: [e.name for e in found] for split, found in examples.items()}, fractions)
+    return {split: [by_name[name] for name in names] for split, names in assigned.items()}
+
+
+def _empty_split_problem(base, split, by_hash, fractions, examples) -> str:
+    if not by_hash:
+        return f"{base}: split {split!r} has no examples"
+    count = sum(len(found) for found in examples.values())
+    text = ",".join(f"{s}={f:g}" for s, f in fractions)
+    return (
+        f"{base}: split {split!r} has no examples: {count} photo(s) cannot fill the {len(fractions)} splits of "
+        f"--split_fractions {text} (add photos, or give fewer splits, e.g. --split_fractions train=1.0)"
+    )
+
+
+def describe(layout_name: str, path) -> str:
+    """'folder PATH' for your own folder, 'ppm100 folder PATH' for a benchmark's."""
+    return f"folder {path}" if layout_name == "folder" else f"{layout_name} folder {path}"
+
+
 def _format(base, layout: Layout, problems: Sequence[str]) -> str:
-    lines = [f"{layout.name} folder {base} has {len(problems)} problem(s); nothing was written:"]
+    lines = [f"{describe(layout.name, base)} has {len(problems)} problem(s); nothing was written:"]
     return "\n".join(lines + [f"  - {p}" for p in problems])
 
 

@@ -244,11 +244,12 @@ class PortraitFolder(tfds.core.GeneratorBasedBuilder):
                 check_job, jobs, self._num_workers, f"Checking {config.folder}", initializer=None
             )
         )
-        problems = [p for found, _, _ in checked for p in found]
+        # Each problem once: a missing face detector fails every image with the same message.
+        problems = list(dict.fromkeys(p for found, _, _ in checked for p in found))
         if problems:
             raise BadInputError(
-                f"{config.layout} folder {config.folder} has {len(problems)} problem(s); nothing was written:\n"
-                + "\n".join(f"  - {p}" for p in problems)
+                f"{folder_layout.describe(config.layout, config.folder)} has {len(problems)} problem(s); "
+                "nothing was written:\n" + "\n".join(f"  - {p}" for p in problems)
             )
         results = {(job[0].split, job[0].name): result for job, result in zip(jobs, checked)}
         report, kept, no_face = self.report, {}, []

@@ -5,7 +5,10 @@ and the library log lines that normal operation should not show."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import re
 import sys
 import time
 from typing import Iterable, Iterator, Mapping, TypeVar
@@ -118,14 +121,12 @@ def progress(
 
 
 # Library log lines that normal operation produces and that read like problems, by their start.
-# TFDS announces the builder config of every read ("Using custom data configuration: ...") and
-# "Downloading and preparing dataset Unknown size" for builds that download nothing; orbax says that a
+# TFDS announces the builder config of every read ("Using custom data configuration: ..."); orbax says that a
 # checkpoint written by an earlier version has no metadata file, that a checkpoint opened for reading
 # is read only (and so saves nothing), and that a save without metrics (the SIGTERM save) has none;
 # TFDS, while a build is under way, that its version folder has no dataset_info.json yet.
 _ROUTINE_LOG_STARTS = (
     "Using custom data configuration",
-    "Downloading and preparing dataset",
     "Metadata file does not exist",
     "Given directory is read only",
     "Requested tracked_metric",
@@ -156,3 +157,37 @@ def quiet_library_logs() -> None:
         for handler in logger.handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
+
+
+class _LineFilter(io.TextIOBase):
+    """Writes through to ``stream`` every line that does not start (colour codes aside) with ``starts``."""
+
+    def __init__(self, stream, starts: tuple[str, ...]):
+        self._stream, self._starts, self._pending = stream, starts, ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if not re.sub(r"\x1b\[[0-9;]*m", "", line).startswith(self._starts):
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and not self._pending.startswith(self._starts):
+            self._stream.write(self._pending)
+        self._pending = ""
+        self._stream.flush()
+
+
+@contextlib.contextmanager
+def without_tfds_banner():
+    """Around a TFDS build: drops the banner its ``download_and_prepare`` prints to stdout ("Downloading
+    and preparing dataset Unknown size ...", about a download that these builds never make)."""
+    previous = sys.stdout
+    sys.stdout = _LineFilter(previous, ("Downloading and preparing dataset",))
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = previous

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from p3m_jax.common import storage
+from p3m_jax.common import cli, storage
 
 _log = logging.getLogger(__name__)
 
@@ -235,9 +235,12 @@ def _build_synthetic(synthetic, data_dir: str) -> None:
 
     download_config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     if not storage.is_remote(data_dir):
-        builder_lib.Builder(config=synthetic, data_dir=data_dir).download_and_prepare(download_config=download_config)
+        with cli.without_tfds_banner():
+            builder_lib.Builder(config=synthetic, data_dir=data_dir).download_and_prepare(
+                download_config=download_config
+            )
         return
-    with tempfile.TemporaryDirectory(prefix="p3m_tfds_") as local:
+    with tempfile.TemporaryDirectory(prefix="p3m_tfds_") as local, cli.without_tfds_banner():
         builder = builder_lib.Builder(config=synthetic, data_dir=local)
         builder.download_and_prepare(download_config=download_config)
         count = storage.upload_tfds_build(local, builder.data_dir, data_dir)

@@ -70,6 +70,7 @@ MemoryPlanError = memory_plan.MemoryPlanError
 
 _LOSS_PARTS = ("loss", "global", "local", "fusion", "composition")
 _CP_COUNTS = {"icp_pasted": "icp_pasted_per_batch", "fcp_apply": "fcp_samples_per_batch"}
+CPU_LIMIT_NOTE = " (the machine's available RAM per CPU device; config.device_memory_gib overrides it)"
 
 
 @dataclasses.dataclass
@@ -157,6 +158,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
         write_run_config(config, workdir)
 
     program = TrainProgram.build(config, mesh)
+    # Read before the state and the input pipeline take memory: on the CPU the limit is the RAM left.
+    memory_limit = memory_plan.device_memory_bytes(jax.local_devices()[0], float(config.device_memory_gib))
     model, abstract_state, shardings = program.model, program.abstract_state, program.shardings
     rng = init_key(config.seed)
 
@@ -181,7 +184,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
             drop_rows_after(root / name, int(state.step))
 
     train_step = None  # compiled on the first batch, by the memory plan
-    memory_limit = memory_plan.device_memory_bytes(jax.local_devices()[0], float(config.device_memory_gib))
 
     writer = MetricWriter(workdir, enabled=is_main)
     validation = data_lib.validation_dataset(config.data)
@@ -301,6 +303,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
                     config.batch_size // mesh.size,
                     memory_limit,
                     _log,
+                    CPU_LIMIT_NOTE if mesh.devices.flat[0].platform == "cpu" and not config.device_memory_gib else "",
                 )
             profiler.before_step(step + 1)
             state, metrics = train_step(state, batch)

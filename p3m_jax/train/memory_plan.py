@@ -85,12 +85,28 @@ def backward_residual_bytes(model, state, batch) -> int:
 
 def device_memory_bytes(device, override_gib: float = 0.0) -> int | None:
     """The memory a step may use on ``device``: ``override_gib`` when > 0 (to plan for another card),
-    else what its allocator reports (``bytes_limit``); None where the device reports none (the CPU)."""
+    else what its allocator reports (``bytes_limit``); on the CPU, the machine's available RAM shared by
+    its CPU devices; None where nothing is known."""
     if override_gib > 0:
         return int(override_gib * GIB)
+    if device.platform == "cpu":
+        available = host_memory_available()
+        return None if available is None else available // max(1, len(jax.local_devices(backend="cpu")))
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     limit = (stats or {}).get("bytes_limit")
     return int(limit) if limit else None
+
+
+def host_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """The RAM that new allocations can take without swapping (Linux's MemAvailable), in bytes."""
+    try:
+        with open(meminfo) as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def gib(n: int) -> str:
@@ -113,10 +129,12 @@ def plan(
     per_device_batch: int,
     limit: int | None,
     log: Callable[[str], Any],
+    limit_note: str = "",
 ) -> Any:
     """Compiles the step at ``current`` and returns the compiled program when it fits ``limit`` bytes
     (always where the limit is unknown). Otherwise compiles the fallback settings until one fits and
-    raises `MemoryPlanError` naming it (or saying that none does)."""
+    raises `MemoryPlanError` naming it (or saying that none does). ``limit_note`` says where the limit
+    comes from when it is not the device's own."""
     compiled = compile_setting(current)
     memory = StepMemory.of(compiled)
     if memory is None:
@@ -128,7 +146,7 @@ def plan(
             f"(set config.device_memory_gib to plan for a card)"
         )
         return compiled
-    log(f"memory plan: this step needs {memory.describe()} per device; the device has {gib(limit)}")
+    log(f"memory plan: this step needs {memory.describe()} per device; the device has {gib(limit)}{limit_note}")
     if memory.total <= limit and not memory.exceeded:
         return compiled
     log(f"memory plan: {current.flags()} does not fit; compiling other settings to find one that does")
