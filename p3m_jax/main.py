@@ -55,6 +55,11 @@ _HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 _GIVEN_ARGV: list[str] = []  # the command line as typed, for messages (sys.argv gets the resolved paths)
 
 
+# Recipes whose get_config takes the architecture after a colon (--config=finetune_folder:vitae_s).
+ARCH_RECIPES = ("finetune_folder", "p3m10k")
+ARCHITECTURE_NAMES = ("resnet34", "swin_t", "vitae_s")
+
+
 def recipes() -> dict[str, str]:
     """The recipes shipped in the package: name -> file path."""
     folder = importlib.resources.files("p3m_jax.configs")
@@ -77,6 +82,11 @@ def resolve_config(value: str) -> str:
     if name in known and os.path.dirname(path) in ("", "configs"):
         if os.path.dirname(path) == "configs":
             cli.deprecated(f"--config={path}: the recipes moved into the package; say --config={name}")
+        if name in ARCH_RECIPES and colon and argument not in ARCHITECTURE_NAMES:
+            raise ValueError(
+                f"--config={value}: the argument after the colon is the architecture, one of "
+                f"{', '.join(ARCHITECTURE_NAMES)} (e.g. --config={name}:vitae_s)"
+            )
         return known[name] + colon + argument
     raise FileNotFoundError(f"--config={value}: no such file and no recipe of that name (recipes: {', '.join(known)})")
 
@@ -100,6 +110,8 @@ def _usage() -> str:
     names = ", ".join(recipes())
     return (
         f"{__doc__}\nRecipes: {names}.\n"
+        f"{' and '.join(ARCH_RECIPES)} take the architecture after a colon, one of {', '.join(ARCHITECTURE_NAMES)} "
+        f"(--config={ARCH_RECIPES[0]}:vitae_s; {ARCHITECTURE_NAMES[0]} without one).\n"
         f"The config fields and their values: python -m p3m_jax.main --config=RECIPE --print_config\n\n"
         f"Flags:\n{module_flags}\n"
     )
@@ -168,7 +180,7 @@ def run() -> None:
     _GIVEN_ARGV[:] = sys.argv[1:]
     try:
         sys.argv[1:] = _translate_argv(sys.argv[1:])
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     try:

@@ -57,6 +57,20 @@ def test_bad_config_values_fail_at_start_naming_the_field(tmp_path, override, en
     assert not (tmp_path / "w").exists()  # nothing written to the workdir
 
 
+def test_a_recipe_argument_that_is_no_architecture_is_one_line(tmp_path):
+    from p3m_jax import main
+    from p3m_jax.models import ARCHITECTURES
+
+    assert set(main.ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+    result = run_main(["--config=finetune_folder:resnet", "--print_config"], {})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: --config=finetune_folder:resnet: the argument after the colon is the architecture, one of "
+        "resnet34, swin_t, vitae_s (e.g. --config=finetune_folder:vitae_s)"
+    )
+    assert "arch: vitae_s" in run_main(["--config=finetune_folder:vitae_s", "--print_config"], {}).stdout
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

@@ -392,3 +392,17 @@ def test_profile_steps_trace_the_window_into_the_workdir(data_dir, tmp_path, cap
     assert list(profile.glob("plugins/profile/*/*.xplane.pb"))  # what TensorBoard's profile tab reads
     assert list(profile.glob("plugins/profile/*/perfetto_trace.json.gz"))
     assert f"profile of steps 2-3 written to {profile}" in capsys.readouterr().out
+
+
+def test_a_slow_run_prints_progress_on_time_whatever_log_every_steps(data_dir, tmp_path, monkeypatch, capsys):
+    """With steps slower than PROGRESS_EVERY_S (here 0 s), every step prints its line although
+    log_every_steps is far away."""
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)
+    config = tiny_config(
+        data_dir, num_train_steps=3, log_every_steps=1000, eval_every_steps=0, checkpoint_every_steps=0
+    )
+    with config.unlocked():
+        config.eval.test_splits = ()
+    loop.train_and_evaluate(config, tmp_path / "w")
+    out = capsys.readouterr().out
+    assert all(f"step {n}/3 |" in out for n in (1, 2, 3)), out

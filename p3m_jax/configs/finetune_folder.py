@@ -6,7 +6,8 @@
         --config.data.tfds_name=portrait_folder/mine --config.data.data_dir=~/tensorflow_datasets \
         --config.init.checkpoint=P3M-Net_ViTAE-S_trained_on_P3M-10k.pth
 
-The argument after the colon is the architecture of the checkpoint (resnet34, swin_t or vitae_s);
+The argument after the colon is the architecture of the checkpoint: resnet34 (also without a colon),
+swin_t or vitae_s, as in `--config=finetune_folder:vitae_s`;
 `init.checkpoint` is an authors' `.pth` or a p3m-jax checkpoint (empty: train from random weights).
 The paper's augmentation and optimiser (p3m10k.py), 2,000 steps by default; the best checkpoint is kept
 on a held-out tenth of the train split (chosen by a hash of each name) and scored on the build's `test`

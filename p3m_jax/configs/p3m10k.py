@@ -42,6 +42,12 @@ def consumer_gpu_config(arch: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arch: str = "resnet34", copy_paste: bool = False) -> ml_collections.ConfigDict:
+    if arch not in PRETRAINED_BACKBONES:
+        # A KeyError would be read as a config field that does not exist: a ValueError names the argument.
+        raise ValueError(
+            f"unknown architecture {arch!r} (the argument after the recipe's colon, e.g. "
+            f"--config=finetune_folder:vitae_s): one of {', '.join(PRETRAINED_BACKBONES)}"
+        )
     config = default.get_config()
     config.arch = arch
     config.dtype = "bfloat16"  # bfloat16 compute on GPU/TPU (float32 params and Adam state)

@@ -7,8 +7,8 @@ One run, on every device of every process (one 1-D ``data`` mesh):
   3. resume from the latest checkpoint in ``<workdir>/checkpoints`` (model, optimizer, step, RNG and
      the input iterator's position), or initialise (random, an ImageNet backbone, or fine-tuning
      weights);
-  4. train: a progress line every ``log_every_steps`` (loss and its four parts, lr, images/s, step
-     time, ETA) and the same numbers in TensorBoard; validation SAD/MSE/GRAD/CONN on the held-out
+  4. train: a progress line every ``log_every_steps``, and at least every 30 s in a one-process run
+     (loss and its four parts, lr, images/s, step time, ETA) and the same numbers in TensorBoard; validation SAD/MSE/GRAD/CONN on the held-out
      slice every ``eval_every_steps``; asynchronous checkpoints every ``checkpoint_every_steps``
      (the last K plus the best by validation SAD; a failed save stops the run at the next step);
      SIGTERM saves and stops; a NaN/Inf loss or state stops before anything non-finite is
@@ -70,6 +70,10 @@ MemoryPlanError = memory_plan.MemoryPlanError
 
 _LOSS_PARTS = ("loss", "global", "local", "fusion", "composition")
 _CP_COUNTS = {"icp_pasted": "icp_pasted_per_batch", "fcp_apply": "fcp_samples_per_batch"}
+# A one-process run prints progress at least this often whatever log_every_steps and the step time
+# (slow CPU steps). Multi-process runs keep to log_every_steps: every process must stop on a NaN at
+# the same step.
+PROGRESS_EVERY_S = 30.0
 CPU_LIMIT_NOTE = " (the machine's available RAM per CPU device; config.device_memory_gib overrides it)"
 
 
@@ -330,7 +334,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, rescore: bool 
                 or evaluate_now
                 or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
             )
-            if step % config.log_every_steps == 0 or save_now:
+            overdue = jax.process_count() == 1 and time.perf_counter() - meter.start >= PROGRESS_EVERY_S
+            if step % config.log_every_steps == 0 or save_now or overdue:
                 flush_metrics(step)  # also the NaN guard: nothing non-finite is ever saved
             if save_now or evaluate_now:
                 bad_leaf = first_non_finite_leaf(state)
