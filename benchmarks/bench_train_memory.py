@@ -4,8 +4,9 @@
         --remat none decoder encoder full [--grad_accum 1 4] [--dtype bfloat16]
 
 One row per (arch, per-device batch, remat policy, accumulation): the real train step (P3M loss, Adam,
-float32 parameters) compiled for one device from abstract inputs (nothing is allocated), with XLA's own
-convolutions on every platform (the program a GPU or TPU runs, not the CPU's convolution rewrites). The
+float32 parameters) compiled for one device from abstract inputs (nothing is allocated), in the portable
+forms of the ops (`ops.platform.portable_program`: XLA's convolution and LayerNorm as a GPU or TPU runs
+them, not the CPU's rewrites; ViTAE's global attention in its query chunks). The
 memory is what the memory plan of ``python -m p3m_jax.main`` reads (`p3m_jax.train.memory_plan.StepMemory`):
 arguments + outputs + temporaries - donated buffers. "kept for backward" is what the forward pass keeps
 for the backward pass before XLA schedules the program (`backward_residual_bytes`), which is what the
@@ -28,7 +29,7 @@ from authors_torch import host_batch  # noqa: E402
 from p3m_jax.common import cli  # noqa: E402
 from p3m_jax.configs import p3m10k  # noqa: E402
 from p3m_jax.models import REMAT_POLICIES, build_model  # noqa: E402
-from p3m_jax.ops.conv import portable_convolutions  # noqa: E402
+from p3m_jax.ops.platform import portable_program  # noqa: E402
 from p3m_jax.train import OptimizerOptions, batch_sharding, create_train_state, make_mesh, make_optimizer  # noqa: E402
 from p3m_jax.train import make_train_step, state_shardings  # noqa: E402
 from p3m_jax.train.memory_plan import GIB, StepMemory, backward_residual_bytes  # noqa: E402
@@ -51,7 +52,7 @@ def compile_step(arch: str, dtype, size: int, batch: int, remat: str, grad_accum
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in host_batch(batch, size).items()
     }
     start = time.perf_counter()
-    with portable_convolutions():
+    with portable_program():
         compiled = step.lower(abstract_state, abstract_batch).compile() if compile else None
         residuals = backward_residual_bytes(model, abstract_state, abstract_batch) if grad_accum == 1 else None
     return compiled, time.perf_counter() - start, residuals

@@ -2,7 +2,7 @@
 that run them with the `Predictor.forward` interface (so RESIZE, HYBRID, `evaluate` and `predict` take them).
 
 Both files hold the inference program: BatchNorm's running statistics, XLA's own convolution (traced
-inside `ops.conv.portable_convolutions`, not the CPU rewrites), float32, the weights as constants.
+inside `ops.platform.portable_program`, not the CPU rewrites), float32, the weights as constants.
 
 StableHLO (`.stablehlo`, an `.npz` with the serialized `jax.export.Exported` and a JSON metadata entry):
   input  (N, H, W, 3) float32 NHWC, RGB in [0, 1] normalised with ImageNet's mean and std;
@@ -36,7 +36,7 @@ import numpy as np
 from p3m_jax.common import storage
 from p3m_jax.common.fileio import atomic_write
 from p3m_jax.models import OUTPUT_NAMES
-from p3m_jax.ops.conv import portable_convolutions
+from p3m_jax.ops.platform import portable_program
 from p3m_jax.ops.pooling import pooling_primitives
 
 FORMATS = ("stablehlo", "onnx")
@@ -104,7 +104,7 @@ def export_stablehlo(
         spec = f"b, {height}, {width}, 3"
     shape = jax.export.symbolic_shape(spec)
     try:
-        with portable_convolutions():
+        with portable_program():
             exported = jax.export.export(jax.jit(_apply_fn(predictor, outputs)), platforms=PLATFORMS)(
                 predictor.variables, jax.ShapeDtypeStruct(shape, jnp.float32)
             )
@@ -289,7 +289,7 @@ def onnx_model(fn, input_shapes, *, what: str):
         logger.setLevel(logging.CRITICAL)
     try:
         with (
-            portable_convolutions(),
+            portable_program(),
             pooling_primitives(),
             contextlib.redirect_stdout(chatter),
             contextlib.redirect_stderr(chatter),

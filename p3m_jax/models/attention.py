@@ -2,15 +2,19 @@
 
 - `dense`, `layer_norm`: Linear/LayerNorm with the initialisation the authors' transformers use
   (truncated normal std 0.02 for Linear weights, zero biases; LayerNorm ones/zeros); the
-  LayerNorm (`LayerNorm`) is PyTorch's formula with a hand-written backward pass.
+  LayerNorm (`LayerNorm`) is PyTorch's formula, with a hand-written backward pass on XLA:CPU.
 - `Mlp`: Linear -> exact (erf) GELU -> Linear, PyTorch's ``nn.GELU()`` in PyTorch's own CPU
   formula (`gelu`; not the tanh approximation that is Flax's default).
-- `global_attention`: softmax attention over all tokens (what `jax.nn.dot_product_attention`
-  computes, written out with its backward pass so that it keeps only the probabilities of all
-  the logits-sized arrays and XLA:CPU copies none of them), split into
-  chunks of queries when the full logits would be large, so that a 1088x1600 image (27,200
-  tokens in ViTAE's second stage) needs a bounded amount of memory.
+- `global_attention`, `windowed_attention`: softmax attention over all tokens (ViTAE-S) and inside
+  windows with an additive bias (Swin-T). On GPUs and TPUs both are `jax.nn.dot_product_attention`
+  in the compute dtype. On XLA:CPU, and in exported programs, they are written out; the global one with
+  its backward pass (it keeps only the probabilities of all the logits-sized arrays, and XLA:CPU
+  copies none of them) and split into chunks of queries when the full logits would be large, so
+  that a 1088x1600 image (27,200 tokens in ViTAE's second stage) needs a bounded amount of memory.
 - `DropPath`: stochastic depth (per-sample residual dropping) in training mode.
+
+Which form of the LayerNorm and of attention runs is chosen when the program is lowered, by
+`p3m_jax.ops.platform.by_platform`.
 
 Shapes follow `jax.nn.dot_product_attention`: tokens (B, T, heads, head_dim).
 """
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from p3m_jax.models.layers import Dtype
+from p3m_jax.ops.platform import by_platform
 
 # Upper bound on the number of attention logits (batch x heads x queries x keys) computed at
 # once by `global_attention`: 2**27 float32 logits are 512 MiB. (A batch of 8 training crops of
@@ -57,9 +62,10 @@ class LayerNorm(nn.Module):
     bias`` with the biased variance of the centred values (as PyTorch computes it), statistics
     in float32, parameters ``scale`` and ``bias`` (the tree of Flax's ``nn.LayerNorm``).
 
-    Written with its own backward pass (`_layer_norm`), which keeps only the input and the
-    per-token mean and 1/std: autodiff of Flax's ``nn.LayerNorm`` kept full-size broadcasts of
-    ``scale * rsqrt(var)`` and ``rsqrt(var)`` as residuals, which XLA:CPU materialised.
+    On XLA:CPU written with its own backward pass (`_layer_norm`), which keeps only the input and
+    the per-token mean and 1/std: autodiff of Flax's ``nn.LayerNorm`` kept full-size broadcasts of
+    ``scale * rsqrt(var)`` and ``rsqrt(var)`` as residuals, which XLA:CPU materialised. On GPUs and
+    TPUs, and in exports, the same expression differentiated by JAX (`_standard_layer_norm`).
     """
 
     epsilon: float
@@ -70,7 +76,20 @@ class LayerNorm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+        epsilon = self.epsilon
+        out = by_platform(
+            x,
+            scale,
+            bias,
+            cpu=lambda x, scale, bias: _layer_norm(x, scale, bias, epsilon),
+            accelerator=lambda x, scale, bias: _standard_layer_norm(x, scale, bias, epsilon),
+        )
+        return out.astype(self.dtype)
+
+
+def _standard_layer_norm(x, scale, bias, epsilon):
+    """The float32 LayerNorm expression, left to JAX's autodiff and XLA's fusions (GPUs, TPUs)."""
+    return _layer_norm_statistics(x, epsilon)[0] * scale + bias
 
 
 def _layer_norm_statistics(x, epsilon):
@@ -139,16 +158,70 @@ def global_attention(
 
     Args:
       q: (B, T, heads, head_dim) queries; k, v: (B, S, heads, head_dim) keys and values.
-      max_logits_per_chunk: when B * heads * T * S exceeds this, the queries are processed in
-        sequential chunks (`jax.lax.map`) so that at most about this many logits exist at once;
-        each chunk is rematerialised in the backward pass (`jax.checkpoint`), so training
-        memory is bounded too. Every query still sees every key: the result is the same as
-        unchunked attention.
+      max_logits_per_chunk: on XLA:CPU and in exports, when B * heads * T * S exceeds this, the
+        queries are processed in sequential chunks (`jax.lax.map`) so that at most about this
+        many logits exist at once; each chunk is rematerialised in the backward pass
+        (`jax.checkpoint`), so training memory is bounded too. Every query still sees every key:
+        the result is the same as unchunked attention.
 
     Returns:
       (B, T, heads, head_dim), in the dtype of ``q``. Logits and softmax are computed in
-      float32.
+      float32 (on GPUs and TPUs the matmuls' inputs stay in the compute dtype).
     """
+    chunked = functools.partial(_chunked_attention, max_logits_per_chunk=max_logits_per_chunk)
+    return by_platform(q, k, v, cpu=chunked, accelerator=jax.nn.dot_product_attention, portable=chunked)
+
+
+def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention inside windows with additive logits, ``softmax(q k^T / sqrt(d) + bias + mask) v``.
+
+    Args:
+      q, k, v: (B * nW, n, heads, head_dim), the n tokens of each of the nW windows of B images.
+      bias: (heads, n, n) float32, added to every window (Swin's relative position bias).
+      mask: (nW, n, n) float32, added to the windows of every image, or None.
+
+    Returns:
+      (B * nW, n, heads, head_dim) in the dtype of ``q``; logits and softmax in float32.
+    """
+    if mask is None:
+        mask = jnp.zeros((1,) + bias.shape[1:], jnp.float32)
+    return by_platform(
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        cpu=_windowed_attention_cpu,
+        accelerator=_windowed_attention_standard,
+        portable=_windowed_attention_cpu,
+    )
+
+
+def _windowed_attention_cpu(q, k, v, bias, mask):
+    """The authors' order of operations: queries scaled in the compute dtype, float32 logits, the bias,
+    then the mask."""
+    bw, n, heads, head_dim = q.shape
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias[None]
+    num_windows = mask.shape[0]
+    logits = logits.reshape(bw // num_windows, num_windows, heads, n, n)
+    logits = (logits + mask[None, :, None]).reshape(bw, heads, n, n)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _windowed_attention_standard(q, k, v, bias, mask):
+    """`jax.nn.dot_product_attention` with the bias and mask broadcast over windows and images (XLA
+    fuses the broadcast into the logits; nothing of size B * nW * n * n is kept)."""
+    bw, n, heads, _ = q.shape
+    num_windows = mask.shape[0]
+    logits_bias = (bias[None, None] + mask[None, :, None]).astype(jnp.float32)
+    logits_bias = jnp.broadcast_to(logits_bias, (bw // num_windows, num_windows, heads, n, n))
+    return jax.nn.dot_product_attention(q, k, v, bias=logits_bias.reshape(bw, heads, n, n))
+
+
+def _chunked_attention(q, k, v, *, max_logits_per_chunk):
+    """`global_attention` written for XLA:CPU: query chunks of `_softmax_attention`, in float32."""
     b, t, h, d = q.shape
     s = k.shape[1]
     dtype = q.dtype

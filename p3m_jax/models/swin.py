@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from p3m_jax.models.attention import DropPath, Mlp, dense, layer_norm, trunc_normal_init
+from p3m_jax.models.attention import DropPath, Mlp, dense, layer_norm, trunc_normal_init, windowed_attention
 from p3m_jax.models.decoder import EncoderOutput
 from p3m_jax.models.layers import Dtype, conv2d
 from p3m_jax.ops.pooling import max_pool_with_argmax
@@ -139,19 +139,10 @@ class WindowAttention(nn.Module):
         )
         qkv = dense(3 * c, name="qkv", dtype=self.dtype)(x)
         qkv = qkv.reshape(bw, n, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         index = relative_position_index(self.window).reshape(-1)
         bias = table[index].reshape(n, n, self.num_heads).transpose(2, 0, 1)
-        logits = logits + bias[None]
-        if labels is not None:
-            mask = _mask_from_labels(labels)
-            num_windows = mask.shape[0]
-            logits = logits.reshape(bw // num_windows, num_windows, self.num_heads, n, n)
-            logits = (logits + mask[None, :, None]).reshape(bw, self.num_heads, n, n)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(bw, n, c)
+        mask = None if labels is None else _mask_from_labels(labels)
+        out = windowed_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, mask).reshape(bw, n, c)
         return dense(c, name="proj", dtype=self.dtype)(out)
 
 

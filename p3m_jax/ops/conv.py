@@ -1,9 +1,9 @@
 """Convolutions of the models: stride-1 'same' (optionally grouped) and 1x1, NHWC / HWIO.
 
-`same_conv` dispatches on the platform: XLA's own convolution everywhere (`conv_xla`), the
-rewrites of `conv_cpu` on XLA:CPU, unless traced inside `portable_convolutions()` (exported programs:
-one convolution for every runtime, and shapes that may be symbolic). `flax_conv_general_dilated` is what `nn.Conv` calls instead of
-`lax.conv_general_dilated` in the models.
+`same_conv` dispatches on the platform (`ops.platform.by_platform`): XLA's own convolution on GPUs and
+TPUs and in exported programs (`conv_xla`: one convolution for every runtime, and shapes that may be
+symbolic), the rewrites of `conv_cpu` on XLA:CPU. `flax_conv_general_dilated` is what `nn.Conv` calls
+instead of `lax.conv_general_dilated` in the models.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 
 from p3m_jax.ops.conv_cpu import cpu_same_conv, cpu_same_conv_vjp
 from p3m_jax.ops.conv_xla import lax_same_conv, lax_same_conv_vjp
-from p3m_jax.ops.switch import TraceSwitch
+from p3m_jax.ops.platform import by_platform, is_portable, portable_program
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -28,26 +28,12 @@ def same_conv(x: jax.Array, kernel: jax.Array, groups: int = 1) -> jax.Array:
     return _platform_same_conv(x, kernel, groups)
 
 
-_PORTABLE = TraceSwitch()
-
-
-def portable_convolutions():
-    """Within this context, traced convolutions are XLA's own on every platform (no CPU rewrites)."""
-    return _PORTABLE.turned_on()
-
-
-def _is_portable() -> bool:
-    return _PORTABLE.on
-
-
 def _platform_same_conv(x, kernel, groups):
-    if _is_portable():
-        return lax_same_conv(x, kernel, groups=groups)
-    return jax.lax.platform_dependent(
+    return by_platform(
         x,
         kernel,
         cpu=functools.partial(cpu_same_conv, groups=groups),
-        default=functools.partial(lax_same_conv, groups=groups),
+        accelerator=functools.partial(lax_same_conv, groups=groups),
     )
 
 
@@ -57,14 +43,12 @@ def _same_conv_fwd(x, kernel, groups):
 
 def _same_conv_bwd(groups, residuals, g):
     x, kernel = residuals
-    if _is_portable():
-        return lax_same_conv_vjp(groups, x, kernel, g)
-    return jax.lax.platform_dependent(
+    return by_platform(
         x,
         kernel,
         g,
         cpu=functools.partial(cpu_same_conv_vjp, groups),
-        default=functools.partial(lax_same_conv_vjp, groups),
+        accelerator=functools.partial(lax_same_conv_vjp, groups),
     )
 
 
@@ -93,11 +77,11 @@ def flax_conv_general_dilated(
     del window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers
     if rhs.shape[0] == rhs.shape[1] == 1 and feature_group_count == 1:
         return pointwise_conv(lhs, rhs, precision)
-    return _traced_once_same_conv(lhs, rhs, feature_group_count, _is_portable())
+    return _traced_once_same_conv(lhs, rhs, feature_group_count, is_portable())
 
 
 def _same_conv_in_mode(x, kernel, groups, portable):
-    with portable_convolutions() if portable else contextlib.nullcontext():
+    with portable_program() if portable else contextlib.nullcontext():
         return same_conv(x, kernel, groups)
 
 
