@@ -18,11 +18,7 @@ from p3m_jax.weights.torch_import import CheckpointImportError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(
-        "python -m p3m_jax.convert",
-        __doc__,
-        renamed={"--torch-checkpoint": "--checkpoint", "--torch_checkpoint": "--checkpoint"},
-    )
+    parser = cli.ArgumentParser("python -m p3m_jax.convert", __doc__)
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES), help="the variant the file holds")
     parser.add_argument("--checkpoint", required=True, help="the authors' .pth / .pth.tar to convert")
     parser.add_argument("--output", required=True, help="folder to write the p3m-jax checkpoint to (must not exist)")

@@ -35,7 +35,7 @@ import ml_collections
 from p3m_jax.common import cli, fileio, storage
 from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
 from p3m_jax.data.evaluation_data import FOLDER_FRACTIONS, layout_test_splits, open_test_split, test_splits
-from p3m_jax.data.source import TEST_SPLITS, built_configs
+from p3m_jax.data.source import TEST_SPLITS
 from p3m_jax.evaluation.report import format_table, write_json
 from p3m_jax.evaluation.scoring import evaluate
 from p3m_jax.inference import strategies
@@ -47,7 +47,7 @@ RESULTS_FILE = "evaluation.json"
 
 
 def parse_args(argv=None):
-    parser = cli.ArgumentParser("python -m p3m_jax.evaluate", __doc__, renamed={"--tfds_data_dir": "--data_dir"})
+    parser = cli.ArgumentParser("python -m p3m_jax.evaluate", __doc__)
     parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
     cli.add_ema_argument(parser)
@@ -76,11 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--metric_bucket", type=int, default=256, help="metric input bucket")
     parser.add_argument("--output", default=None, help=f"folder for {RESULTS_FILE} (and the PNGs of --save_png)")
     parser.add_argument(
-        "--save_png",
-        nargs="?",
-        const=True,
-        default=False,
-        help="also write the 8-bit predictions to <output>/<split>/<name>.png",
+        "--save_png", action="store_true", help="also write the 8-bit predictions to <output>/<split>/<name>.png"
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images per split")
     parser.add_argument(
@@ -96,33 +92,15 @@ def parse_args(argv=None):
         f"when set, else {DEFAULT_CACHE_DIR})",
     )
     args = parser.parse_args(argv)
-    _upgrade_old_forms(args)
+    args.results_path = os.path.join(args.output, RESULTS_FILE) if args.output else None
+    args.png_dir = args.output if args.save_png else None
     if (args.release_dir is None) == (args.data_dir is None):
         parser.error("give one of --release_dir (a release-layout folder) and --data_dir (a TFDS data folder)")
     if args.layout is not None and args.data_dir is None:
         parser.error("--layout reads the folder given as --data_dir")
-    if args.save_png is True and args.output is None:
+    if args.save_png and args.output is None:
         parser.error("--save_png writes into --output: give --output DIR")
     return args
-
-
-def _upgrade_old_forms(args) -> None:
-    """The forms of the previous release, with a deprecation line: ``--data_dir`` naming a release folder,
-    ``--output FILE.json`` and ``--save_png DIR``."""
-    old_release_form = args.layout is None and args.data_dir is not None and args.release_dir is None
-    if old_release_form and not built_configs(args.data_dir):
-        if _looks_like_release(args.data_dir):
-            cli.deprecated("--data_dir for a release-layout folder is now --release_dir (--data_dir is a TFDS folder)")
-            args.release_dir, args.data_dir = args.data_dir, None
-    args.results_path = os.path.join(args.output, RESULTS_FILE) if args.output else None
-    if args.output and args.output.endswith(".json"):
-        cli.deprecated(f"--output {args.output}: --output is now a folder (writing {RESULTS_FILE} in it)")
-        args.results_path, args.output = args.output, os.path.dirname(args.output) or "."
-    if isinstance(args.save_png, str):
-        cli.deprecated(f"--save_png {args.save_png}: --save_png is now a switch writing into --output")
-        args.png_dir = args.save_png
-    else:
-        args.png_dir = args.output if args.save_png else None
 
 
 def _default_splits(args) -> list[str]:
@@ -139,11 +117,6 @@ def _default_splits(args) -> list[str]:
     if "/" not in args.tfds_config:
         return list(TEST_SPLITS)
     return test_splits(ml_collections.ConfigDict({"data_dir": args.data_dir, "tfds_name": args.tfds_config}))
-
-
-def _looks_like_release(path: str) -> bool:
-    names = ("P3M-10k", "validation", "train", "blurred_image", "original_image")
-    return os.path.isdir(path) and any(os.path.isdir(os.path.join(path, n)) for n in names)
 
 
 def main(argv=None) -> int:

@@ -71,17 +71,15 @@ def recipes() -> dict[str, str]:
 
 
 def resolve_config(value: str) -> str:
-    """``--config``'s value as a file path: a file that exists, else a shipped recipe by its name (the
-    checkout's old ``configs/<name>.py`` spelling included, with a deprecation line). Raises
-    FileNotFoundError naming the recipes when it is neither."""
+    """``--config``'s value as a file path: a file that exists, else a shipped recipe by its name. Raises
+    FileNotFoundError naming the recipes when it is neither, ValueError for a recipe argument that is no
+    architecture."""
     path, colon, argument = value.partition(":")
     if os.path.isfile(path):
         return value
     name = os.path.basename(path)[:-3] if path.endswith(".py") else path
     known = recipes()
-    if name in known and os.path.dirname(path) in ("", "configs"):
-        if os.path.dirname(path) == "configs":
-            cli.deprecated(f"--config={path}: the recipes moved into the package; say --config={name}")
+    if name in known and not os.path.dirname(path):
         if name in ARCH_RECIPES and colon and argument not in ARCHITECTURE_NAMES:
             raise ValueError(
                 f"--config={value}: the argument after the colon is the architecture, one of "
@@ -91,17 +89,12 @@ def resolve_config(value: str) -> str:
     raise FileNotFoundError(f"--config={value}: no such file and no recipe of that name (recipes: {', '.join(known)})")
 
 
-def _translate_argv(argv: list[str]) -> list[str]:
-    """The old spellings of main's flags (``--checkpoint=best``) and recipe names, made current."""
+def _resolve_recipes(argv: list[str]) -> list[str]:
+    """``argv`` with a recipe name given to ``--config=`` replaced by its file's path."""
     out = []
     for token in argv:
         name, eq, value = token.partition("=")
-        if name == "--checkpoint" and value in ("best", "latest"):
-            cli.deprecated("--checkpoint=best|latest is now --which_checkpoint")
-            token = "--which_checkpoint=" + value
-        elif name == "--config" and eq:
-            token = "--config=" + resolve_config(value)
-        out.append(token)
+        out.append("--config=" + resolve_config(value) if name == "--config" and eq else token)
     return out
 
 
@@ -171,7 +164,7 @@ def _compile_for(config, target_name: str) -> int:
 
 
 def run() -> None:
-    """`app.run(main)`, with ``--help`` answered on stdout (exit 0), old flag spellings translated, and a
+    """`app.run(main)`, with ``--help`` answered on stdout (exit 0), recipe names resolved, and a
     config override that names no field (``--config.nonexistent=1``) or cannot be parsed reported as one
     line (exit 1) instead of a traceback."""
     if any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
@@ -179,7 +172,7 @@ def run() -> None:
         sys.exit(0)
     _GIVEN_ARGV[:] = sys.argv[1:]
     try:
-        sys.argv[1:] = _translate_argv(sys.argv[1:])
+        sys.argv[1:] = _resolve_recipes(sys.argv[1:])
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

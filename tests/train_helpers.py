@@ -178,7 +178,7 @@ def use_tiny_model(patch=None, width: int = 8) -> None:
     from p3m_jax.train import program
     from p3m_jax.weights import initialize
 
-    def build_tiny(arch, dtype=jnp.float32, remat=False, **options):
+    def build_tiny(arch, dtype=jnp.float32, remat="none", **options):
         return TinyP3M(dtype=dtype, width=width)
 
     for module in (program, predictor, initialize):

@@ -105,9 +105,7 @@ class _Destination:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(
-        "python -m tfds_p3m10k.build", __doc__, renamed={"--manual_dir": "--release_dir", "--config": "--tfds_config"}
-    )
+    parser = cli.ArgumentParser("python -m tfds_p3m10k.build", __doc__)
     parser.add_argument("--data_dir", required=True, help="TFDS data folder to write into.")
     parser.add_argument("--release_dir", help="Folder with P3M-10k/ or its zip (not for synthetic).")
     parser.add_argument(

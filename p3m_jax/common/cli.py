@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 import time
-from typing import Iterable, Iterator, Mapping, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -26,35 +26,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """`argparse.ArgumentParser` in the project's flag style.
+    """`argparse.ArgumentParser` in the project's flag style: flags spelled with underscores, every
+    default shown in ``--help``."""
 
-    Flags are spelled with underscores. A flag spelled with dashes (``--torch-checkpoint``) or by a name in
-    ``renamed`` (old -> new) still works for one release and prints one ``deprecated:`` line to stderr.
-    """
-
-    def __init__(self, prog: str, description: str | None, renamed: Mapping[str, str] | None = None):
+    def __init__(self, prog: str, description: str | None):
         super().__init__(prog=prog, description=description, formatter_class=_HelpFormatter)
-        self.renamed = dict(renamed or {})
-
-    def parse_args(self, args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
-        return super().parse_args(self.translate(argv), namespace)
-
-    def translate(self, argv: list[str]) -> list[str]:
-        """``argv`` with deprecated flag spellings replaced by the current ones (one line each)."""
-        known = {option for action in self._actions for option in action.option_strings}
-        out = []
-        for index, token in enumerate(argv):
-            if token == "--":
-                return out + argv[index:]
-            name, eq, value = token.partition("=")
-            if token.startswith("--") and name not in known:
-                new = self.renamed.get(name) or "--" + name[2:].replace("-", "_")
-                if new in known:
-                    deprecated(f"{name} is now {new}")
-                    token = new + eq + value
-            out.append(token)
-        return out
 
 
 def add_ema_argument(parser: argparse.ArgumentParser) -> None:
@@ -74,11 +50,6 @@ def image_size(text: str) -> tuple[int, int]:
     if len(parts) == 2:
         return int(parts[0]), int(parts[1])
     raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
-
-
-def deprecated(message: str) -> None:
-    """One line on stderr for a spelling or a use that still works but goes in the next release."""
-    print(f"deprecated: {message}; the old form will be removed in the next release", file=sys.stderr)
 
 
 def progress(

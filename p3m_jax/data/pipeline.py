@@ -442,6 +442,3 @@ def create_train_iterator(
         num_workers=num_workers,
     )
     return TrainIterator(host, sharding, prefetch_batches=PipelineOptions.from_config(data_config).prefetch_batches)
-
-
-# --------------------------------------------------------------------------------------- evaluation

@@ -82,11 +82,8 @@ REMAT_POLICIES = {
 
 
 def remat_policy(value: Any) -> str:
-    """``config.remat`` as a key of `REMAT_POLICIES` (the booleans of older configs: False -> "none",
-    True -> "encoder")."""
-    if isinstance(value, bool):
-        return "encoder" if value else "none"
-    if value not in REMAT_POLICIES:
+    """``config.remat``, checked to be a key of `REMAT_POLICIES`."""
+    if not isinstance(value, str) or value not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {value!r}; expected one of {list(REMAT_POLICIES)}")
     return value
 
@@ -97,7 +94,7 @@ def build_model(arch: str, *, dtype: Dtype = jnp.float32, remat: Any = "none", *
     Args:
       arch: "resnet34", "swin_t" or "vitae_s".
       dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``); parameters stay float32.
-      remat: a key of `REMAT_POLICIES` (or a bool, see `remat_policy`).
+      remat: a key of `REMAT_POLICIES`.
       **encoder_options: passed to the encoder's constructor.
     """
     if arch not in ARCHITECTURES:

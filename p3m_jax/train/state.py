@@ -147,14 +147,6 @@ def state_shardings(state: PyTree, mesh: Mesh, param_sharding: str = "replicated
     )
 
 
-__all__ = [
-    "TrainState",
-    "create_train_state",
-    "state_shardings",
-    "fsdp_spec",
-]
-
-
 def create_sharded_train_state(
     model,
     optimizer: optax.GradientTransformation,
@@ -174,4 +166,10 @@ def create_sharded_train_state(
     return state, shardings
 
 
-__all__ += ["create_sharded_train_state"]
+__all__ = [
+    "TrainState",
+    "create_train_state",
+    "create_sharded_train_state",
+    "state_shardings",
+    "fsdp_spec",
+]

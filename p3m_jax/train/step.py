@@ -76,9 +76,6 @@ def _model_kwargs(batch: Batch, state: TrainState, fcp: FCPOptions | None) -> di
     return {"fcp": fcp_inputs(batch, state.step, fcp.start_step, fcp.layers)}
 
 
-METRIC_NAMES = ("loss", "global", "local", "fusion", "composition", "learning_rate", "grad_norm")
-
-
 def prepare_batch(batch: Batch) -> dict[str, jax.Array]:
     """uint8 host batch -> the float batch of the loss (jittable).
 
@@ -283,19 +280,6 @@ def make_train_step(
     )
 
 
-def make_eval_step(
-    model, mesh: Mesh, state_sharding, fcp: FCPOptions | None = None
-) -> Callable[[TrainState, Batch], tuple[dict, dict]]:
-    """`eval_step` jitted over ``mesh``: metrics replicated, outputs sharded like the batch."""
-    fn = functools.partial(eval_step, model=model, fcp=fcp)
-    return jax.jit(
-        fn,
-        in_shardings=(state_sharding, batch_sharding(mesh)),
-        out_shardings=(replicated(mesh), batch_sharding(mesh)),
-        compiler_options=_mesh_compiler_options(mesh),
-    )
-
-
 def _mesh_compiler_options(mesh: Mesh) -> dict | None:
     return compiler_options(mesh.devices.flat[0].platform)
 
@@ -307,10 +291,8 @@ __all__ = [
     "train_step",
     "eval_step",
     "make_train_step",
-    "make_eval_step",
     "dropout_key",
     "micro_batches",
     "make_loss_fn",
     "ema_update",
-    "METRIC_NAMES",
 ]
