@@ -9,7 +9,8 @@ Only pixels where the mask is > 0 change; every pixel outside it is kept bit for
 
 Faces found by the detector (`face_detector.py`) become masks by `facemask_from_faces`: an ellipse
 centred on each box, 1.2x its width and 1.3x its height (the detector's box runs from the brows to the
-chin; the ellipse takes in the forehead, ears and jaw line).
+chin; the ellipse takes in the forehead, ears and jaw line), together with the box itself: the ellipse
+alone leaves the box's corners out, and every pixel the detector calls face is obfuscated.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ELLIPSE_SCALE = (1.2, 1.3)  # (width, height) of the ellipse over the detector's
 
 
 def facemask_from_faces(boxes: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """(H, W) uint8 mask, 255 inside an ellipse over each (x0, y0, x1, y1) box, else 0."""
+    """(H, W) uint8 mask, 255 inside an ellipse over each (x0, y0, x1, y1) box and inside the box, else 0."""
     mask = np.zeros((height, width), np.uint8)
     for x0, y0, x1, y1 in boxes:
         centre = (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)))
@@ -36,6 +37,8 @@ def facemask_from_faces(boxes: Sequence[Sequence[float]], height: int, width: in
             max(1, int(round((y1 - y0) * ELLIPSE_SCALE[1] / 2))),
         )
         cv2.ellipse(mask, centre, axes, 0, 0, 360, 255, thickness=-1)
+        # Every pixel of the box too: floor/ceil so that a fractional box edge is covered.
+        mask[max(0, math.floor(y0)) : max(0, math.ceil(y1)), max(0, math.floor(x0)) : max(0, math.ceil(x1))] = 255
     return mask
 
 

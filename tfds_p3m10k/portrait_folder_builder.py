@@ -178,7 +178,8 @@ def encode_job(job) -> tuple[str, dict]:
 @dataclasses.dataclass
 class BuildReport:
     """What a build did, per split: examples, derived trimaps, faces found (0 / 1 / several),
-    anonymised images, and the names without a face that were dropped or kept un-anonymised."""
+    anonymised images, and the names without a face that were dropped or kept un-anonymised (all of
+    them: a photo kept with its face visible must be findable from the report)."""
 
     examples: dict = dataclasses.field(default_factory=dict)
     derived_trimaps: dict = dataclasses.field(default_factory=dict)
@@ -203,9 +204,8 @@ class BuildReport:
                 ("dropped (no face found)", self.dropped),
                 ("kept with visible faces", self.kept_visible),
             ):
-                if names.get(split):
-                    shown = ", ".join(names[split][:10]) + (" ..." if len(names[split]) > 10 else "")
-                    out.append(f"  {label}: {len(names[split])} ({shown})")
+                if names.get(split):  # every name: each is a photo to look at (or to add a facemask for)
+                    out.append(f"  {label}: {len(names[split])} ({', '.join(names[split])})")
         return out
 
 
