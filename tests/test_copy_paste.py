@@ -13,7 +13,7 @@ import pytest
 
 from p3m_jax.common.errors import ConfigError
 from p3m_jax.configs.default import get_config
-from p3m_jax.data.copy_paste import (
+from p3m_jax.data.cp_transforms import (
     CopyPasteOptions,
     FeatureCopyPasteInputs,
     ImageCopyPaste,
@@ -23,7 +23,7 @@ from p3m_jax.data.copy_paste import (
     place_face,
 )
 from p3m_jax.data.faces import CelebAMaskHQFaces, FaceSourceError, PairedFaces, SyntheticFaces, open_face_source
-from p3m_jax.models.copy_paste import FCP_LAYERS, fcp_inputs, mask_at, replace_features
+from p3m_jax.models.fcp import FCP_LAYERS, fcp_inputs, mask_at, replace_features
 from p3m_jax.models.decoder import EncoderOutput
 from tfds_p3m10k import synthetic
 

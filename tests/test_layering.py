@@ -149,6 +149,32 @@ def test_every_module_has_a_layer():
     assert layers <= set(ALLOWED), layers - set(ALLOWED)
 
 
+# The longest a function of the package may be (the recipes in configs/ aside): a longer one is split
+# into named steps.
+MAX_FUNCTION_LINES = 120
+
+
+def long_functions(root: pathlib.Path = ROOT) -> list[str]:
+    """'file:line name (N lines)' for each function of p3m_jax/ over MAX_FUNCTION_LINES."""
+    found = []
+    for path in sorted((root / "p3m_jax").rglob("*.py")):
+        if "configs" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_over_120_lines(tmp_path):
+    assert not long_functions(), "\n".join(long_functions())
+    body = "".join(f"    x = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    write(tmp_path, "p3m_jax/train/long.py", f"def long():\n{body}")
+    assert long_functions(tmp_path) == [f"p3m_jax/train/long.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
 def write(root: pathlib.Path, relative: str, text: str) -> None:
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,20 +35,6 @@ def test_attention_forms_agree():
     _assert_same(jax.nn.dot_product_attention(q, k, v), chunked(q, k, v), 1e-5)
     _assert_same(_grads(jax.nn.dot_product_attention, q, k, v), _grads(chunked, q, k, v), 1e-4)
 
-    # Swin's windows: 2 images of 4 windows of 9 tokens, a bias per head and a mask per window.
-    q, k, v = (jnp.asarray(rng.normal(size=(8, 9, 3, 8)), jnp.float32) for _ in range(3))
-    bias = jnp.asarray(rng.normal(size=(3, 9, 9)), jnp.float32)
-    mask = jnp.asarray(np.where(rng.random((4, 9, 9)) < 0.3, -100.0, 0.0), jnp.float32)
-    for m in (mask, jnp.zeros((1, 9, 9), jnp.float32)):
-        args = (q, k, v, bias, m)
-        want = attention._windowed_attention_cpu(*args)
-        _assert_same(attention._windowed_attention_standard(*args), want, 1e-5)
-        _assert_same(
-            _grads(attention._windowed_attention_standard, *args),
-            _grads(attention._windowed_attention_cpu, *args),
-            1e-4,
-        )
-
 
 def test_conv_forms_agree():
     rng = np.random.default_rng(2)

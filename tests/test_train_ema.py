@@ -66,10 +66,10 @@ def test_evaluate_predict_and_load_pretrained_read_the_ema(ema_run, data_dir, tm
     step, ema = restore_variables(workdir / "checkpoints", ema=True)
     assert_trees_equal(predictor.variables["params"], ema["params"])
     assert "EMA weights" in predictor.source
-    output = tmp_path / "evaluation.json"
+    output = tmp_path / "ema_scores"
     args = ["--checkpoint", str(workdir), "--data_dir", str(data_dir), "--tfds_config", TFDS_NAME.split("/")[1]]
     assert evaluate.main([*args, "--ema", "--output", str(output)]) == 0
-    assert json.loads(output.read_text())
+    assert json.loads((output / "evaluation.json").read_text())
     # A checkpoint without an EMA, and --ema with exported weights: one line each.
     with pytest.raises(ValueError, match="needs a training workdir"):
         load_pretrained(tmp_path, ema=True)

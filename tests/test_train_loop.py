@@ -31,7 +31,7 @@ from loop_helpers import (
     tiny_config,
     tiny_main_args,
 )
-from p3m_jax.train import loop
+from p3m_jax.train import loop, progress
 from p3m_jax.train.checkpointing import CheckpointError, TrainCheckpointer
 from train_helpers import use_tiny_model
 
@@ -397,7 +397,7 @@ def test_profile_steps_trace_the_window_into_the_workdir(data_dir, tmp_path, cap
 def test_a_slow_run_prints_progress_on_time_whatever_log_every_steps(data_dir, tmp_path, monkeypatch, capsys):
     """With steps slower than PROGRESS_EVERY_S (here 0 s), every step prints its line although
     log_every_steps is far away."""
-    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     config = tiny_config(
         data_dir, num_train_steps=3, log_every_steps=1000, eval_every_steps=0, checkpoint_every_steps=0
     )

@@ -14,7 +14,7 @@ import numpy as np
 import flax.linen as nn
 
 from p3m_jax.models.attention import DropPath
-from p3m_jax.models.copy_paste import apply_fcp
+from p3m_jax.models.fcp import apply_fcp
 from p3m_jax.models import REMAT_POLICIES, P3MNet
 from p3m_jax.models.decoder import DecoderSpec, EncoderOutput
 from p3m_jax.models.layers import BatchNorm, conv2d

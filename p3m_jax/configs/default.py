@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # P3M-CP (copy and paste of normal faces), off by default.
     config.copy_paste = ml_collections.ConfigDict()
-    # Geometry and sources: p3m_jax/data/copy_paste.py, p3m_jax/data/faces.py, p3m_jax/models/copy_paste.py.
+    # Geometry and sources: p3m_jax/data/cp_transforms.py, p3m_jax/data/faces.py, p3m_jax/models/fcp.py.
     config.copy_paste.icp = ml_collections.ConfigDict()
     config.copy_paste.icp.enabled = False  # image-level copy and paste in the input pipeline
     config.copy_paste.icp.prob = 0.5  # per-sample probability (the paper: 0.5)

@@ -4,7 +4,7 @@ A face source is a random-access sequence (``len`` / ``[i]``) whose items are di
 ``{"image": (h, w, 3) uint8 RGB, "mask": (h, w) uint8 0/255}``; the mask marks the face region
 (skin, eyes, brows, nose, mouth, lips, ears). Grain can wrap one directly
 (``grain.MapDataset.source(face_source)``), and the copy-and-paste transforms in
-`p3m_jax.data.copy_paste` index one with their per-example random generator.
+`p3m_jax.data.cp_transforms` index one with their per-example random generator.
 
 Three sources:
 

@@ -4,6 +4,7 @@ shared by every Predictor of the same model."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import threading
 from typing import Any, Iterable, Sequence
@@ -30,8 +31,15 @@ _EXECUTABLES_LOCK = threading.Lock()
 # lowering (Python) run on a thread of their own, so that the next program lowers while the one before it
 # compiles: XLA's compiler mostly keeps one core busy and releases the GIL.
 _PENDING: dict[tuple, concurrent.futures.Future] = {}
-_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-compile")
-_LOWERER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-lower")
+
+
+@functools.cache
+def _background_threads() -> tuple[concurrent.futures.Executor, concurrent.futures.Executor]:
+    """(lowerer, compiler): made at the first background compile, not at import."""
+    return (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-lower"),
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p3m-compile"),
+    )
 
 
 def compile_inference_program(lowered) -> Any:
@@ -90,6 +98,14 @@ class Predictor:
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
         self._model_key = model_config_key(arch, dtype, self.options) + (_variables_signature(self.variables),)
 
+    def set_variables(self, variables: Any) -> None:
+        """Replaces the weights by ``variables`` of the same shapes and dtypes (the compiled forward passes
+        are reused): a training run's validation predictor gets each new state this way."""
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        if _variables_signature(variables) != _variables_signature(self.variables):
+            raise ValueError("set_variables: the new variables differ in shapes or dtypes from the predictor's")
+        self.variables = variables
+
     def _program(self, names: tuple[str, ...]):
         model = self.model
 
@@ -124,8 +140,9 @@ class Predictor:
                     continue
                 future = _PENDING.get(key)
                 if future is None:
-                    lowering = _LOWERER.submit(self._lower, request)
-                    future = _PENDING[key] = _COMPILER.submit(self._compile, key, lowering)
+                    lowerer, compiler = _background_threads()
+                    lowering = lowerer.submit(self._lower, request)
+                    future = _PENDING[key] = compiler.submit(self._compile, key, lowering)
             futures.append(future)
         if wait:
             for future in futures:

@@ -5,12 +5,14 @@
   LayerNorm (`LayerNorm`) is PyTorch's formula, with a hand-written backward pass on XLA:CPU.
 - `Mlp`: Linear -> exact (erf) GELU -> Linear, PyTorch's ``nn.GELU()`` in PyTorch's own CPU
   formula (`gelu`; not the tanh approximation that is Flax's default).
-- `global_attention`, `windowed_attention`: softmax attention over all tokens (ViTAE-S) and inside
-  windows with an additive bias (Swin-T). On GPUs and TPUs both are `jax.nn.dot_product_attention`
-  in the compute dtype. On XLA:CPU, and in exported programs, they are written out; the global one with
-  its backward pass (it keeps only the probabilities of all the logits-sized arrays, and XLA:CPU
-  copies none of them) and split into chunks of queries when the full logits would be large, so
-  that a 1088x1600 image (27,200 tokens in ViTAE's second stage) needs a bounded amount of memory.
+- `global_attention`: softmax attention over all tokens (ViTAE-S). On GPUs and TPUs it is
+  `jax.nn.dot_product_attention` in the compute dtype. On XLA:CPU, and in exported programs, it is
+  written out with its backward pass (it keeps only the probabilities of all the logits-sized arrays,
+  and XLA:CPU copies none of them) and split into chunks of queries when the full logits would be
+  large, so that a 1088x1600 image (27,200 tokens in ViTAE's second stage) needs a bounded amount of
+  memory.
+- `windowed_attention`: softmax attention inside Swin-T's windows with an additive bias, written out
+  on every platform.
 - `DropPath`: stochastic depth (per-sample residual dropping) in training mode.
 
 Which form of the LayerNorm and of attention runs is chosen when the program is lowered, by
@@ -173,7 +175,11 @@ def global_attention(
 
 
 def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax attention inside windows with additive logits, ``softmax(q k^T / sqrt(d) + bias + mask) v``.
+    """Softmax attention inside windows with additive logits, ``softmax(q k^T / sqrt(d) + bias + mask) v``,
+    written out in the authors' order of operations (queries scaled in the compute dtype, float32
+    logits, the bias, then the mask) on every platform: compiled for a TPU (v5e, Swin-T's train step
+    at 512x512), `jax.nn.dot_product_attention` with the bias and mask broadcast moved 2.5 % more bytes
+    per step for the same FLOPs and memory (docs/performance.md).
 
     Args:
       q, k, v: (B * nW, n, heads, head_dim), the n tokens of each of the nW windows of B images.
@@ -183,41 +189,15 @@ def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
     Returns:
       (B * nW, n, heads, head_dim) in the dtype of ``q``; logits and softmax in float32.
     """
-    if mask is None:
-        mask = jnp.zeros((1,) + bias.shape[1:], jnp.float32)
-    return by_platform(
-        q,
-        k,
-        v,
-        bias,
-        mask,
-        cpu=_windowed_attention_cpu,
-        accelerator=_windowed_attention_standard,
-        portable=_windowed_attention_cpu,
-    )
-
-
-def _windowed_attention_cpu(q, k, v, bias, mask):
-    """The authors' order of operations: queries scaled in the compute dtype, float32 logits, the bias,
-    then the mask."""
     bw, n, heads, head_dim = q.shape
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias[None]
-    num_windows = mask.shape[0]
-    logits = logits.reshape(bw // num_windows, num_windows, heads, n, n)
-    logits = (logits + mask[None, :, None]).reshape(bw, heads, n, n)
+    if mask is not None:
+        num_windows = mask.shape[0]
+        logits = logits.reshape(bw // num_windows, num_windows, heads, n, n)
+        logits = (logits + mask[None, :, None]).reshape(bw, heads, n, n)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _windowed_attention_standard(q, k, v, bias, mask):
-    """`jax.nn.dot_product_attention` with the bias and mask broadcast over windows and images (XLA
-    fuses the broadcast into the logits; nothing of size B * nW * n * n is kept)."""
-    bw, n, heads, _ = q.shape
-    num_windows = mask.shape[0]
-    logits_bias = (bias[None, None] + mask[None, :, None]).astype(jnp.float32)
-    logits_bias = jnp.broadcast_to(logits_bias, (bw // num_windows, num_windows, heads, n, n))
-    return jax.nn.dot_product_attention(q, k, v, bias=logits_bias.reshape(bw, heads, n, n))
 
 
 def _chunked_attention(q, k, v, *, max_logits_per_chunk):

@@ -2,7 +2,7 @@
 
 Where a training example's (resized) face region lies, the encoder features of chosen layers
 are replaced by the same network's features of the aligned source face (the example's image
-with a normal face pasted on its face, see `p3m_jax.data.copy_paste.aligned_source`). The source
+with a normal face pasted on its face, see `p3m_jax.data.cp_transforms.aligned_source`). The source
 path carries no gradient (``jax.lax.stop_gradient``), as the paper's "detach".
 
 Layer names (`FCP_LAYERS`): ``e0`` .. ``e4`` are ``EncoderOutput.features[0..4]`` (resolutions
@@ -152,7 +152,7 @@ def fcp_inputs(
     """The ``fcp`` argument of `P3MNet.__call__` from a uint8 training batch (jittable).
 
     Uses the batch keys ``fcp_source`` (B, S, S, 3) uint8, ``fcp_mask`` (B, S, S, 1) uint8 and
-    ``fcp_apply`` (B,) bool added by `p3m_jax.data.copy_paste.FeatureCopyPasteInputs`;
+    ``fcp_apply`` (B,) bool added by `p3m_jax.data.cp_transforms.FeatureCopyPasteInputs`;
     ``apply`` is additionally false before ``start_step``.
     """
     source = normalize_uint8(jnp.asarray(batch["fcp_source"]))

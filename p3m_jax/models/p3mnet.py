@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from p3m_jax.common.constants import IMAGENET_MEAN, IMAGENET_STD
-from p3m_jax.models.copy_paste import apply_fcp
+from p3m_jax.models.fcp import apply_fcp
 from p3m_jax.models.decoder import (
     OUTPUT_NAMES,
     RESNET34_DECODER,
@@ -49,7 +49,7 @@ class P3MNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, fcp: dict[str, Any] | None = None) -> dict[str, jax.Array]:
         """``fcp``: optional P3M-CP feature-level copy and paste inputs (keys ``source_image``,
-        ``mask``, ``apply``, ``layers``; see `p3m_jax.models.copy_paste.apply_fcp`)."""
+        ``mask``, ``apply``, ``layers``; see `p3m_jax.models.fcp.apply_fcp`)."""
         check_input_shape(x.shape)
         features = self.encoder(x, train)
         if fcp is not None:

@@ -11,7 +11,7 @@ import ml_collections
 from p3m_jax import data as data_lib
 from p3m_jax.common import storage
 from p3m_jax.common.errors import ConfigError
-from p3m_jax.data.copy_paste import CopyPasteOptions
+from p3m_jax.data.cp_transforms import CopyPasteOptions
 from p3m_jax.data.pipeline import PipelineOptions
 from p3m_jax.data.transforms import TrainTransform
 from p3m_jax.inference import strategies

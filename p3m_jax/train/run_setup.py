@@ -12,7 +12,7 @@ import jax
 from p3m_jax.common import storage
 from p3m_jax.common.constants import RUN_CONFIG_FILE
 from p3m_jax.common.fileio import atomic_write
-from p3m_jax.data.copy_paste import make_copy_paste_transforms
+from p3m_jax.data.cp_transforms import make_copy_paste_transforms
 from p3m_jax.inference.loading import load_pretrained
 from p3m_jax.models import init_variables
 from p3m_jax.train.config_checks import model_options

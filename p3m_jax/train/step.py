@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from p3m_jax.common.compile_options import compiler_options
 from p3m_jax.common.errors import ConfigError, check
-from p3m_jax.models.copy_paste import check_layers, fcp_inputs
+from p3m_jax.models.fcp import check_layers, fcp_inputs
 from p3m_jax.ops.normalize import normalize_uint8
 from p3m_jax.train.losses import loss_normalizers, p3m_loss
 from p3m_jax.train.mesh import batch_sharding, replicated
@@ -33,7 +33,7 @@ Batch = Mapping[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class FCPOptions:
     """P3M-CP's feature-level copy and paste in the train step: from ``start_step`` on, the batch's
-    ``fcp_*`` keys (`p3m_jax.data.copy_paste`) replace the features of ``layers`` inside the model."""
+    ``fcp_*`` keys (`p3m_jax.data.cp_transforms`) replace the features of ``layers`` inside the model."""
 
     start_step: int
     layers: tuple[str, ...]
