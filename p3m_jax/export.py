@@ -13,7 +13,8 @@ onnx, onnxruntime): batch and size fixed at `--batch` and `--size`; input `image
 `fusion` (the alpha), `global`, `local`. docs/deploy.md has the conventions and the onnxruntime snippet.
 
 A missing checkpoint, a bad size or an unwritable output stops it with one `error:` line and exit status 2;
-the file is written whole or not at all.
+the file is written whole or not at all. A missing output folder is made (and removed again if nothing is
+written into it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import argparse
 import os
 import sys
 
-from p3m_jax.common import cli, storage
+from p3m_jax.common import cli, fileio, storage
 from p3m_jax.inference import export
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
@@ -59,20 +60,32 @@ def parse_args(argv=None):
     return args
 
 
+def _output_folder(output: str) -> str:
+    """The folder the exported file goes to: a gs:// prefix or a local folder."""
+    if storage.is_remote(output):
+        return output.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(output))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.quiet_library_logs()
-    if storage.is_remote(args.output):
-        try:
-            storage.check_bucket(args.output.rsplit("/", 1)[0], write=True)  # the folder the file goes to
-        except storage.StorageError as error:
-            print(f"error: cannot write {args.output}: {error}", file=sys.stderr)
-            return 2
-    else:
-        folder = os.path.dirname(os.path.abspath(os.path.expanduser(args.output)))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            print(f"error: cannot write {args.output}: {folder} is not a writable folder", file=sys.stderr)
-            return 2
+    if not storage.is_remote(args.output):
+        args.output = os.path.expanduser(args.output)  # --output=~/... reaches us unexpanded
+    folder = _output_folder(args.output)
+    try:
+        # Made when missing (e.g. rembg's ~/.rembg) and proven writable before the model loads.
+        created = fileio.prepare_output(folder)
+    except OSError as error:  # storage.StorageError too
+        print(f"error: cannot write {args.output}: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _export(args)
+    finally:
+        fileio.remove_if_empty(folder, created)  # a folder made here, when nothing was written into it
+
+
+def _export(args) -> int:
     try:
         predictor = load_pretrained(args.checkpoint, args.arch, ema=args.ema)
     except CHECKPOINT_ERRORS as error:

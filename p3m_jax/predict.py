@@ -11,7 +11,8 @@ file, scaled to cover the photo and cropped at its centre) also writes `<name>_c
 over that background. An image's files are written all or none.
 
 `--exported` runs a file of `python -m p3m_jax.export` instead of the Flax model (no weights to load, no
-model to build); a fixed-size file takes images whose network input fits its size (padded up to it).
+model to build); a fixed-size file (ONNX) takes images whose network input fits its size (padded up to it)
+and skips larger ones, saying so: a StableHLO file of ResNet-34 takes any size (docs/deploy.md).
 
 Writes `<name>_alpha.png` (8-bit alpha) and `<name>_rgba.png` (the image with that alpha as its alpha
 channel, colours not premultiplied) per input image. Reads JPEG, PNG and WebP, grayscale and RGBA (alpha

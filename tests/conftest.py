@@ -14,6 +14,7 @@ import pytest
 # worker from being left with a long file at the end while the other waits.
 SLOW_FILES_FIRST = (
     "test_tpu_plan.py",
+    "test_real_network_memory.py",
     "test_train_step.py",
     "test_export.py",
     "test_train_gradients.py",
@@ -23,6 +24,7 @@ SLOW_FILES_FIRST = (
     "test_gcs.py",
     "test_serve.py",
     "test_install.py",
+    "test_docs_commands.py",  # after test_install.py, whose quickstart fills the compilation cache it reuses
     "test_copy_paste.py",
     "test_metrics.py",
     "test_evaluate.py",

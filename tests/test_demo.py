@@ -24,3 +24,29 @@ def test_demo_writes_its_pictures(tmp_path, capsys):
         assert np.asarray(Image.open(tmp_path / name)).shape[:2] == (64, 64)
     assert np.asarray(Image.open(tmp_path / "overview.png")).shape == (64, 192, 3)
     assert "random weights" in capsys.readouterr().out
+
+
+def test_reading_a_training_workdir_shows_none_of_orbaxs_routine_lines(tmp_path, monkeypatch, caplog):
+    """orbax logs three absl warnings whenever it opens a training workdir read-only: dropped while the
+    weights load, and only then (other warnings still show)."""
+    import logging
+
+    from p3m_jax.inference.predictor import Predictor
+
+    absl = logging.getLogger("absl")
+
+    def load(path, arch):
+        absl.warning("CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.")
+        absl.warning("Given directory is read only=%s", path)
+        absl.warning("Metadata file does not exist: %s", path)
+        absl.warning("something else")
+        return Predictor.random("resnet34", seed=0)
+
+    monkeypatch.setattr(demo, "load_pretrained", load)
+    with caplog.at_level(logging.WARNING):
+        assert demo.main(["--output", str(tmp_path), "--size", "64", "--checkpoint", "workdir"]) == 0
+        absl.warning("Given directory is read only=%s", "after")
+    assert [record.getMessage() for record in caplog.records] == [
+        "something else",
+        "Given directory is read only=after",
+    ]

@@ -210,12 +210,17 @@ class ExportedPredictor:
         for a fixed-size file at most its size (smaller inputs are padded up to it)."""
         m = self.metadata
         ok = len(shape) == 4 and shape[3] == 3 and all(side >= 32 and side % 32 == 0 for side in shape[1:3])
-        if ok and m["height"] is not None:
-            ok = shape[1] <= m["height"] and shape[2] <= m["width"]
-        if not ok:
-            raise ValueError(
-                f"{self.path}: input {tuple(shape)} breaks the size rule: (N, H, W, 3) with {m['size_rule']}"
+        rule = "H and W positive multiples of 32"
+        if m["height"] is not None:
+            ok = ok and shape[1] <= m["height"] and shape[2] <= m["width"]
+            # The file's own rule says "exactly": this predictor pads smaller inputs, and larger ones need
+            # another file (what a newcomer with photos larger than the file needs to know).
+            rule += (
+                f", at most {m['height']}x{m['width']}, this file's fixed size (smaller inputs are padded up to "
+                f"it); larger photos need a StableHLO file (any size for ResNet-34) or an export at a larger --size"
             )
+        if not ok:
+            raise ValueError(f"{self.path}: input {tuple(shape)} breaks the size rule: (N, H, W, 3) with {rule}")
 
     def forward(self, x, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The outputs (NHWC numpy float32) of a normalised (N, H, W, 3) batch. A fixed-size file takes
