@@ -33,7 +33,7 @@ import sys
 import ml_collections
 
 from p3m_jax.common import cli, fileio, storage
-from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
+from p3m_jax.common.compilation_cache import enable_for_command
 from p3m_jax.data.evaluation_data import FOLDER_FRACTIONS, layout_test_splits, open_test_split, test_splits
 from p3m_jax.data.source import TEST_SPLITS
 from p3m_jax.evaluation.report import format_table, write_json
@@ -85,12 +85,7 @@ def parse_args(argv=None):
         choices=("float32", "bfloat16"),
         help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
     )
-    parser.add_argument(
-        "--cache_dir",
-        default=None,
-        help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
-        f"when set, else {DEFAULT_CACHE_DIR})",
-    )
+    cli.add_cache_dir_argument(parser)
     args = parser.parse_args(argv)
     args.results_path = os.path.join(args.output, RESULTS_FILE) if args.output else None
     args.png_dir = args.output if args.save_png else None

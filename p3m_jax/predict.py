@@ -41,7 +41,7 @@ import sys
 import numpy as np
 
 from p3m_jax.common import cli, fileio, image_io, storage
-from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
+from p3m_jax.common.compilation_cache import enable_for_command
 from p3m_jax.inference import compositing, strategies
 from p3m_jax.inference.export import ExportedPredictor
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
@@ -123,12 +123,7 @@ def parse_args(argv=None):
         choices=("float32", "bfloat16"),
         help="compute dtype; bfloat16 is for GPUs/TPUs (parameters stay float32, outputs are float32)",
     )
-    parser.add_argument(
-        "--cache_dir",
-        default=None,
-        help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
-        f"when set, else {DEFAULT_CACHE_DIR})",
-    )
+    cli.add_cache_dir_argument(parser)
     parser.add_argument(
         "--foreground",
         default="original",

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from p3m_jax.common.constants import DEFAULT_CACHE_DIR
+
 T = TypeVar("T")
 
 
@@ -39,6 +41,16 @@ def add_ema_argument(parser: argparse.ArgumentParser) -> None:
         "--ema",
         action="store_true",
         help="with a training workdir: its EMA of the weights (trained with config.ema_decay > 0)",
+    )
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cache_dir``, shared by the commands that compile the network."""
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
+        f"when set, else {DEFAULT_CACHE_DIR})",
     )
 
 

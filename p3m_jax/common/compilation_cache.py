@@ -8,7 +8,7 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "p3m_jax", "xla")
+from p3m_jax.common.constants import DEFAULT_CACHE_DIR
 
 
 def enable_compilation_cache(cache_dir=DEFAULT_CACHE_DIR) -> str:

@@ -9,7 +9,7 @@ import time
 
 from p3m_jax import serve
 from p3m_jax.common import cli
-from p3m_jax.common.compilation_cache import DEFAULT_CACHE_DIR, enable_for_command
+from p3m_jax.common.compilation_cache import enable_for_command
 from p3m_jax.inference import strategies
 from p3m_jax.inference.export import ExportedPredictor
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
@@ -52,12 +52,7 @@ def parse_args(argv=None):
         action="store_true",
         help="compile the network for the sample portraits' size while the server starts",
     )
-    parser.add_argument(
-        "--cache_dir",
-        default=None,
-        help=f"JAX's persistent compilation cache folder ('' for none; without it: JAX_COMPILATION_CACHE_DIR "
-        f"when set, else {DEFAULT_CACHE_DIR})",
-    )
+    cli.add_cache_dir_argument(parser)
     args = parser.parse_args(argv)
     if args.ema and args.exported:
         parser.error("--ema picks a training workdir's EMA weights: use it with --checkpoint")
