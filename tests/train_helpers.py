@@ -186,6 +186,12 @@ def use_tiny_model(patch=None, width: int = 8) -> None:
             patch.setattr(module, "build_model", build_tiny)
         else:
             setattr(module, "build_model", build_tiny)
+    # The jitted initializers are cached by arch and options, not by the builder: a real network's,
+    # compiled by an earlier test of this process, would hand out its variables for the stand-in.
+    if patch is not None:
+        patch.setattr(initialize, "_INITIALIZERS", {})
+    else:
+        initialize._INITIALIZERS = {}
 
 
 class _SmallStage(nn.Module):
