@@ -12,8 +12,6 @@ real matte.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 import time
 
@@ -25,30 +23,6 @@ from p3m_jax.inference.loading import CHECKPOINT_ERRORS
 from p3m_jax.inference.strategies import normalize
 from p3m_jax.models import ARCHITECTURES
 from tfds_p3m10k.synthetic import render_portrait
-
-# What orbax logs (absl warnings) whenever it opens a training workdir to read it: that its manager is read
-# only (as meant) and that the saved state's folder has no metadata file of its own. Routine, not problems.
-_ORBAX_READ_LINES = (
-    "CheckpointManagerOptions.read_only=True",
-    "Given directory is read only",
-    "Metadata file does not exist",
-)
-
-
-class _DropLines(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).lstrip().startswith(_ORBAX_READ_LINES)
-
-
-@contextlib.contextmanager
-def _orbax_reading_quiet():
-    """Drops orbax's routine read-only lines on the absl logger while the weights load, and only then."""
-    logger, dropper = logging.getLogger("absl"), _DropLines()
-    logger.addFilter(dropper)
-    try:
-        yield
-    finally:
-        logger.removeFilter(dropper)
 
 
 def overview(image: np.ndarray, alpha: np.ndarray, square: int = 8) -> np.ndarray:
@@ -79,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.checkpoint:
         try:
-            with _orbax_reading_quiet():
+            with cli.routine_logs_quiet():  # orbax's read-only lines while it opens a workdir
                 predictor = load_pretrained(args.checkpoint, args.arch)
         except CHECKPOINT_ERRORS as error:
             print(f"error: {error}", file=sys.stderr)

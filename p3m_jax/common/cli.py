@@ -131,6 +131,21 @@ class _RoutineFilter(logging.Filter):
 _FILTER = _RoutineFilter()
 
 
+@contextlib.contextmanager
+def routine_logs_quiet():
+    """Drops the routine library log lines above on the absl logger within the block only (the commands
+    that call `quiet_library_logs` drop them for the whole process)."""
+    logger = logging.getLogger("absl")
+    added = _FILTER not in logger.filters
+    if added:
+        logger.addFilter(_FILTER)
+    try:
+        yield
+    finally:
+        if added:
+            logger.removeFilter(_FILTER)
+
+
 def quiet_library_logs() -> None:
     """Drops the routine library log lines above (on the absl logger, where TFDS and orbax write, and on
     the root logger); every other warning still shows."""

@@ -177,9 +177,9 @@ def global_attention(
 def windowed_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention inside windows with additive logits, ``softmax(q k^T / sqrt(d) + bias + mask) v``,
     written out in the authors' order of operations (queries scaled in the compute dtype, float32
-    logits, the bias, then the mask) on every platform: compiled for a TPU (v5e, Swin-T's train step
-    at 512x512), `jax.nn.dot_product_attention` with the bias and mask broadcast moved 2.5 % more bytes
-    per step for the same FLOPs and memory (docs/performance.md).
+    logits, the bias, then the mask) on every platform: in a TPU compile of Swin-T's train step,
+    `jax.nn.dot_product_attention` with the bias and mask broadcast moved more bytes for the same FLOPs
+    and memory (the figures are in docs/performance.md).
 
     Args:
       q, k, v: (B * nW, n, heads, head_dim), the n tokens of each of the nW windows of B images.
