@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,12 +24,41 @@ def _input(size, batch=2):
     return np.random.default_rng(sum(size)).standard_normal((batch,) + size + (3,)).astype(np.float32)
 
 
+def trained_looking(arch: str, seed: int) -> Predictor:
+    """A predictor whose every BatchNorm and LayerNorm scale and shift, running mean and variance, bias
+    and position-bias table is drawn at random (the init has scales 1, shifts, biases and means 0,
+    variances 1), as after training: an export that dropped or mixed up any of them would not match."""
+    predictor = Predictor.random(arch, seed=seed)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, value):
+        collection, name = path[0].key, path[-1].key
+        value = np.asarray(value)
+        if collection == "batch_stats" and name == "var":
+            return np.exp(rng.normal(0.0, 0.3, value.shape)).astype(value.dtype)
+        if name == "scale":
+            return (1.0 + rng.normal(0.0, 0.2, value.shape)).astype(value.dtype)
+        if name in ("bias", "mean", "relative_position_bias_table"):
+            return rng.normal(0.0, 0.2, value.shape).astype(value.dtype)
+        return value
+
+    predictor.set_variables(jax.tree_util.tree_map_with_path(draw, predictor.variables))
+    return predictor
+
+
 @pytest.fixture(scope="module", params=["resnet34", "swin_t", "vitae_s"])
 def variant(request):
-    """A random-weight predictor, an input batch and its outputs (one compile per variant)."""
-    predictor = Predictor.random(request.param, seed=3)
+    """A predictor with trained-looking weights, an input batch and its outputs (one compile per variant)."""
+    predictor = trained_looking(request.param, seed=3)
     x = _input(SIZE)
-    return predictor, x, predictor.forward(x)
+    reference = predictor.forward(x)
+    # The drawn weights matter: the local matte is not flat, and not the one the init's weights give.
+    # (Untrained, the global branch rarely picks "unknown", so the fusion is mostly 0 and 1: the checks
+    # below compare the local and global outputs too.)
+    assert reference["local"].std() > 0.01
+    untrained = Predictor.random(request.param, seed=3).forward(x, outputs=("local",))["local"]
+    assert np.abs(untrained - reference["local"]).max() > 0.05
+    return predictor, x, reference
 
 
 def _assert_close(got: dict, reference: dict, names):
@@ -94,6 +124,40 @@ def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
     _assert_close(local, reference, ("local",))
     with pytest.raises(ValueError, match=r"breaks the size rule: .*at most 64x96.* a StableHLO file"):
         loaded.forward(np.zeros((1, 128, 96, 3), np.float32))
+    # The same check catches an export that lost a BatchNorm shift: zero one in the graph.
+    broken = tmp_path / "broken.onnx"
+    onnx.save(_without_first_batchnorm_shift(model), broken)
+    with pytest.raises(AssertionError, match="global|local"):
+        _assert_close(export.ExportedPredictor(broken).forward(x), reference, ("fusion", "global", "local"))
+
+
+def _without_first_batchnorm_shift(model):
+    """``model`` with the shift of its first BatchNorm zeroed. The BatchNorm is exported as x times a
+    factor plus (shift - mean times factor), broadcast: the Add after a Mul whose other input leads back,
+    through reshapes, broadcasts and that subtraction, to the 1-D shift constant."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name: init for init in model.graph.initializer}
+
+    def constant_behind(name):
+        while name not in initializers:
+            node = producers.get(name)
+            if node is None or node.op_type not in ("Reshape", "Expand", "Unsqueeze", "Cast", "Sub"):
+                return None
+            name = node.input[0]
+        return initializers[name]
+
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        for this, other in (node.input, node.input[::-1]):
+            shift = constant_behind(other)
+            if getattr(producers.get(this), "op_type", "") == "Mul" and shift is not None and shift.dims[-1:] > [1]:
+                zeros = np.zeros(tuple(shift.dims), numpy_helper.to_array(shift).dtype)
+                shift.CopyFrom(numpy_helper.from_array(zeros, shift.name))
+                return model
+    raise AssertionError("no BatchNorm shift found in the exported graph")
 
 
 def test_export_and_predict_commands(tmp_path, capsys):
@@ -148,7 +212,7 @@ def test_rembg_runs_the_exported_model_in_its_custom_session(tmp_path, monkeypat
     import rembg
 
     monkeypatch.setenv("REMBG_HOME", str(tmp_path))  # rembg runs custom models from its models folder only
-    predictor = Predictor.random("resnet34", seed=5)
+    predictor = trained_looking("resnet34", seed=5)
     path = tmp_path / "p3m.onnx"
     export.export_onnx(predictor, path, size=(320, 320))  # rembg's u2net_custom runs at 320x320
     rng = np.random.default_rng(0)
