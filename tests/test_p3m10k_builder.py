@@ -21,7 +21,7 @@ from tfds_p3m10k import make_dummy_data
 from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 from tfds_p3m10k import synthetic
 
-DUMMY_DIR = os.path.join(os.path.dirname(__file__), "dummy_data")
+DUMMY_DIR = os.path.join(os.path.dirname(builder_lib.__file__), "dummy_data")
 DUMMY_SPLITS = {"train": 4, "p3m_500_p": 2, "p3m_500_np": 2}
 SYNTHETIC_SPLITS = {"train": 48, "p3m_500_p": 8, "p3m_500_np": 8}
 FEATURE_KEYS = {"image", "alpha", "trimap", "facemask", "has_facemask", "fg", "bg", "has_fg_bg", "name", "is_blurred"}
