@@ -116,7 +116,11 @@ def _default_splits(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.quiet_library_logs()
+    with cli.routine_logs_quiet():  # the libraries' routine lines, for this command's work only
+        return _run(args)
+
+
+def _run(args) -> int:
     enable_for_command(args.cache_dir)
     try:
         with contextlib.ExitStack() as stack:

@@ -69,7 +69,11 @@ def _output_folder(output: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.quiet_library_logs()
+    with cli.routine_logs_quiet():  # the libraries' routine lines, for this command's work only
+        return _run(args)
+
+
+def _run(args) -> int:
     if not storage.is_remote(args.output):
         args.output = os.path.expanduser(args.output)  # --output=~/... reaches us unexpanded
     folder = _output_folder(args.output)

@@ -122,7 +122,11 @@ def main(argv) -> int:
         raise app.UsageError("--workdir is required")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save/read at INFO
-    cli.quiet_library_logs()
+    with cli.routine_logs_quiet():
+        return _train_or_evaluate()
+
+
+def _train_or_evaluate() -> int:
     # Imported after flag parsing, so that `--help` and flag errors do not wait for JAX.
     from p3m_jax.common import compilation_cache  # pylint: disable=import-outside-toplevel
     from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel
@@ -152,12 +156,12 @@ def main(argv) -> int:
 
 def _compile_for(config, target_name: str) -> int:
     """``--compile_for``: the plan of ``config`` on a Cloud TPU slice; 0 when it fits, 1 otherwise."""
-    cli.quiet_library_logs()
     from p3m_jax.train import tpu_plan  # pylint: disable=import-outside-toplevel
 
     try:
         target = tpu_plan.parse_target(target_name)
-        return tpu_plan.plan_for(config, target)
+        with cli.routine_logs_quiet():
+            return tpu_plan.plan_for(config, target)
     except (tpu_plan.TargetError, tpu_plan.ConfigError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -214,7 +214,11 @@ def _background(text):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.quiet_library_logs()
+    with cli.routine_logs_quiet():  # the libraries' routine lines, for this command's work only
+        return _run(args)
+
+
+def _run(args) -> int:
     enable_for_command(args.cache_dir)
     created = False
     try:

@@ -231,7 +231,11 @@ def build_folder(args: argparse.Namespace, destination: _Destination) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cli.quiet_library_logs()
+    with cli.routine_logs_quiet():  # the libraries' routine lines, for this command's work only
+        return _run(args)
+
+
+def _run(args) -> int:
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()  # its bars would leave cursor-control codes in a redirected log
     try:

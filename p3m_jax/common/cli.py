@@ -133,28 +133,19 @@ _FILTER = _RoutineFilter()
 
 @contextlib.contextmanager
 def routine_logs_quiet():
-    """Drops the routine library log lines above on the absl logger within the block only (the commands
-    that call `quiet_library_logs` drop them for the whole process)."""
-    logger = logging.getLogger("absl")
-    added = _FILTER not in logger.filters
-    if added:
-        logger.addFilter(_FILTER)
+    """Within the block only: drops the routine library log lines above, on the absl logger (where TFDS
+    and orbax write) and the root logger and on their handlers (records of child loggers reach those);
+    every other line still shows. Each command runs its work inside one."""
+    targets = [logging.getLogger("absl"), logging.getLogger()]
+    targets += [handler for logger in list(targets) for handler in logger.handlers]
+    added = [target for target in targets if _FILTER not in target.filters]
+    for target in added:
+        target.addFilter(_FILTER)
     try:
         yield
     finally:
-        if added:
-            logger.removeFilter(_FILTER)
-
-
-def quiet_library_logs() -> None:
-    """Drops the routine library log lines above (on the absl logger, where TFDS and orbax write, and on
-    the root logger); every other warning still shows."""
-    for logger in (logging.getLogger("absl"), logging.getLogger()):
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
-        for handler in logger.handlers:
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
+        for target in added:
+            target.removeFilter(_FILTER)
 
 
 class _LineFilter(io.TextIOBase):

@@ -97,7 +97,11 @@ def main(argv=None) -> int:
     if serve_app is None:
         print(f'error: p3m-serve needs the serve extra: pip install "p3m-jax[serve]" ({_MISSING})', file=sys.stderr)
         return 2
-    cli.quiet_library_logs()
+    with cli.routine_logs_quiet():  # the libraries' routine lines, for this command's work only
+        return _run(args)
+
+
+def _run(args) -> int:
     enable_for_command(args.cache_dir)
     try:
         sock = listen(args.host, args.port)

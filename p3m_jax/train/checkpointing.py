@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
+import logging
 import os
 import shutil
 import sys
@@ -89,29 +90,50 @@ def from_savable(restored: dict, like: Any) -> Any:
     return like.replace(**jax.tree_util.tree_map(back, restored, _fields(like)))
 
 
-def _drop_closed_loop_errors() -> None:
-    """When a save fails, tensorstore still completes the save's outstanding writes and calls
-    back into orbax's event loop, which is closed by then: each callback reports a traceback of
-    ``RuntimeError: Event loop is closed`` as an unraisable exception. Those say nothing the
-    CheckpointError does not, so they are dropped; every other one is reported as before."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_p3m_drops_closed_loop", False):
-        return
+_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
 
-    def hook(unraisable):
-        value, traceback = unraisable.exc_value, unraisable.exc_traceback
-        # Only a callback entered from native code: the traceback starts in call_soon_threadsafe.
-        if (
-            isinstance(value, RuntimeError)
-            and str(value) == "Event loop is closed"
-            and traceback is not None
-            and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"
-        ):
-            return
-        previous(unraisable)
 
-    hook._p3m_drops_closed_loop = True
-    sys.unraisablehook = hook
+class _SaveErrorLog(logging.Filter):
+    """While one save is in flight: holds back the ERROR records that orbax logs (through absl) about it,
+    each with a long traceback and one per background thread of a failed save. A failed save reports
+    them in its CheckpointError; a save that succeeds logs them as they were. Nothing else is touched."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("absl")  # orbax logs through absl.logging
+        self.logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and _ORBAX_PATH in record.pathname:
+            self.records.append(record)
+            return False
+        return True
+
+    def close(self, failed: bool) -> str:
+        """Stops holding records back; logs them if the save did not fail, else returns a note on them."""
+        self.logger.removeFilter(self)
+        if not failed:
+            for record in self.records:
+                self.logger.handle(record)
+            return ""
+        if not self.records:
+            return ""
+        first = self.records[0].getMessage().strip().splitlines()[0]
+        return f" (orbax logged {len(self.records)} error(s) from the save's threads; the first: {first})"
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """When a save fails, tensorstore still completes the save's outstanding writes and calls back into
+    orbax's event loop, closed by then: each callback reports ``RuntimeError: Event loop is closed`` as an
+    unraisable exception, entered from native code (its traceback starts in call_soon_threadsafe)."""
+    value, traceback = unraisable.exc_value, unraisable.exc_traceback
+    return (
+        isinstance(value, RuntimeError)
+        and str(value) == "Event loop is closed"
+        and traceback is not None
+        and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"
+    )
 
 
 class TrainCheckpointer:
@@ -141,7 +163,8 @@ class TrainCheckpointer:
         self._pending_step: int | None = None  # the step of the save still in flight
         self._checkpoint_bytes = 0  # the state's size, estimated at the first save
         self._failed = False
-        _drop_closed_loop_errors()
+        self._save_errors: _SaveErrorLog | None = None  # orbax's error records of the save in flight
+        self._previous_unraisablehook = None  # set from a failed save until close()
         try:
             self.manager = training_checkpoint.open_manager(
                 self.directory, keep=keep, asynchronous=asynchronous, read_only=read_only
@@ -170,6 +193,7 @@ class TrainCheckpointer:
         items = {"state": ocp.args.StandardSave(savable)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._save_errors = _SaveErrorLog()
         try:
             self.manager.save(
                 step, args=ocp.args.Composite(**items), force=force, metrics=dict(metrics) if metrics else None
@@ -179,8 +203,7 @@ class TrainCheckpointer:
         else:
             self._pending_step = step
             return
-        self._failed = True
-        raise CheckpointError(message)
+        raise CheckpointError(self._fail(message))
 
     def poll(self) -> None:
         """Raises CheckpointError as soon as the save in flight has failed; otherwise returns at once.
@@ -197,13 +220,31 @@ class TrainCheckpointer:
         try:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
-            return
         except Exception as e:  # pylint: disable=broad-except
             message = self._failure_message(step, e)
+        else:
+            if self._save_errors is not None:
+                self._save_errors.close(failed=False)
+                self._save_errors = None
+            return
         # Raised without the background error chained: its traceback holds the failed save's
         # coroutines, which would otherwise be finalised at interpreter exit with an error each.
+        raise CheckpointError(self._fail(message))
+
+    def _fail(self, message: str) -> str:
+        """Marks the checkpointer failed; returns ``message`` with orbax's held-back errors noted. From
+        now until `close`, the failed save's closed-event-loop callbacks (which say nothing the
+        CheckpointError does not) are not printed; every other unraisable exception still is."""
         self._failed = True
-        raise CheckpointError(message)
+        if self._save_errors is not None:
+            message += self._save_errors.close(failed=True)
+            self._save_errors = None
+        if self._previous_unraisablehook is None:
+            previous = self._previous_unraisablehook = sys.unraisablehook
+            sys.unraisablehook = lambda unraisable: (
+                None if _is_closed_loop_callback(unraisable) else previous(unraisable)
+            )
+        return message
 
     def close(self) -> None:
         """Waits for a save in flight and releases the manager. After a failed save, errors of
@@ -214,8 +255,14 @@ class TrainCheckpointer:
         except Exception:  # pylint: disable=broad-except
             if not self._failed:
                 raise
+        finally:
+            if self._save_errors is not None:
+                self._save_errors.close(failed=self._failed)
+                self._save_errors = None
         if self._failed:
             gc.collect()
+            if self._previous_unraisablehook is not None:
+                sys.unraisablehook, self._previous_unraisablehook = self._previous_unraisablehook, None
 
     def _finished_steps(self) -> list[int]:
         """Steps whose checkpoint folder is complete (orbax renames a folder only once written)."""

@@ -10,7 +10,6 @@ input pipeline).
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import jax
@@ -20,22 +19,6 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from p3m_jax.common import storage
 from p3m_jax.common.constants import BEST_METRIC, CHECKPOINT_SUBDIR, RUN_CONFIG_FILE
-
-_ORBAX_PATH = os.path.join("orbax", "checkpoint", "")
-
-
-class _OrbaxBackgroundErrors(logging.Filter):
-    """Drops orbax's own error logs (each with a long traceback, from every background thread
-    of a failed save): the failure reaches the caller as one error naming the step."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _ORBAX_PATH in record.pathname)
-
-
-def quiet_orbax_errors() -> None:
-    logger = logging.getLogger("absl")  # orbax logs through absl.logging
-    if not any(isinstance(f, _OrbaxBackgroundErrors) for f in logger.filters):
-        logger.addFilter(_OrbaxBackgroundErrors())
 
 
 def manager_options(*, keep: int, asynchronous: bool, read_only: bool) -> ocp.CheckpointManagerOptions:
@@ -63,7 +46,6 @@ def manager_options(*, keep: int, asynchronous: bool, read_only: bool) -> ocp.Ch
 
 def open_manager(directory: str, *, keep: int = 2, asynchronous: bool = True, read_only: bool = False):
     """orbax's `CheckpointManager` over a workdir's ``checkpoints`` folder."""
-    quiet_orbax_errors()
     options = manager_options(keep=keep, asynchronous=asynchronous, read_only=read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
