@@ -3,6 +3,8 @@ accepted (the previous release's spellings are unknown flags, see CHANGELOG.md).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from p3m_jax import convert, evaluate, main, predict
@@ -71,3 +73,19 @@ def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1].startswith("eval hybrid: 5/5 images, ") and lines[-1].endswith(" images/s")
     assert all("\x1b" not in line and "\r" not in line for line in lines)
+
+
+def test_routine_library_lines_are_dropped_inside_the_block_only(caplog):
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        with cli.routine_logs_quiet():
+            absl.warning("Using custom data configuration: default")  # TFDS's line on every read
+            absl.warning("a warning of its own")
+            absl.error("Metadata file does not exist: but an ERROR")
+        absl.warning("Using custom data configuration: default")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "a warning of its own",
+        "Metadata file does not exist: but an ERROR",
+        "Using custom data configuration: default",
+    ]

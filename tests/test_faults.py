@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -135,3 +136,31 @@ def test_an_output_folder_the_user_may_not_write_is_reported_at_once():
     finally:
         os.chmod(shared, 0o755)
         shutil.rmtree(shared)
+
+
+def test_orbax_errors_of_a_save_are_held_while_it_runs_and_reported_not_dropped(caplog):
+    """orbax's ERROR records (one traceback per background thread of a failed save) are held back only
+    while a save is in flight: a failed save names them in its error, a save that succeeds logs them."""
+    from p3m_jax.train import checkpointing
+
+    absl = logging.getLogger("absl")
+    orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "_src", "save.py")
+
+    def orbax_error(message):
+        absl.handle(absl.makeRecord("absl", logging.ERROR, orbax_file, 1, message, None, None))
+
+    with caplog.at_level(logging.INFO, logger="absl"):
+        held = checkpointing._SaveErrorLog()  # pylint: disable=protected-access
+        orbax_error("Save failed: [Errno 28] No space left on device\nTraceback ...")
+        absl.error("not orbax's")
+        note = held.close(failed=True)
+        orbax_error("after the save")
+        held = checkpointing._SaveErrorLog()  # pylint: disable=protected-access
+        orbax_error("logged by a save that then succeeded")
+        assert [r.getMessage() for r in caplog.records] == ["not orbax's", "after the save"]
+        held.close(failed=False)
+    assert (
+        note
+        == " (orbax logged 1 error(s) from the save's threads; the first: Save failed: [Errno 28] No space left on device)"
+    )
+    assert caplog.records[-1].getMessage() == "logged by a save that then succeeded"

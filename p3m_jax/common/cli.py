@@ -121,6 +121,8 @@ _ROUTINE_LOG_STARTS = (
 
 class _RoutineFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:  # never an error, whatever it says
+            return True
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
