@@ -39,7 +39,7 @@ def _cpu_model() -> str:
 
 # The functions the training transform calls for its stages, wrapped with a timer by `stage_times`.
 _STAGES = {
-    "source": ("decode_grey", "decode_bgr"),
+    "decoding": ("decode_grey", "decode_bgr"),
     "transforms": ("sample_crop", "warp_crop", "elliptical_trimap", "quantise_trimap"),
 }
 
@@ -69,16 +69,16 @@ def stage_times(config, n: int = 40) -> tuple[dict, float, float]:
     import cv2
     import numpy as np
 
-    from p3m_jax.data import source, transforms
+    from p3m_jax.data import decoding, raw_records, transforms
 
     cv2.setNumThreads(1)
-    split = source.open_split(config, "train")
-    raw_source = source.RawSource(split)
+    split = raw_records.open_split(config, "train")
+    raw_source = raw_records.RawSource(split)
     transform = transforms.TrainTransform.from_config(config)
     rng = np.random.default_rng(0)
     timings: dict[str, float] = {}
     open_calls: list[float] = []
-    modules = {"source": source, "transforms": transforms}
+    modules = {"decoding": decoding, "transforms": transforms}
     originals = {(m, f): getattr(modules[m], f) for m, names in _STAGES.items() for f in names}
     for (module, name), function in originals.items():
         setattr(modules[module], name, _timed(function, name, timings, open_calls))
@@ -140,17 +140,17 @@ def main() -> int:
     flags.FLAGS.mark_as_parsed()
     logging.getLogger("absl").setLevel(logging.ERROR)
     from p3m_jax.configs import default
-    from p3m_jax.data import source
+    from p3m_jax.data import builds, decoding, holdout, raw_records
 
     worker_counts = sorted({int(w) for w in args.workers.split(",")})
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_model()}, python {platform.python_version()}")
     tmp = tempfile.mkdtemp(prefix="bench_input_")
-    source.NAMES_CACHE_DIR = os.path.join(tmp, "names")
+    holdout.NAMES_CACHE_DIR = os.path.join(tmp, "names")
     datasets = []
     if not args.skip_synthetic:
         config = default.get_config().data
         config.data_dir = os.path.join(tmp, "synthetic")
-        source.ensure_dataset(config, process_index=0)
+        builds.ensure_dataset(config, process_index=0)
         datasets.append(("synthetic " + config.tfds_name.split("/")[1], config))
     if args.sample_dir and os.path.isdir(args.sample_dir):
         data_dir = os.path.join(tmp, "sample")
@@ -171,8 +171,8 @@ def main() -> int:
         datasets.append(("sample (release JPEGs, paper settings)", config))
 
     for label, config in datasets:
-        split = source.open_split(config, "train")
-        first = source.decode_grey(source.RawSource(split)[0]["alpha"])
+        split = raw_records.open_split(config, "train")
+        first = decoding.decode_grey(raw_records.RawSource(split)[0]["alpha"])
         print(
             f"\n== {label}: {len(split)} train examples, first {first.shape[0]}x{first.shape[1]}, "
             f"output {config.image_size}, crops {tuple(config.crop_sizes)}, kernel "

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a TPU needs no local accelerator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,19 +79,67 @@ def compile_row(arch, target, per_chip, size, remat, copy_paste, param_sharding)
     return row
 
 
-def largest_batch(compile_at, start: int) -> tuple[dict | None, list[dict]]:
-    """The row of the largest per-chip batch that fits (doubling from ``start``, then bisecting), and all rows."""
-    rows, best, low, high, per_chip = [], None, 0, None, start
-    while per_chip >= 1 and (high is None or per_chip < high) and per_chip > low:
-        row = compile_at(per_chip)
-        rows.append(row)
-        if row["fits"]:
-            best, low = row, per_chip
-            per_chip = per_chip * 2 if high is None else (low + high) // 2
-        else:
-            high = per_chip
-            per_chip = (low + high) // 2 if low else per_chip // 2
-    return best, rows
+def _line(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Intercept and slope (GiB, GiB per image) of the least-squares line through (batch, memory) points."""
+    if len({b for b, _ in points}) < 2:
+        return None
+    slope, intercept = np.polyfit([b for b, _ in points], [m for _, m in points], 1)
+    return float(intercept), float(slope)
+
+
+def largest_batch(compile_at, start: int, hbm_gib: float, prior_slope: float | None = None):
+    """The row of the largest per-chip batch that fits, and the model's bound on it.
+
+    A compile's memory grows about linearly with the per-chip batch (weights and optimizer state fixed,
+    activations per image), and a compile that runs out of HBM still says how much it needed. So: compile
+    at ``start``, predict the largest batch from a line through the compiles so far (from ``prior_slope``,
+    another slice's, or a compile at twice ``start`` until there are two), compile that batch, and repeat
+    until the prediction lands on a batch already known to fit. Each step costs one compile (minutes).
+    Returns (best fitting row or None, every row, the line's largest batch)."""
+    rows: dict[int, dict] = {}
+
+    def at(per_chip):
+        if per_chip not in rows:
+            rows[per_chip] = compile_at(per_chip)
+        return rows[per_chip]
+
+    at(start)
+    predicted = None
+    for _ in range(8):
+        fitting = [b for b, r in rows.items() if r["fits"]]
+        failing = [b for b, r in rows.items() if not r["fits"]]
+        low, high = max(fitting, default=0), min(failing, default=None)
+        if high is not None and high == low + 1:
+            break
+        points = [(b, r["memory_gib"]) for b, r in rows.items()]
+        line = _line(points)
+        if line is None and prior_slope is not None:
+            ((b0, m0),) = points
+            line = (m0 - prior_slope * b0, prior_slope)
+        if line is None:
+            at(start * 2 if rows[start]["fits"] else max(1, start // 2))
+            continue
+        intercept, slope = line
+        predicted = int((hbm_gib - intercept) // slope) if slope > 0 else start * 2
+        candidate = max(low + 1, min(predicted, (high - 1) if high else predicted))
+        if candidate in rows or (high is not None and candidate >= high) or candidate < 1:
+            break
+        at(candidate)
+    fitting = [b for b, r in rows.items() if r["fits"]]
+    best = rows[max(fitting)] if fitting else None
+    return best, list(rows.values()), predicted
+
+
+def _other_slices_line(done, target_name, arch, copy_paste, remat, args):
+    """The (intercept, slope) line of this setting's compiles on other slices, or None."""
+    points = [
+        (row["per_chip"], row["memory_gib"])
+        for row in done
+        if row["target"] != target_name
+        and (row["arch"], row["copy_paste"], row["remat"]) == (arch, copy_paste, remat)
+        and (row["size"], row["param_sharding"]) == (args.size, args.param_sharding)
+    ]
+    return _line(points)
 
 
 def main(argv=None) -> int:
@@ -129,11 +179,16 @@ def main(argv=None) -> int:
                         done.append(row)
                         return row
 
-                    if args.search:
-                        best, _ = largest_batch(compile_at, args.batch_per_chip)
-                        print(f"largest: {json.dumps(best)}", flush=True)
-                    else:
+                    if not args.search:
                         compile_at(args.batch_per_chip)
+                        continue
+                    start, slope = args.batch_per_chip, None
+                    prior = _other_slices_line(done, target.name, arch, copy_paste, remat, args)
+                    if prior is not None:  # another slice's line: start at its prediction for this chip's HBM
+                        start = max(1, int((target.chip.hbm_bytes / tpu_plan.GIB - prior[0]) // prior[1]))
+                        slope = prior[1]
+                    best, _, predicted = largest_batch(compile_at, start, target.chip.hbm_bytes / tpu_plan.GIB, slope)
+                    print(f"largest: {json.dumps(best)} (the line's largest: {predicted})", flush=True)
     return 0
 
 

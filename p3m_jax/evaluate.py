@@ -35,7 +35,7 @@ import ml_collections
 from p3m_jax.common import cli, fileio, storage
 from p3m_jax.common.compilation_cache import enable_for_command
 from p3m_jax.data.evaluation_data import FOLDER_FRACTIONS, layout_test_splits, open_test_split, test_splits
-from p3m_jax.data.source import TEST_SPLITS
+from p3m_jax.data.raw_records import TEST_SPLITS
 from p3m_jax.evaluation.report import format_table, write_json
 from p3m_jax.evaluation.scoring import evaluate
 from p3m_jax.inference import strategies

@@ -30,10 +30,10 @@ def data_config(data_dir, **overrides) -> ml_collections.ConfigDict:
 
 
 def build(data_dir) -> ml_collections.ConfigDict:
-    from p3m_jax.data import source
+    from p3m_jax.data import builds
 
     config = data_config(data_dir)
-    source.ensure_dataset(config, process_index=0)
+    builds.ensure_dataset(config, process_index=0)
     return config
 
 
@@ -45,7 +45,7 @@ def corrupt_copy(config, dst_data_dir, record_index: int) -> tuple[ml_collection
     """
     from array_record.python import array_record_module
 
-    from p3m_jax.data import source
+    from p3m_jax.data import raw_records
 
     _, config_name = config.tfds_name.split("/")
     src = os.path.join(config.data_dir, "p3m10k", config_name)
@@ -56,7 +56,7 @@ def corrupt_copy(config, dst_data_dir, record_index: int) -> tuple[ml_collection
     reader = array_record_module.ArrayRecordReader(path)
     records = list(reader.read(0, reader.num_records()))
     reader.close()
-    raw = source.open_split(new_config, "train")[record_index]
+    raw = raw_records.open_split(new_config, "train")[record_index]
     image = raw["image"]
     serialized = records[record_index]
     at = serialized.find(image)
@@ -72,11 +72,11 @@ def corrupt_copy(config, dst_data_dir, record_index: int) -> tuple[ml_collection
 
 def decoded_train_images(config) -> dict[bytes, int]:
     """Map from the RGB bytes of each decoded train image to its record index (identifies examples)."""
-    from p3m_jax.data import source
+    from p3m_jax.data import decoding, raw_records
 
-    split = source.open_split(config, "train")
+    split = raw_records.open_split(config, "train")
     out = {}
     for index in range(len(split)):
-        image = source.decode_rgb(split[index]["image"])
+        image = decoding.decode_rgb(split[index]["image"])
         out[np.ascontiguousarray(image).tobytes()] = index
     return out

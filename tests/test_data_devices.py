@@ -14,10 +14,10 @@ _SCRIPT = textwrap.dedent("""
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from p3m_jax import data
-    from p3m_jax.data import source
+    from p3m_jax.data import holdout
     from tests import data_helpers
 
-    source.NAMES_CACHE_DIR = sys.argv[2]
+    holdout.NAMES_CACHE_DIR = sys.argv[2]
     config = data_helpers.build(sys.argv[1])
     assert len(jax.devices()) == 8
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -8,13 +8,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from p3m_jax import data
-from p3m_jax.data import source
+from p3m_jax.data import holdout
 from tests import data_helpers
 
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
-    source.NAMES_CACHE_DIR = str(tmp_path_factory.mktemp("names_cache"))
+    holdout.NAMES_CACHE_DIR = str(tmp_path_factory.mktemp("names_cache"))
     return data_helpers.build(tmp_path_factory.mktemp("tfds"))
 
 
@@ -49,11 +49,11 @@ def test_no_tensorflow_import(synthetic):
 
 
 def test_validation_slice_is_stable_and_excluded(synthetic, identity_config, image_index):
-    names = source.split_names(synthetic, "train")
+    names = holdout.split_names(synthetic, "train")
     val = data.validation_names(synthetic)
     assert len(val) == 8 and val == sorted(val) and set(val) <= set(names)
     # Independent of the record order (chosen by name hash), and of the process count.
-    held, _ = source.validation_split(list(reversed(names)), 8)
+    held, _ = holdout.validation_split(list(reversed(names)), 8)
     assert sorted(list(reversed(names))[i] for i in held) == val
     shares = [data.validation_dataset(synthetic, process_index=i, process_count=3) for i in range(3)]
     assert sorted(n for s in shares for n in s.names) == val
@@ -69,7 +69,7 @@ def test_validation_slice_is_stable_and_excluded(synthetic, identity_config, ima
 
 
 def test_process_shards_disjoint_and_cover_train(identity_config, image_index):
-    names = source.split_names(identity_config, "train")
+    names = holdout.split_names(identity_config, "train")
     val_indices = {names.index(n) for n in data.validation_names(identity_config)}
     per_process = []
     for process in range(2):
@@ -141,7 +141,7 @@ def test_worker_processes_deterministic_and_resumable(synthetic):
 
 def test_corrupt_record_stops_or_is_skipped(synthetic, tmp_path):
     train = np.flatnonzero(
-        np.isin(source.split_names(synthetic, "train"), data.validation_names(synthetic), invert=True)
+        np.isin(holdout.split_names(synthetic, "train"), data.validation_names(synthetic), invert=True)
     )
     bad_config, bad_name = data_helpers.corrupt_copy(synthetic, tmp_path, record_index=int(train[0]))
     it = data.create_host_iterator(bad_config, seed=0, batch_size=4, process_index=0, process_count=1)

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from p3m_jax.data import morphology, source, transforms
-from p3m_jax.data.source import BadExampleError
+from p3m_jax.data import decoding, morphology, transforms
+from p3m_jax.data.raw_records import BadExampleError
 from tfds_p3m10k import maps, synthetic
 
 
@@ -205,8 +205,8 @@ def test_reduced_dct_decode_stays_aligned():
 def test_jpeg_size_header():
     image = np.zeros((37, 53, 3), np.uint8)
     data = cv2.imencode(".jpg", image)[1].tobytes()
-    assert source.jpeg_size(data) == (37, 53)
-    assert source.jpeg_size(b"\xff\xd8\xff") is None
+    assert decoding.jpeg_size(data) == (37, 53)
+    assert decoding.jpeg_size(b"\xff\xd8\xff") is None
 
 
 def test_bad_records_name_the_example():

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from p3m_jax.data import source
+from p3m_jax.data import decoding, raw_records
 from tfds_p3m10k import build, face_detector
 
 # The astronaut's face as the full-range model finds it (x0, y0, x1, y1), score 0.94.
@@ -107,7 +107,7 @@ def folder(tmp_path_factory, photos):
 
 def _read_train(data_dir, name) -> dict:
     config = ml_collections.ConfigDict({"data_dir": str(data_dir), "tfds_name": f"portrait_folder/{name}"})
-    records = source.open_split(config, "train")
+    records = raw_records.open_split(config, "train")
     return {record["name"].decode(): record for record in (records[i] for i in range(len(records)))}
 
 
@@ -129,8 +129,8 @@ def test_the_build_obfuscates_the_found_face_only_and_names_every_photo_without_
     for name, image in photos.items():
         record = records[name]
         assert record["has_facemask"] and record["is_blurred"], name
-        stored = source.decode_rgb(record["image"])  # PNG in, PNG out: unchanged pixels are exact
-        mask = source.decode_grey(record["facemask"]) > 0
+        stored = decoding.decode_rgb(record["image"])  # PNG in, PNG out: unchanged pixels are exact
+        mask = decoding.decode_grey(record["facemask"]) > 0
         x0, y0, x1, y1 = (int(round(v)) for v in detected[name][0].box)
         # The mask covers the detected box, and not much more than the face: at most 1.6x its sides.
         assert mask[y0:y1, x0:x1].all(), name

@@ -16,7 +16,7 @@ from PIL import Image
 
 from p3m_jax import evaluate
 from p3m_jax.configs import finetune_folder
-from p3m_jax.data import evaluation_data, source
+from p3m_jax.data import decoding, evaluation_data, raw_records
 from tfds_p3m10k import anonymize, build, folder_layout, maps
 
 SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "p3m10k_sample" / "P3M-10k"
@@ -70,7 +70,7 @@ def _build(folder, data_dir, name, *extra) -> int:
 
 def _read_split(data_dir, name, split) -> dict:
     config = ml_collections.ConfigDict({"data_dir": str(data_dir), "tfds_name": f"portrait_folder/{name}"})
-    records = source.open_split(config, split)  # image features as their stored bytes
+    records = raw_records.open_split(config, split)  # image features as their stored bytes
     return {record["name"].decode(): record for record in (records[i] for i in range(len(records)))}
 
 
@@ -87,14 +87,14 @@ def test_a_folder_builds_and_reads_back_equal_to_its_files(portraits, anonymised
     for name, record in test.items():  # the test split is not anonymised: everything equals the files
         image = np.asarray(Image.open(portraits / "test" / "images" / f"{name}.png"))
         alpha = np.asarray(Image.open(portraits / "test" / "alphas" / f"{name}.png"))
-        np.testing.assert_array_equal(source.decode_rgb(record["image"]), image)
-        np.testing.assert_array_equal(source.decode_grey(record["alpha"]), alpha)
-        np.testing.assert_array_equal(source.decode_grey(record["trimap"]), folder_layout.derived_trimap(alpha))
+        np.testing.assert_array_equal(decoding.decode_rgb(record["image"]), image)
+        np.testing.assert_array_equal(decoding.decode_grey(record["alpha"]), alpha)
+        np.testing.assert_array_equal(decoding.decode_grey(record["trimap"]), folder_layout.derived_trimap(alpha))
         assert not record["has_facemask"] and not record["has_fg_bg"]
     train = _read_split(anonymised_build, "mine", "train")
     assert len(train) == 6
     # The RGB matte whose channels are equal was read as grey.
-    np.testing.assert_array_equal(source.decode_grey(train["tr_0"]["alpha"]), _portrait(0)[1])
+    np.testing.assert_array_equal(decoding.decode_grey(train["tr_0"]["alpha"]), _portrait(0)[1])
 
 
 def test_the_beam_path_builds_the_same_examples_as_the_local_one(portraits, anonymised_build, tmp_path):
@@ -112,9 +112,9 @@ def test_anonymisation_changes_the_face_only_and_stores_its_mask(portraits, anon
     for name, record in _read_split(anonymised_build, "mine", "train").items():
         original = np.asarray(Image.open(portraits / "train" / "images" / f"{name}.png"))
         given = np.asarray(Image.open(portraits / "train" / "facemasks" / f"{name}.png"))
-        stored = source.decode_rgb(record["image"])
+        stored = decoding.decode_rgb(record["image"])
         assert record["has_facemask"] and record["is_blurred"]
-        np.testing.assert_array_equal(source.decode_grey(record["facemask"]), given)
+        np.testing.assert_array_equal(decoding.decode_grey(record["facemask"]), given)
         inside = given > 0
         np.testing.assert_array_equal(stored[~inside], original[~inside])  # PNG in, PNG out: exact
         assert (stored[inside] != original[inside]).mean() > 0.9

@@ -44,7 +44,7 @@ DEFERRED_OK = {
     ("p3m_jax.main", "p3m_jax.train.workdir_lock"),
     ("p3m_jax.main", "p3m_jax.train.tpu_plan"),
     # The builder imports TensorFlow Datasets (seconds); grain's workers read records without it.
-    ("p3m_jax.data.source", "tfds_p3m10k.p3m10k_dataset_builder"),
+    ("p3m_jax.data.builds", "tfds_p3m10k.p3m10k_dataset_builder"),
     # The ONNX lowerings are jax2onnx plugins: jax2onnx is the optional export extra, imported on export only.
     ("p3m_jax.inference.export", "p3m_jax.inference.onnx_pooling"),
 }

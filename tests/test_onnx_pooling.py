@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 
 from p3m_jax.inference import export
-from p3m_jax.ops import pooling
+from p3m_jax.ops import pooling, pooling_primitives
 
 
 def _tied(shape, seed):
@@ -95,7 +95,7 @@ def test_primitives_compute_what_the_functions_compute():
         return pooling.max_pool(x, 2, 2), pooled, argmax, pooling.max_unpool_2x2(pooled + 1.0, argmax, 3)
 
     expected = jax.jit(fn)(x)
-    with pooling.pooling_primitives():
+    with pooling_primitives.pooling_primitives():
         # New functions for jit and make_jaxpr: they would reuse the trace of fn made outside.
         assert "p3m_max_unpool" in str(jax.make_jaxpr(lambda x: fn(x))(x))
         for got in (jax.jit(lambda x: fn(x))(x), fn(x)):

@@ -16,14 +16,9 @@ from p3m_jax.data.pipeline import (
     process_train_indices,
     train_indices,
 )
-from p3m_jax.data.source import (
-    BadExampleError,
-    ensure_dataset,
-    split_names,
-    train_stores_fg_bg,
-    validation_count,
-    validation_names,
-)
+from p3m_jax.data.builds import ensure_dataset
+from p3m_jax.data.holdout import split_names, validation_count, validation_names
+from p3m_jax.data.raw_records import BadExampleError, train_stores_fg_bg
 from p3m_jax.data.transforms import ELEMENT_KEYS, TrainTransform
 
 __all__ = [

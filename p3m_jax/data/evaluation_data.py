@@ -17,8 +17,8 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from p3m_jax.data import source as source_lib
-from p3m_jax.data.source import BadExampleError
+from p3m_jax.data import builds, decoding, holdout, raw_records
+from p3m_jax.data.raw_records import BadExampleError
 from tfds_p3m10k import folder_layout
 
 RELEASE_SPLITS = {
@@ -40,7 +40,7 @@ class EvalDataset(collections.abc.Sequence):
 
     def __init__(self, data_config, split: str, indices: Sequence[int], names: Sequence[str]):
         self.split = split
-        self._source = source_lib.RawSource(source_lib.open_split(data_config, split), indices)
+        self._source = raw_records.RawSource(raw_records.open_split(data_config, split), indices)
         self.names = list(names)
 
     def __len__(self) -> int:
@@ -58,7 +58,7 @@ class EvalDataset(collections.abc.Sequence):
         example = {"name": name, "has_facemask": raw["has_facemask"]}
         keys = ("image", "alpha", "trimap") + (("facemask",) if raw["has_facemask"] else ())
         for key in keys:
-            array = source_lib.decode_rgb(raw[key]) if key == "image" else source_lib.decode_grey(raw[key])
+            array = decoding.decode_rgb(raw[key]) if key == "image" else decoding.decode_grey(raw[key])
             if array is None:
                 raise BadExampleError(name, index, f"{key} does not decode")
             example[key] = array if key == "image" else array[..., None]
@@ -71,7 +71,7 @@ class EvalDataset(collections.abc.Sequence):
 
 
 def _share(order: Sequence[int], names: Sequence[str], process_index, process_count) -> tuple:
-    process_index, process_count = source_lib.resolve_process(process_index, process_count)
+    process_index, process_count = builds.resolve_process(process_index, process_count)
     order = list(order)[process_index::process_count]
     return order, [names[i] for i in order]
 
@@ -80,11 +80,11 @@ def validation_dataset(
     data_config, *, process_index: int | None = None, process_count: int | None = None
 ) -> EvalDataset:
     """The held-out validation slice of train (full size), in name order, this process's share."""
-    names = source_lib.split_names(data_config, source_lib.TRAIN_SPLIT)
-    held_out, _ = source_lib.validation_split(names, source_lib.validation_count(data_config, len(names)))
+    names = holdout.split_names(data_config, raw_records.TRAIN_SPLIT)
+    held_out, _ = holdout.validation_split(names, holdout.validation_count(data_config, len(names)))
     order = sorted(held_out.tolist(), key=lambda i: names[i])
     indices, share = _share(order, names, process_index, process_count)
-    return EvalDataset(data_config, source_lib.TRAIN_SPLIT, indices, share)
+    return EvalDataset(data_config, raw_records.TRAIN_SPLIT, indices, share)
 
 
 def test_dataset(
@@ -95,7 +95,7 @@ def test_dataset(
     splits = test_splits(data_config)
     if split not in splits:
         raise ValueError(f"unknown test split {split!r} of {data_config.tfds_name}; expected one of {splits}")
-    names = source_lib.split_names(data_config, split)
+    names = holdout.split_names(data_config, split)
     order = sorted(range(len(names)), key=lambda i: names[i])
     indices, share = _share(order, names, process_index, process_count)
     return EvalDataset(data_config, split, indices, share)
@@ -103,7 +103,7 @@ def test_dataset(
 
 def test_splits(data_config) -> list[str]:
     """The splits of the build other than train, in their build order."""
-    return [s for s in source_lib.get_builder(data_config).info.splits if s != source_lib.TRAIN_SPLIT]
+    return [s for s in builds.get_builder(data_config).info.splits if s != raw_records.TRAIN_SPLIT]
 
 
 test_dataset.__test__ = False  # not a pytest test when imported into a test module
@@ -152,7 +152,7 @@ class FolderDataset(collections.abc.Sequence):
 
 
 def layout_test_splits(layout: str) -> list[str]:
-    return [s for s in folder_layout.get_layout(layout).splits if s != source_lib.TRAIN_SPLIT]
+    return [s for s in folder_layout.get_layout(layout).splits if s != raw_records.TRAIN_SPLIT]
 
 
 def open_test_split(
@@ -171,10 +171,10 @@ def open_test_split(
     dataset = tfds_name.split("/")[0]
     data_config = ml_collections.ConfigDict({"data_dir": os.fspath(tfds_data_dir), "tfds_name": tfds_name})
     # Without this check TFDS would try to build the dataset here and fail on its manual download folder.
-    built = source_lib.built_configs(tfds_data_dir, dataset)
+    built = builds.built_configs(tfds_data_dir, dataset)
     there = f"built there: {', '.join(built)}" if built else f"no {dataset} config is built there"
     try:
-        builder = source_lib.get_builder(data_config)
+        builder = builds.get_builder(data_config)
     except ValueError as e:
         raise ValueError(f"{e} ({tfds_data_dir}: {there})") from None
     if not builder.is_prepared():

@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from p3m_jax.common.errors import check
-from p3m_jax.data import source as source_lib
+from p3m_jax.data import builds, holdout, raw_records
 from p3m_jax.data import transforms as transforms_lib
 
 _log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ class PipelineOptions:
 # ------------------------------------------------------------------------------------------ indices
 def train_indices(data_config) -> np.ndarray:
     """Record indices of the train split minus the validation slice, sorted (all processes together)."""
-    names = source_lib.split_names(data_config, source_lib.TRAIN_SPLIT)
-    _, train = source_lib.validation_split(names, source_lib.validation_count(data_config, len(names)))
+    names = holdout.split_names(data_config, raw_records.TRAIN_SPLIT)
+    _, train = holdout.validation_split(names, holdout.validation_count(data_config, len(names)))
     return train
 
 
@@ -189,9 +189,9 @@ def build_train_dataset(
     They may add keys (every element must then have them, with fixed shapes and dtypes). Bad-example
     markers (skip_bad_examples) bypass them.
     """
-    data_source = source_lib.open_split(data_config, source_lib.TRAIN_SPLIT)
+    data_source = raw_records.open_split(data_config, raw_records.TRAIN_SPLIT)
     indices = process_train_indices(data_config, process_index, process_count)
-    ds = grain.MapDataset.source(source_lib.RawSource(data_source, indices))
+    ds = grain.MapDataset.source(raw_records.RawSource(data_source, indices))
     seed = process_seed(seed, process_index)
     ds = EpochShuffleDataset(ds.seed(seed), seed).repeat()
     ds = ds.random_map(transforms_lib.TrainTransform.from_config(data_config))
@@ -399,7 +399,7 @@ def create_host_iterator(
     num_workers: int | None = None,
 ) -> HostBatchIterator:
     """Numpy batches of `batch_size` (PER PROCESS) without devices (tests, benchmarks)."""
-    process_index, process_count = source_lib.resolve_process(process_index, process_count)
+    process_index, process_count = builds.resolve_process(process_index, process_count)
     workers = int(data_config.num_workers if num_workers is None else num_workers)
     dataset = build_train_dataset(
         data_config,
@@ -429,7 +429,7 @@ def create_train_iterator(
     Each process reads its disjoint share of train (minus the validation slice) and builds
     `global_batch_size // process_count` examples per batch.
     """
-    process_index, process_count = source_lib.resolve_process(process_index, process_count)
+    process_index, process_count = builds.resolve_process(process_index, process_count)
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
     host = create_host_iterator(

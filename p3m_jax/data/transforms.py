@@ -1,6 +1,6 @@
 """The paper's per-example training transform (docs/design.md section 5), uint8 on the host.
 
-From a raw record (encoded bytes, see `source.RawSource`) to maps at the training size S:
+From a raw record (encoded bytes, see `raw_records.RawSource`) to maps at the training size S:
 
 1. decode the alpha PNG (full size) and draw the trimap kernel k in `trimap_kernel_range` (inclusive);
 2. draw the crop side from `crop_sizes` (the smallest one when the draw is not smaller than the image's
@@ -35,8 +35,8 @@ import numpy as np
 
 from p3m_jax.common.errors import check
 from p3m_jax.data import morphology
-from p3m_jax.data import source as source_lib
-from p3m_jax.data.source import BadExampleError
+from p3m_jax.data import decoding
+from p3m_jax.data.raw_records import BadExampleError
 
 _log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class TrainTransform(grain.transforms.RandomMap):
         def bad(reason: str):
             return BadExampleError(name, index, reason)
 
-        alpha = source_lib.decode_grey(raw["alpha"])
+        alpha = decoding.decode_grey(raw["alpha"])
         if alpha is None:
             raise bad("alpha does not decode as an 8-bit image")
         height, width = alpha.shape
@@ -264,12 +264,12 @@ class TrainTransform(grain.transforms.RandomMap):
 
         def decode_colour(key: str) -> tuple[np.ndarray, int]:
             data = raw[key]
-            reduce = reduce_factor(crop, size) if self.reduced_dct_decode and source_lib.is_jpeg(data) else 1
-            if source_lib.is_jpeg(data):
-                stored = source_lib.jpeg_size(data)
+            reduce = reduce_factor(crop, size) if self.reduced_dct_decode and decoding.is_jpeg(data) else 1
+            if decoding.is_jpeg(data):
+                stored = decoding.jpeg_size(data)
                 if stored is not None and stored != (height, width):
                     raise bad(f"{key} is {stored[0]}x{stored[1]} but alpha is {height}x{width}")
-            array = source_lib.decode_bgr(data, reduce)
+            array = decoding.decode_bgr(data, reduce)
             if array is None:
                 raise bad(f"{key} does not decode")
             expected = (-(-height // reduce), -(-width // reduce))
@@ -305,7 +305,7 @@ class TrainTransform(grain.transforms.RandomMap):
 
         has_facemask = bool(raw.get("has_facemask", False)) and self.use_facemask
         if has_facemask:
-            facemask = source_lib.decode_grey(raw["facemask"])
+            facemask = decoding.decode_grey(raw["facemask"])
             if facemask is None:
                 raise bad("facemask does not decode as an 8-bit image")
             if facemask.shape != alpha.shape:

@@ -37,7 +37,7 @@ from p3m_jax.common import storage
 from p3m_jax.common.fileio import atomic_write
 from p3m_jax.models import OUTPUT_NAMES
 from p3m_jax.ops.platform import portable_program
-from p3m_jax.ops.pooling import pooling_primitives
+from p3m_jax.ops.pooling_primitives import pooling_primitives
 
 FORMATS = ("stablehlo", "onnx")
 FORMAT_VERSION = 1

@@ -1,7 +1,7 @@
 """ONNX lowerings (jax2onnx plugins) of the pooling primitives of `ops.pooling`: ONNX's own `MaxPool` (with
 `Indices`) and `MaxUnpool` instead of the window slices and selects the plain trace would give.
 
-`ops.pooling.pooling_primitives()` makes the network bind those primitives while `export.export_onnx` traces
+`ops.pooling_primitives.pooling_primitives()` makes the network bind those primitives while `export.export_onnx` traces
 it. onnxruntime then runs one pooling kernel per pooling, where it spent about half of ResNet-34's time on
 the slices and selects (docs/performance.md).
 
@@ -14,17 +14,18 @@ Indices: ONNX's are flat positions in the whole (N, C, H, W) input. The primitiv
 offset ``dy * window + dx`` inside each window, so the lowering converts; an unpooling whose pooling was
 lowered here, to a plane of the pooled input's size, takes ONNX's indices as they are, and the conversion,
 then unused, is dropped from the graph by jax2onnx.
+
+Only jax2onnx's public plugin API is used: `plugin_system.register_primitive` and `PrimitiveLeafPlugin`,
+and the lowering context's builder, names and value bindings; shapes and types are set with onnx_ir.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
-from jax2onnx.plugins.jax.lax._index_utils import _const_i64
 from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primitive
 
-from p3m_jax.ops.pooling import max_pool_p, max_pool_with_argmax_p, max_unpool_p
+from p3m_jax.ops.pooling_primitives import max_pool_p, max_pool_with_argmax_p, max_unpool_p
 
 TO_NCHW = (0, 3, 1, 2)
 TO_NHWC = (0, 2, 3, 1)
@@ -37,14 +38,18 @@ POOLING_META = "p3m_jax.pooling"
 def _node(ctx, op: str, *inputs, shape, dtype, name: str | None = None, **attributes):
     """One ONNX node with a single output of the given static shape and dtype."""
     out = getattr(ctx.builder, op)(*inputs, _outputs=[name or ctx.fresh_name(op)], **attributes)
-    _typed(ctx, out, shape, dtype)
+    _typed(out, shape, dtype)
     return out
 
 
-def _typed(ctx, value, shape, dtype) -> None:
+def _typed(value, shape, dtype) -> None:
     value.type = ir.TensorType(dtype)
-    _stamp_type_and_shape(value, tuple(int(d) for d in shape))
-    _ensure_value_metadata(ctx, value)
+    value.shape = ir.Shape([int(d) for d in shape])
+
+
+def _const_i64(ctx, values, hint: str):
+    """An INT64 initializer (scalar or array) of the graph being built."""
+    return ctx.builder.add_initializer_from_array(ctx.fresh_name(hint), np.asarray(values, np.int64))
 
 
 def _nchw(shape) -> tuple[int, int, int, int]:
@@ -89,7 +94,7 @@ def _window_starts(size: int, stride: int, padding: int, axis: int) -> np.ndarra
 
 @_lowering_of(max_pool_p, "MaxPool")
 class MaxPoolPlugin(PrimitiveLeafPlugin):
-    """`ops.pooling.max_pool_p` as Transpose -> MaxPool -> Transpose."""
+    """`ops.pooling_primitives.max_pool_p` as Transpose -> MaxPool -> Transpose."""
 
     def lower(self, ctx, eqn) -> None:
         (x_var,), (y_var,) = eqn.invars, eqn.outvars
@@ -109,7 +114,7 @@ class MaxPoolPlugin(PrimitiveLeafPlugin):
 
 @_lowering_of(max_pool_with_argmax_p, "MaxPool")
 class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
-    """`ops.pooling.max_pool_with_argmax_p` as MaxPool with Indices, the indices turned into window offsets."""
+    """`ops.pooling_primitives.max_pool_with_argmax_p` as MaxPool with Indices, the indices turned into window offsets."""
 
     def lower(self, ctx, eqn) -> None:
         (x_var,), (y_var, argmax_var) = eqn.invars, eqn.outvars
@@ -128,8 +133,8 @@ class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
             strides=(stride, stride),
             pads=(padding,) * 4,
         )
-        _typed(ctx, pooled, nchw_out, f32)
-        _typed(ctx, indices, nchw_out, i64)
+        _typed(pooled, nchw_out, f32)
+        _typed(indices, nchw_out, i64)
         _bind_nhwc(ctx, y_var, pooled, "max_pool")
 
         # The offset in the window: (row - window's first row) * window + (column - its first column).
@@ -152,7 +157,7 @@ class MaxPoolWithArgmaxPlugin(PrimitiveLeafPlugin):
 
 @_lowering_of(max_unpool_p, "MaxUnpool")
 class MaxUnpoolPlugin(PrimitiveLeafPlugin):
-    """`ops.pooling.max_unpool_p` as MaxUnpool to a (2h, 2w) plane."""
+    """`ops.pooling_primitives.max_unpool_p` as MaxUnpool to a (2h, 2w) plane."""
 
     def lower(self, ctx, eqn) -> None:
         (x_var, argmax_var), (y_var,) = eqn.invars, eqn.outvars
@@ -182,7 +187,7 @@ class MaxUnpoolPlugin(PrimitiveLeafPlugin):
             strides=(2, 2),
             pads=(padding,) * 4,
         )
-        _typed(ctx, unpooled, (n, c, big_h, big_w), ir.DataType.FLOAT)
+        _typed(unpooled, (n, c, big_h, big_w), ir.DataType.FLOAT)
         _bind_nhwc(ctx, y_var, unpooled, "max_unpool")
 
     @staticmethod

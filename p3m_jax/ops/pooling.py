@@ -3,37 +3,43 @@
 Written with static slices, compares and selects only (never a scatter or a gather), so that they
 lower well on TPUs; the gradients go, as PyTorch's do, to the first maximum of each window.
 
-Within `pooling_primitives()` the three public functions bind one primitive each instead (same
-results, forward only), so that an exporter can map each to a runtime's own pooling operator: the
-ONNX export turns them into `MaxPool` (with indices) and `MaxUnpool`.
+Within `replaced_by(forms)` the three public functions call an exporter's forms instead (this thread
+only): `ops.pooling_primitives` binds one primitive each there, which the ONNX export turns into
+`MaxPool` (with indices) and `MaxUnpool`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import mlir
 
-from p3m_jax.ops.switch import TraceSwitch
-
-_AS_PRIMITIVES = TraceSwitch()
+_REPLACED = threading.local()  # the forms of `replaced_by`, per tracing thread
 
 
-def pooling_primitives():
-    """Within this context, `max_pool`, `max_pool_with_argmax` and `max_unpool_2x2` bind
-    `max_pool_p`, `max_pool_with_argmax_p` and `max_unpool_p` (no gradient: for exporting the
-    inference program)."""
-    return _AS_PRIMITIVES.turned_on()
+@contextlib.contextmanager
+def replaced_by(forms: Mapping[str, Callable]):
+    """Within the block, on this thread, ``max_pool``, ``max_pool_with_argmax`` and ``max_unpool_2x2``
+    call ``forms[name]`` (with the same arguments, by keyword after the arrays) where given."""
+    previous = getattr(_REPLACED, "forms", None)
+    _REPLACED.forms = dict(forms)
+    try:
+        yield
+    finally:
+        _REPLACED.forms = previous
 
 
-def _as_primitives() -> bool:
-    return _AS_PRIMITIVES.on
+def _replacement(name: str) -> Callable | None:
+    forms = getattr(_REPLACED, "forms", None)
+    return forms.get(name) if forms else None
 
 
-def _pooled_size(size: int, window: int, stride: int, padding: int) -> int:
+def pooled_size(size: int, window: int, stride: int, padding: int) -> int:
+    """PyTorch's floor-mode output size of a pooling."""
     return (size + 2 * padding - window) // stride + 1
 
 
@@ -51,14 +57,14 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     offset's cotangent back to full resolution, a large backward fusion on the 512x512 stem
     feature of ResNet-34's sBFIs.
     """
-    if _as_primitives():
-        return max_pool_p.bind(x, window=window, stride=stride)
+    if (form := _replacement("max_pool")) is not None:
+        return form(x, window=window, stride=stride)
     if stride >= window:
         return _disjoint_max_pool(x, window, stride, x.shape[1:3])
-    return _max_pool_select_chain(x, window, stride)
+    return max_pool_forward(x, window, stride)
 
 
-def _max_pool_select_chain(x, window, stride):
+def max_pool_forward(x, window, stride):
     best = None
     for _, _, cand in _window_offsets(x, window, stride):
         best = cand if best is None else jnp.where(cand > best, cand, best)
@@ -68,12 +74,12 @@ def _max_pool_select_chain(x, window, stride):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _disjoint_max_pool(x, window, stride, input_size):
     del input_size  # (H, W) of x, for the backward pass
-    return _max_pool_select_chain(x, window, stride)
+    return max_pool_forward(x, window, stride)
 
 
 def _disjoint_max_pool_fwd(x, window, stride, input_size):
     del input_size
-    pooled, argmax = _max_pool_with_argmax(x, window, stride, 0)
+    pooled, argmax = max_pool_with_argmax_forward(x, window, stride, 0)
     # The offsets as int8 where they fit (windows up to 11x11): a quarter of the residual.
     return pooled, argmax.astype(jnp.int8) if window * window <= 128 else argmax
 
@@ -151,11 +157,11 @@ def max_pool_with_argmax(x: jax.Array, window: int, stride: int, padding: int) -
     three encoders) it is assembled from ``argmax`` (`_max_pool_grad_stride2`) rather than by
     differentiating the comparisons, whose fused backward is several times slower.
     """
-    if _as_primitives():
-        return tuple(max_pool_with_argmax_p.bind(x, window=window, stride=stride, padding=padding))
+    if (form := _replacement("max_pool_with_argmax")) is not None:
+        return form(x, window=window, stride=stride, padding=padding)
     if stride == 2 and window <= 4:
         return _max_pool_with_argmax_stride2(x, window, padding, x.shape[1:3])
-    return _max_pool_with_argmax(x, window, stride, padding)
+    return max_pool_with_argmax_forward(x, window, stride, padding)
 
 
 def argmax_to_indices(argmax: jax.Array, window: int, stride: int, padding: int, input_width: int) -> jax.Array:
@@ -174,7 +180,7 @@ def max_pool_with_indices(x: jax.Array, window: int, stride: int, padding: int) 
     return pooled, argmax_to_indices(argmax, window, stride, padding, x.shape[2])
 
 
-def _max_pool_with_argmax(x, window, stride, padding):
+def max_pool_with_argmax_forward(x, window, stride, padding):
     neg = jnp.array(-jnp.inf, x.dtype)
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=neg)
     best = None
@@ -195,12 +201,12 @@ def _max_pool_with_argmax(x, window, stride, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_with_argmax_stride2(x, window, padding, input_size):
     del input_size  # (H, W) of x, for the backward pass
-    return _max_pool_with_argmax(x, window, 2, padding)
+    return max_pool_with_argmax_forward(x, window, 2, padding)
 
 
 def _max_pool_stride2_fwd(x, window, padding, input_size):
     del input_size
-    pooled, argmax = _max_pool_with_argmax(x, window, 2, padding)
+    pooled, argmax = max_pool_with_argmax_forward(x, window, 2, padding)
     return (pooled, argmax), argmax
 
 
@@ -284,18 +290,18 @@ def max_unpool_2x2(x: jax.Array, argmax: jax.Array, pool_window: int = 2) -> jax
     """
     if pool_window not in (2, 3):
         raise ValueError(f"pool_window must be 2 or 3, got {pool_window}")
-    if _as_primitives():
-        return max_unpool_p.bind(x, argmax, pool_window=pool_window)
+    if (form := _replacement("max_unpool_2x2")) is not None:
+        return form(x, argmax, pool_window=pool_window)
     return _max_unpool(x, argmax, pool_window)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _max_unpool(x, argmax, pool_window):
-    return _max_unpool_forward(x, argmax, pool_window)
+    return max_unpool_forward(x, argmax, pool_window)
 
 
 def _max_unpool_fwd(x, argmax, pool_window):
-    return _max_unpool_forward(x, argmax, pool_window), argmax
+    return max_unpool_forward(x, argmax, pool_window), argmax
 
 
 def _max_unpool_bwd(pool_window, argmax, g):
@@ -305,7 +311,7 @@ def _max_unpool_bwd(pool_window, argmax, g):
 _max_unpool.defvjp(_max_unpool_fwd, _max_unpool_bwd)
 
 
-def _max_unpool_forward(x, argmax, pool_window):
+def max_unpool_forward(x, argmax, pool_window):
     padding = (pool_window - 1) // 2  # 0 for 2x2 windows, 1 for 3x3
     # Window (i, j) of a stride-2 pooling covers rows 2i - p .. 2i - p + k - 1. Output row
     # 2i + a can thus be written by windows i (k=2) or i and i + 1 (k=3, p=1, a=1), at
@@ -343,49 +349,3 @@ def _max_unpool_grad(g, argmax, pool_window):
             grad = jnp.zeros_like(cand)
         grad = jnp.where(argmax == dy * pool_window + dx, cand, grad)
     return grad
-
-
-# ------------------------------------------------------------------ the same operations as primitives
-def _primitive(name, fn, abstract_eval, multiple_results=False):
-    prim = Primitive(name)
-    prim.multiple_results = multiple_results
-    prim.def_impl(fn)
-    prim.def_abstract_eval(abstract_eval)
-    mlir.register_lowering(prim, mlir.lower_fun(fn, multiple_results=multiple_results))
-    return prim
-
-
-def _max_pool_abstract(x, *, window, stride):
-    n, h, w, c = x.shape
-    return jax.core.ShapedArray((n, _pooled_size(h, window, stride, 0), _pooled_size(w, window, stride, 0), c), x.dtype)
-
-
-def _max_pool_with_argmax_abstract(x, *, window, stride, padding):
-    n, h, w, c = x.shape
-    shape = (n, _pooled_size(h, window, stride, padding), _pooled_size(w, window, stride, padding), c)
-    return jax.core.ShapedArray(shape, x.dtype), jax.core.ShapedArray(shape, jnp.int32)
-
-
-def _max_unpool_abstract(x, argmax, *, pool_window):
-    del pool_window
-    n, h, w, c = x.shape
-    return jax.core.ShapedArray((n, 2 * h, 2 * w, c), x.dtype)
-
-
-# PyTorch's MaxPool2d(window, stride) without padding: (N, H, W, C) -> (N, Ho, Wo, C).
-max_pool_p = _primitive(
-    "p3m_max_pool", lambda x, *, window, stride: _max_pool_select_chain(x, window, stride), _max_pool_abstract
-)
-# `max_pool_with_argmax`: (pooled, offset dy * window + dx of each window's first maximum, int32).
-max_pool_with_argmax_p = _primitive(
-    "p3m_max_pool_with_argmax",
-    lambda x, *, window, stride, padding: list(_max_pool_with_argmax(x, window, stride, padding)),
-    _max_pool_with_argmax_abstract,
-    multiple_results=True,
-)
-# `max_unpool_2x2` after a stride-2 pooling of window ``pool_window``: (N, h, w, C) -> (N, 2h, 2w, C).
-max_unpool_p = _primitive(
-    "p3m_max_unpool",
-    lambda x, argmax, *, pool_window: _max_unpool_forward(x, argmax, pool_window),
-    _max_unpool_abstract,
-)
