@@ -14,7 +14,7 @@ first image in a fresh process: compilation of every network program of the stra
 each network pass split into encoder and decoder (the encoder run alone, jitted, on the same input), and the
 host-side resizing of the outputs back to the image size.
 
-ONNX (`--onnx`, the export extra): each variant exported by `p3m_jax.inference.export.export_onnx` at the
+ONNX (`--onnx`, the export extra): each variant exported by `p3m_jax.inference.export_formats.export_onnx` at the
 exact network input sizes of the strategy (one fixed-size file per size) and run by onnxruntime's CPU provider
 through the same strategy code; "first" includes creating the sessions (not the export). The table also
 counts the pixels where its 8-bit matte differs from ours.
@@ -181,18 +181,18 @@ class OnnxBySize:
         self.predictor, self.folder, self.files = predictor, pathlib.Path(folder), {}
 
     def prepare(self, sizes):
-        from p3m_jax.inference import export
+        from p3m_jax.inference import export_formats
 
         for size in sizes:
             if size not in self.files:
                 path = self.folder / f"{self.predictor.arch}_{size[0]}x{size[1]}.onnx"
-                export.export_onnx(self.predictor, path, size=size)
+                export_formats.export_onnx(self.predictor, path, size=size)
                 self.files[size] = path
 
     def open_sessions(self):
-        from p3m_jax.inference import export
+        from p3m_jax.inference import export_formats
 
-        self.sessions = {size: export.ExportedPredictor(path) for size, path in self.files.items()}
+        self.sessions = {size: export_formats.ExportedPredictor(path) for size, path in self.files.items()}
 
     def close_sessions(self):
         self.sessions = {}

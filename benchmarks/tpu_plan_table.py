@@ -95,6 +95,8 @@ def largest_batch(compile_at, start: int, hbm_gib: float, prior_slope: float | N
     at ``start``, predict the largest batch from a line through the compiles so far (from ``prior_slope``,
     another slice's, or a compile at twice ``start`` until there are two), compile that batch, and repeat
     until the prediction lands on a batch already known to fit. Each step costs one compile (minutes).
+    Near the limit XLA:TPU rematerialises on its own to fit (more FLOPs, the same memory), so the batch
+    found is the largest the line allows, not the largest the compiler could squeeze in.
     Returns (best fitting row or None, every row, the line's largest batch)."""
     rows: dict[int, dict] = {}
 
@@ -121,6 +123,8 @@ def largest_batch(compile_at, start: int, hbm_gib: float, prior_slope: float | N
             continue
         intercept, slope = line
         predicted = int((hbm_gib - intercept) // slope) if slope > 0 else start * 2
+        if fitting and predicted <= low:  # the line puts the limit at a batch that fits already
+            break
         candidate = max(low + 1, min(predicted, (high - 1) if high else predicted))
         if candidate in rows or (high is not None and candidate >= high) or candidate < 1:
             break

@@ -8,7 +8,7 @@
 (with `--arch`). StableHLO: one file for CPU, GPU and TPU with a symbolic batch, and symbolic image sizes
 (multiples of 32) where the network lowers so (ResNet-34; Swin-T and ViTAE-S export at `--size`, 512x512
 unless given). Run it with `python -m p3m_jax.predict --exported FILE` or
-`p3m_jax.inference.export.ExportedPredictor(FILE).forward(x)`. ONNX (the `export` extra: jax2onnx,
+`p3m_jax.inference.export_formats.ExportedPredictor(FILE).forward(x)`. ONNX (the `export` extra: jax2onnx,
 onnx, onnxruntime): batch and size fixed at `--batch` and `--size`; input `image` (N, 3, H, W), outputs
 `fusion` (the alpha), `global`, `local`. docs/deploy.md has the conventions and the onnxruntime snippet.
 
@@ -24,7 +24,7 @@ import os
 import sys
 
 from p3m_jax.common import cli, fileio, storage
-from p3m_jax.inference import export
+from p3m_jax.inference import export_formats
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
 
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="p3m-jax checkpoint, training workdir or authors' .pth")
     parser.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES), help="required for a .pth")
     cli.add_ema_argument(parser)
-    parser.add_argument("--format", required=True, choices=export.FORMATS, help="what to write")
+    parser.add_argument("--format", required=True, choices=export_formats.FORMATS, help="what to write")
     parser.add_argument("--output", required=True, help="the file to write")
     parser.add_argument(
         "--size",
@@ -99,14 +99,16 @@ def _export(args) -> int:
     try:
         if args.format == "stablehlo":
             try:
-                metadata = export.export_stablehlo(predictor, args.output, size=args.size)
-            except export.ExportError as error:
+                metadata = export_formats.export_stablehlo(predictor, args.output, size=args.size)
+            except export_formats.ExportError as error:
                 if args.size is not None:
                     raise
                 print(f"{error}: exporting at 512x512")
-                metadata = export.export_stablehlo(predictor, args.output, size=(512, 512))
+                metadata = export_formats.export_stablehlo(predictor, args.output, size=(512, 512))
         else:
-            metadata = export.export_onnx(predictor, args.output, size=args.size or (512, 512), batch=args.batch)
+            metadata = export_formats.export_onnx(
+                predictor, args.output, size=args.size or (512, 512), batch=args.batch
+            )
     except ImportError as error:
         if args.format == "onnx":
             print(
@@ -115,7 +117,7 @@ def _export(args) -> int:
         else:
             print(f"error: {args.format} export: {error}", file=sys.stderr)
         return 2
-    except (export.ExportError, OSError) as error:
+    except (export_formats.ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size = "symbolic" if metadata["height"] is None else f"{metadata['height']}x{metadata['width']}"

@@ -43,7 +43,7 @@ import numpy as np
 from p3m_jax.common import cli, fileio, image_io, storage
 from p3m_jax.common.compilation_cache import enable_for_command
 from p3m_jax.inference import compositing, strategies
-from p3m_jax.inference.export import ExportedPredictor
+from p3m_jax.inference.export_formats import ExportedPredictor
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
 

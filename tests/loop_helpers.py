@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from p3m_jax.configs import default as default_config
-from p3m_jax.weights.training_checkpoint import restore_variables
+from p3m_jax.weights.workdir_checkpoints import restore_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TFDS_NAME = "p3m10k/synthetic_64x64_12_2_2"

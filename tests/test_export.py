@@ -12,7 +12,7 @@ from PIL import Image
 
 from p3m_jax import export as export_command
 from p3m_jax import predict
-from p3m_jax.inference import export
+from p3m_jax.inference import export_formats
 from p3m_jax.inference.predictor import Predictor
 
 SIZE = (64, 96)  # a size no other test module compiles for these random-weight networks
@@ -71,15 +71,15 @@ def test_stablehlo_round_trip_matches_the_predictor(variant, tmp_path):
     predictor, x, reference = variant
     path = tmp_path / "model.stablehlo"
     if predictor.arch == "resnet34":  # symbolic batch and sizes
-        metadata = export.export_stablehlo(predictor, path)
+        metadata = export_formats.export_stablehlo(predictor, path)
         assert metadata["height"] is None and metadata["batch"] is None
     else:  # their window masks and attention chunks need static sizes: a clear error, then a fixed size
-        with pytest.raises(export.ExportError, match="--size"):
-            export.export_stablehlo(predictor, path)
+        with pytest.raises(export_formats.ExportError, match="--size"):
+            export_formats.export_stablehlo(predictor, path)
         assert not path.exists()
-        metadata = export.export_stablehlo(predictor, path, size=SIZE)
+        metadata = export_formats.export_stablehlo(predictor, path, size=SIZE)
         assert (metadata["height"], metadata["width"], metadata["batch"]) == (64, 96, None)
-    loaded = export.ExportedPredictor(path)
+    loaded = export_formats.ExportedPredictor(path)
     assert loaded.arch == predictor.arch and loaded.metadata["size_rule"].startswith("H and W positive multiples")
     _assert_close(loaded.forward(x), reference, ("fusion", "global", "local", "side0"))
     _assert_close(loaded.forward(x, outputs=("global",)), reference, ("global",))
@@ -103,7 +103,7 @@ def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
 
     predictor, x, reference = variant
     path = tmp_path / "model.onnx"
-    metadata = export.export_onnx(predictor, path, size=SIZE)
+    metadata = export_formats.export_onnx(predictor, path, size=SIZE)
     model = onnx.load(path)
     assert [i.name for i in model.graph.input] == ["image"]
     assert [o.name for o in model.graph.output] == ["fusion", "global", "local"]
@@ -116,7 +116,7 @@ def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
     fusion = session.run(["fusion"], {"image": x[:1].transpose(0, 3, 1, 2)})[0]
     assert fusion.shape == (1, 1) + SIZE
     np.testing.assert_allclose(fusion.transpose(0, 2, 3, 1), reference["fusion"][:1], atol=TOLERANCE, rtol=0)
-    loaded = export.ExportedPredictor(path)  # batch 1: the two images one after the other
+    loaded = export_formats.ExportedPredictor(path)  # batch 1: the two images one after the other
     _assert_close(loaded.forward(x), reference, ("fusion", "global", "local"))
     # One output (as each pass of HYBRID asks) from the part of the graph that computes it.
     local = loaded.forward(x, outputs=("local",))
@@ -128,7 +128,7 @@ def test_onnx_round_trip_matches_the_predictor(variant, tmp_path):
     broken = tmp_path / "broken.onnx"
     onnx.save(_without_first_batchnorm_shift(model), broken)
     with pytest.raises(AssertionError, match="global|local"):
-        _assert_close(export.ExportedPredictor(broken).forward(x), reference, ("fusion", "global", "local"))
+        _assert_close(export_formats.ExportedPredictor(broken).forward(x), reference, ("fusion", "global", "local"))
 
 
 def _without_first_batchnorm_shift(model):
@@ -214,7 +214,7 @@ def test_rembg_runs_the_exported_model_in_its_custom_session(tmp_path, monkeypat
     monkeypatch.setenv("REMBG_HOME", str(tmp_path))  # rembg runs custom models from its models folder only
     predictor = trained_looking("resnet34", seed=5)
     path = tmp_path / "p3m.onnx"
-    export.export_onnx(predictor, path, size=(320, 320))  # rembg's u2net_custom runs at 320x320
+    export_formats.export_onnx(predictor, path, size=(320, 320))  # rembg's u2net_custom runs at 320x320
     rng = np.random.default_rng(0)
     photo = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
     photo.putpixel((0, 0), (255, 255, 255))  # rembg divides by the image's maximum: make it 255
@@ -224,7 +224,7 @@ def test_rembg_runs_the_exported_model_in_its_custom_session(tmp_path, monkeypat
     # and LANCZOS resize back: the same matte up to rounding.
     x = np.asarray(photo.resize((320, 320), Image.Resampling.LANCZOS), np.float32) / 255.0
     x = (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-    fusion = export.ExportedPredictor(path).forward(x[None].astype(np.float32), ["fusion"])["fusion"][0, ..., 0]
+    fusion = export_formats.ExportedPredictor(path).forward(x[None].astype(np.float32), ["fusion"])["fusion"][0, ..., 0]
     scaled = (fusion - fusion.min()) / (fusion.max() - fusion.min())
     ours = Image.fromarray((scaled * 255).astype(np.uint8)).resize(photo.size, Image.Resampling.LANCZOS)
     assert mask.shape == (90, 70)

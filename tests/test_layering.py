@@ -46,7 +46,7 @@ DEFERRED_OK = {
     # The builder imports TensorFlow Datasets (seconds); grain's workers read records without it.
     ("p3m_jax.data.builds", "tfds_p3m10k.p3m10k_dataset_builder"),
     # The ONNX lowerings are jax2onnx plugins: jax2onnx is the optional export extra, imported on export only.
-    ("p3m_jax.inference.export", "p3m_jax.inference.onnx_pooling"),
+    ("p3m_jax.inference.export_formats", "p3m_jax.inference.onnx_pooling"),
 }
 
 

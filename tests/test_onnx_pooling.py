@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from p3m_jax.inference import export
+from p3m_jax.inference import export_formats
 from p3m_jax.ops import pooling, pooling_primitives
 
 
@@ -21,7 +21,7 @@ def _tied(shape, seed):
 
 def _onnx_run(fn, *inputs):
     """``fn`` exported as `export_onnx` exports the network, run by onnxruntime: (op counts, outputs)."""
-    model = export.onnx_model(fn, [x.shape for x in inputs], what="the test function")
+    model = export_formats.onnx_model(fn, [x.shape for x in inputs], what="the test function")
     ops = collections.Counter(node.op_type for node in model.graph.node)
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [value.name for value in session.get_inputs()]

@@ -12,7 +12,7 @@ from loop_helpers import TFDS_NAME, assert_trees_equal, tiny_config
 from p3m_jax import evaluate, load_pretrained, predict
 from p3m_jax.train import loop
 from p3m_jax.train.checkpointing import CheckpointError
-from p3m_jax.weights.training_checkpoint import restore_variables
+from p3m_jax.weights.workdir_checkpoints import restore_variables
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -39,7 +39,7 @@ import tensorflow_datasets as tfds
 from p3m_jax.common import cli, storage
 from tfds_p3m10k import anonymize
 from tfds_p3m10k import folder_layout
-from tfds_p3m10k import layout
+from tfds_p3m10k import release_layout
 from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 from tfds_p3m10k import portrait_folder_builder as folder_lib
 
@@ -214,7 +214,7 @@ def build_folder(args: argparse.Namespace, destination: _Destination) -> int:
     try:
         with cli.without_tfds_banner():
             builder.download_and_prepare(download_config=download_config)
-    except (layout.BadInputError, FileNotFoundError) as e:
+    except (release_layout.BadInputError, FileNotFoundError) as e:
         _remove_scaffolding(new_folders)
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -301,7 +301,7 @@ def build_release(args: argparse.Namespace, destination: _Destination) -> int:
     try:
         with cli.without_tfds_banner():
             builder.download_and_prepare(download_config=download_config)
-    except layout.BadInputError as e:
+    except release_layout.BadInputError as e:
         _remove_scaffolding(new_folders)
         print(f"error: {e}", file=sys.stderr)
         return 1

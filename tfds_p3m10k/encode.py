@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from tfds_p3m10k import layout
+from tfds_p3m10k import release_layout
 from tfds_p3m10k import maps
 
 # Stored where a map does not exist for an example (see `has_facemask`,
@@ -27,20 +27,20 @@ PLACEHOLDER_RGB = maps.encode_png(np.zeros((1, 1, 3), np.uint8))
 ESTIMATED_FG_BG_JPEG_QUALITY = 95
 
 
-def _decode(ref: layout.FileRef) -> Image.Image:
+def _decode(ref: release_layout.FileRef) -> Image.Image:
     image = Image.open(io.BytesIO(ref.read_bytes()))
     image.load()
     return image
 
 
-def _grey_bytes(ref: layout.FileRef, as_is: bool) -> bytes:
+def _grey_bytes(ref: release_layout.FileRef, as_is: bool) -> bytes:
     """The file's bytes if they decode to plain HxW uint8, else channel 0 as PNG."""
     if as_is:
         return ref.read_bytes()
     return maps.encode_png(maps.first_channel(_decode(ref)))
 
 
-def _rgb_bytes(ref: layout.FileRef, as_is: bool) -> bytes:
+def _rgb_bytes(ref: release_layout.FileRef, as_is: bool) -> bytes:
     if as_is:
         return ref.read_bytes()
     return maps.encode_png(np.asarray(_decode(ref).convert("RGB")))
@@ -62,7 +62,7 @@ def worker_init() -> None:
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 
-def encode_record(job: tuple[layout.Record, layout.FileFacts, bool]) -> tuple[str, dict]:
+def encode_record(job: tuple[release_layout.Record, release_layout.FileFacts, bool]) -> tuple[str, dict]:
     """(record, facts, estimate_fg_bg) -> (key, example dict of the p3m10k features)."""
     record, facts, estimate = job
     alpha_bytes = _grey_bytes(record.mask, facts.mask_as_is)

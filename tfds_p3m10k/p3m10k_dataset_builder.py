@@ -1,7 +1,7 @@
 """TFDS builder `p3m10k`: P3M-10k portrait matting (manual download) and a synthetic stand-in.
 
 Configs:
-  * `default`: the real release from `manual_dir` (folder or zip, see layout.py);
+  * `default`: the real release from `manual_dir` (folder or zip, see release_layout.py);
     `fg`/`bg` only where `train/fg_blurred|fg/` and `train/bg/` exist on disk.
   * `estimate_fg_bg`: as `default`, with train `fg`/`bg` estimated at build time by
     pymatting's `estimate_foreground_ml` (in parallel worker processes; slow).
@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tfds_p3m10k import encode
-from tfds_p3m10k import layout
+from tfds_p3m10k import release_layout
 from tfds_p3m10k import maps
 from tfds_p3m10k import synthetic
 
@@ -222,7 +222,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # Scan everything before returning any generator: bad input fails before a
         # single shard is written (and TFDS writes into an `incomplete.*` dir anyway).
         start = time.time()
-        scan = layout.scan_release(
+        scan = release_layout.scan_release(
             os.fspath(dl_manager.manual_dir), skip_bad_examples=self._skip_bad_examples, num_workers=self._num_workers
         )
         for note in scan.notes:
@@ -256,14 +256,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # Encoding the release is mostly file copying: workers only pay off for fg/bg estimation.
         workers = self._num_workers if self.builder_config.estimate_fg_bg else 1
         # No progress bar of our own: TFDS shows one per split.
-        yield from layout.parallel_map(
+        yield from release_layout.parallel_map(
             encode.encode_record, jobs, workers, None, inline_below=2, initializer=initializer
         )
 
     def _generate_synthetic(self, split: str, count: int):
         config = self.builder_config
         height, width = config.synthetic_image_size
-        split_index = layout.SPLIT_NAMES.index(split)
+        split_index = release_layout.SPLIT_NAMES.index(split)
         blurred = split != "p3m_500_np"
         for index in range(count):
             seed = synthetic.sample_seed(config.synthetic_seed, split_index, index)

@@ -40,7 +40,7 @@ from tfds_p3m10k import anonymize as anonymize_lib
 from tfds_p3m10k import encode
 from tfds_p3m10k import face_detector
 from tfds_p3m10k import folder_layout
-from tfds_p3m10k import layout as release_layout
+from tfds_p3m10k import release_layout
 from tfds_p3m10k import maps
 from tfds_p3m10k.p3m10k_dataset_builder import features
 from tfds_p3m10k.release_files import BadInputError

@@ -12,7 +12,7 @@ from p3m_jax.inference.predictor import Predictor
 from p3m_jax.models import ARCHITECTURES
 from p3m_jax.weights import model_checkpoint
 from p3m_jax.weights.initialize import variables_from_torch
-from p3m_jax.weights.training_checkpoint import is_training_workdir, read_training_workdir
+from p3m_jax.weights.workdir_checkpoints import is_training_workdir, read_training_workdir
 
 
 # What `load_pretrained` raises for weights that are missing (FileNotFoundError), foreign or corrupt

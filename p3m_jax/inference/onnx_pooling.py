@@ -1,7 +1,7 @@
 """ONNX lowerings (jax2onnx plugins) of the pooling primitives of `ops.pooling`: ONNX's own `MaxPool` (with
 `Indices`) and `MaxUnpool` instead of the window slices and selects the plain trace would give.
 
-`ops.pooling_primitives.pooling_primitives()` makes the network bind those primitives while `export.export_onnx` traces
+`ops.pooling_primitives.pooling_primitives()` makes the network bind those primitives while `export_formats.export_onnx` traces
 it. onnxruntime then runs one pooling kernel per pooling, where it spent about half of ResNet-34's time on
 the slices and selects (docs/performance.md).
 

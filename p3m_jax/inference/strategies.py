@@ -95,7 +95,7 @@ class NetworkRunner:
 
     Args:
       predictor: anything with `forward(x) -> dict of numpy arrays` for x of shape (1, H, W, 3), H and W
-        multiples of 32 (`p3m_jax.inference.predictor.Predictor`, `export.ExportedPredictor`); one whose
+        multiples of 32 (`p3m_jax.inference.predictor.Predictor`, `export_formats.ExportedPredictor`); one whose
         `forward` takes `outputs` is asked for the wanted outputs only.
       bucket: None for exact shapes; else a multiple of 32: inputs are padded up to multiples of it.
     """

@@ -11,7 +11,7 @@ from p3m_jax import serve
 from p3m_jax.common import cli
 from p3m_jax.common.compilation_cache import enable_for_command
 from p3m_jax.inference import strategies
-from p3m_jax.inference.export import ExportedPredictor
+from p3m_jax.inference.export_formats import ExportedPredictor
 from p3m_jax.inference.loading import CHECKPOINT_ERRORS, load_pretrained
 from p3m_jax.models import ARCHITECTURES
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from p3m_jax.common import storage
-from p3m_jax.weights import training_checkpoint
+from p3m_jax.weights import workdir_checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -166,7 +166,7 @@ class TrainCheckpointer:
         self._save_errors: _SaveErrorLog | None = None  # orbax's error records of the save in flight
         self._previous_unraisablehook = None  # set from a failed save until close()
         try:
-            self.manager = training_checkpoint.open_manager(
+            self.manager = workdir_checkpoints.open_manager(
                 self.directory, keep=keep, asynchronous=asynchronous, read_only=read_only
             )
         except OSError as e:
@@ -327,13 +327,13 @@ class TrainCheckpointer:
 
     def best_step(self) -> int | None:
         """The kept step with the lowest validation SAD (the latest when none was evaluated)."""
-        return training_checkpoint.best_or_latest_step(self.manager)
+        return workdir_checkpoints.best_or_latest_step(self.manager)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restores the state onto ``abstract_state``'s shardings; sets the iterator's state in place."""
         import grain  # pylint: disable=import-outside-toplevel
 
-        saved = training_checkpoint.saved_state_fields(self.directory, step)
+        saved = workdir_checkpoints.saved_state_fields(self.directory, step)
         wanted = _fields(abstract_state)
         unwanted = sorted(f for f in _OPTIONAL_FIELDS if f in saved and f not in wanted)
         if unwanted:

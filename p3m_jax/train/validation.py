@@ -18,7 +18,7 @@ from p3m_jax.train import mesh as mesh_lib
 from p3m_jax.train.checkpointing import TrainCheckpointer
 from p3m_jax.train.config_checks import model_options
 from p3m_jax.train.summary import append_row, log, summary_panel
-from p3m_jax.weights.training_checkpoint import restore_variables
+from p3m_jax.weights.workdir_checkpoints import restore_variables
 
 
 def local_variables(state, gather, ema: bool = False) -> dict:

@@ -19,7 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tfds_p3m10k import build
-from tfds_p3m10k import layout
+from tfds_p3m10k import release_layout
 from tfds_p3m10k import make_dummy_data
 from tfds_p3m10k import p3m10k_dataset_builder as builder_lib
 
@@ -55,7 +55,7 @@ def _build(release_root, data_dir, **kwargs):
 def _expect_bad_input(release_root, tmp_path, *fragments):
     """Builds, expects BadInputError mentioning each fragment, and nothing left in data_dir."""
     data_dir = tmp_path / "data"
-    with pytest.raises(layout.BadInputError) as info:
+    with pytest.raises(release_layout.BadInputError) as info:
         _build(release_root, data_dir)
     message = str(info.value)
     for fragment in fragments:
@@ -150,7 +150,7 @@ def test_skipping_every_example_of_a_split_is_one_error_and_writes_nothing(relea
     for path in (release / P500 / "blurred_image").iterdir():
         path.write_bytes(b"broken")
     data_dir = tmp_path / "data"
-    with pytest.raises(layout.BadInputError, match="no example left in p3m_500_p after skipping 2 bad"):
+    with pytest.raises(release_layout.BadInputError, match="no example left in p3m_500_p after skipping 2 bad"):
         _build(release, data_dir, skip_bad_examples=True)
     leftovers = [os.path.join(d, x) for d, ds, fs in os.walk(data_dir) for x in ds + fs]
     assert not [p for p in leftovers if "1.0.0" in p or "array_record" in p], leftovers
@@ -203,7 +203,7 @@ def test_bad_file_inside_zip_is_named_with_the_archive(release, tmp_path):
     _zip_folder(release, zipped / "P3M-10k.zip", "P3M-10k/")
     builder = builder_lib.Builder(data_dir=os.fspath(tmp_path / "data"), config="default", num_workers=1)
     with pytest.raises(
-        layout.BadInputError, match=r"P3M-10k\.zip!P3M-10k/train/mask/" + _name(0, 1) + r"\.png: unreadable"
+        release_layout.BadInputError, match=r"P3M-10k\.zip!P3M-10k/train/mask/" + _name(0, 1) + r"\.png: unreadable"
     ):
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
@@ -285,11 +285,11 @@ def test_parallel_scan_of_a_zip_matches_the_inline_scan(release, tmp_path):
     zipped = tmp_path / "zipped"
     zipped.mkdir()
     _zip_folder(release, zipped / "P3M-10k.zip", "P3M-10k/")
-    records, problems, _ = layout.pair_files(layout.locate_release(os.fspath(zipped)))
+    records, problems, _ = release_layout.pair_files(release_layout.locate_release(os.fspath(zipped)))
     assert not problems
-    items = [r for split in layout.SPLIT_NAMES for r in records[split]] * 20
-    inline = list(layout.parallel_map(layout.check_record, items, 1, None))
-    pooled = list(layout.parallel_map(layout.check_record, items, 2, None, inline_below=0))
+    items = [r for split in release_layout.SPLIT_NAMES for r in records[split]] * 20
+    inline = list(release_layout.parallel_map(release_layout.check_record, items, 1, None))
+    pooled = list(release_layout.parallel_map(release_layout.check_record, items, 2, None, inline_below=0))
     assert pooled == inline
     assert all(facts is not None and not found for facts, found in pooled)
 
