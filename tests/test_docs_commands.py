@@ -50,6 +50,8 @@ from PIL import Image
 
 import test_install
 
+pytestmark = pytest.mark.slow  # runs every documented command
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 wheel, venv = test_install.wheel, test_install.venv  # its fixtures: this checkout's wheel in a fresh venv
 DOCS = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))

@@ -15,6 +15,8 @@ from p3m_jax import predict
 from p3m_jax.inference import export_formats
 from p3m_jax.inference.predictor import Predictor
 
+pytestmark = pytest.mark.slow  # exports and runs the three real networks (ONNX, StableHLO)
+
 SIZE = (64, 96)  # a size no other test module compiles for these random-weight networks
 OTHER_SIZE = (96, 64)  # ResNet-34's file has symbolic sizes: checked at a second one
 TOLERANCE = 1e-4  # float32: the exported program runs XLA's convolution, the predictor the CPU rewrites

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # builds the wheel and installs it into fresh environments
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COMMANDS = (
     "p3m-train",

@@ -201,3 +201,19 @@ def test_the_checker_names_each_kind_of_violation(tmp_path, relative, text, expe
     write(tmp_path, relative, text)
     problems = violations(tmp_path)
     assert any(expected in problem for problem in problems), problems
+
+
+def test_every_module_imports():
+    """Each module of both packages imports in the test environment (every extra installed): the fast
+    tier (-m "not slow") touches every module at least this far."""
+    import importlib
+    import pkgutil
+
+    names = []
+    for package in PACKAGES:
+        root = importlib.import_module(package)
+        names += [info.name for info in pkgutil.walk_packages(root.__path__, package + ".")]
+    for name in names:
+        if not name.endswith("__main__"):  # the `python -m` forms run their command on import
+            importlib.import_module(name)
+    assert len(names) > 60, names

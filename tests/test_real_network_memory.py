@@ -18,6 +18,8 @@ from p3m_jax.train.mesh import batch_sharding
 from p3m_jax.weights.initialize import init_key
 from train_helpers import flat, make_batch
 
+pytestmark = pytest.mark.slow  # the real ResNet-34's train step under remat and accumulation
+
 SIZE = 64
 
 
@@ -37,7 +39,6 @@ def test_remat_and_micro_batches_lower_what_resnet34_keeps_for_the_backward_pass
     assert 0 < per_sample["full"] < 0.5 * per_sample["none"], per_sample
 
 
-@pytest.mark.slow
 def test_two_rematerialised_micro_batches_give_resnet34_the_full_batch_step():
     """One SGD step (learning rate 1: the update is minus the gradient) on a batch of 4, whole without
     remat, and as 2 micro-batches with remat "full". BatchNorm normalises each micro-batch by its own

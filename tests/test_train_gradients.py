@@ -35,6 +35,8 @@ from p3m_jax.train.step import prepare_batch  # noqa: E402
 from p3m_jax.weights.torch_import import convert_state_dict  # noqa: E402
 from torch_p3mnet import TorchP3MNet, authors_state_dict  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the three real networks' training gradients against the authors' PyTorch
+
 SIZE, BATCH = 64, 2
 MAX_RELATIVE_L2 = 0.05
 # Swin-T without stochastic depth, so that both sides compute the same function.
