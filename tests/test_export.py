@@ -4,6 +4,7 @@ predict commands."""
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -231,3 +232,22 @@ def test_rembg_runs_the_exported_model_in_its_custom_session(tmp_path, monkeypat
     ours = Image.fromarray((scaled * 255).astype(np.uint8)).resize(photo.size, Image.Resampling.LANCZOS)
     assert mask.shape == (90, 70)
     assert np.abs(mask - np.asarray(ours, np.int32)).max() <= 1
+
+
+def test_onnx_without_the_export_extra_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    checkpoint = Predictor.random("resnet34", seed=4).save(tmp_path / "ckpt")
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if not installed: importing it fails
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "--size",
+        "64x64",
+        "--output",
+        str(tmp_path / "m.onnx"),
+    ]
+    assert export_command.main(args) == 2
+    err = capsys.readouterr().err
+    assert "ONNX export needs the export extra (pip install 'p3m-jax[export]')" in err, err
+    assert not (tmp_path / "m.onnx").exists()

@@ -305,6 +305,10 @@ def onnx_model(fn, input_shapes, *, what: str):
             from p3m_jax.inference import onnx_pooling  # noqa: F401, PLC0415
 
             return to_onnx(fn, list(input_shapes), return_mode="proto")
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] in ("jax2onnx", "onnx_ir", "onnx"):
+            raise  # the export extra is not installed: the command says how to install it
+        raise ExportError(f"jax2onnx could not convert {what}: {type(error).__name__}: {error}") from error
     except Exception as error:  # jax2onnx raises many types for an unsupported operation
         raise ExportError(
             f"jax2onnx could not convert {what}: {type(error).__name__}: {error}\n{chatter.getvalue()[-2000:]}"
