@@ -155,9 +155,9 @@ MAX_FUNCTION_LINES = 120
 
 
 def long_functions(root: pathlib.Path = ROOT) -> list[str]:
-    """'file:line name (N lines)' for each function of p3m_jax/ over MAX_FUNCTION_LINES."""
+    """'file:line name (N lines)' for each function of both packages over MAX_FUNCTION_LINES."""
     found = []
-    for path in sorted((root / "p3m_jax").rglob("*.py")):
+    for path in sorted(p for package in PACKAGES for p in (root / package).rglob("*.py")):
         if "configs" in path.relative_to(root).parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

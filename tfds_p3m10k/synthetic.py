@@ -76,6 +76,63 @@ def _coverage(canvas: np.ndarray, height: int, width: int) -> np.ndarray:
     return small.astype(np.float32) / 255.0
 
 
+def _draw_strands(rng, shape, head_c, head_radii, tilt, unit) -> np.ndarray:
+    """Thin strands from the top of the head outwards on one canvas (supersampled, uint8): each strand's
+    value is its opacity, a later strand overwriting an earlier one where they cross."""
+    big_h, big_w = shape
+    head_rx, head_ry = head_radii
+    strands = np.zeros((big_h, big_w), np.uint8)
+    for _ in range(int(rng.integers(18, 36))):
+        angle = np.deg2rad(rng.uniform(-170, -10) + tilt)
+        start = np.array([head_c[0] + head_rx * 1.05 * np.cos(angle), head_c[1] + head_ry * 1.05 * np.sin(angle)])
+        length = rng.uniform(0.05, 0.2) * unit
+        bend = rng.uniform(-0.6, 0.6)
+        turns = angle + bend * np.linspace(0.0, 1.0, 13)
+        steps = np.stack([np.cos(turns), np.sin(turns)], axis=-1) * (length / 12)
+        points = start + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[1:], axis=0)])
+        thickness = int(rng.integers(1, 3))
+        opacity = rng.uniform(0.5, 1.0)
+        cv2.polylines(
+            strands,
+            [np.round(points).astype(np.int32)],
+            False,
+            int(round(opacity * 255)),
+            thickness=thickness,
+            lineType=cv2.LINE_8,
+        )
+    return strands
+
+
+def _draw_features(shape, head_c, head_radii) -> np.ndarray:
+    """The eyes and the mouth on a supersampled canvas (uint8), so that the face blur removes detail."""
+    big_h, big_w = shape
+    head_rx, head_ry = head_radii
+    features = np.zeros((big_h, big_w), np.uint8)
+    eye_dy = int(-0.05 * head_ry)
+    for side in (-1, 1):
+        cv2.ellipse(
+            features,
+            (head_c[0] + int(side * 0.35 * head_rx), head_c[1] + eye_dy),
+            (max(1, int(0.12 * head_rx)), max(1, int(0.07 * head_ry))),
+            0,
+            0,
+            360,
+            255,
+            -1,
+        )
+    cv2.ellipse(
+        features,
+        (head_c[0], head_c[1] + int(0.5 * head_ry)),
+        (max(1, int(0.3 * head_rx)), max(1, int(0.06 * head_ry))),
+        0,
+        0,
+        360,
+        255,
+        -1,
+    )
+    return features
+
+
 def render_portrait(seed: int, height: int = 128, width: int = 128, blur_face: bool = True) -> SyntheticPortrait:
     """Renders one synthetic portrait; see the module docstring."""
     if height < 16 or width < 16:
@@ -130,25 +187,7 @@ def render_portrait(seed: int, height: int = 128, width: int = 128, blur_face: b
     # wide, so after area-averaging they carry partial alpha.
     # One canvas for all strands; each strand's value is its opacity (a later
     # strand overwrites an earlier one where they cross).
-    strands = np.zeros((big_h, big_w), np.uint8)
-    for _ in range(int(rng.integers(18, 36))):
-        angle = np.deg2rad(rng.uniform(-170, -10) + tilt)
-        start = np.array([head_c[0] + head_rx * 1.05 * np.cos(angle), head_c[1] + head_ry * 1.05 * np.sin(angle)])
-        length = rng.uniform(0.05, 0.2) * unit
-        bend = rng.uniform(-0.6, 0.6)
-        turns = angle + bend * np.linspace(0.0, 1.0, 13)
-        steps = np.stack([np.cos(turns), np.sin(turns)], axis=-1) * (length / 12)
-        points = start + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[1:], axis=0)])
-        thickness = int(rng.integers(1, 3))
-        opacity = rng.uniform(0.5, 1.0)
-        cv2.polylines(
-            strands,
-            [np.round(points).astype(np.int32)],
-            False,
-            int(round(opacity * 255)),
-            thickness=thickness,
-            lineType=cv2.LINE_8,
-        )
+    strands = _draw_strands(rng, (big_h, big_w), head_c, (head_rx, head_ry), tilt, unit)
 
     body_cov = _coverage(body, height, width)
     # A slight blur gives the silhouette the soft falloff of real mattes.
@@ -176,29 +215,7 @@ def render_portrait(seed: int, height: int = 128, width: int = 128, blur_face: b
     fg = fg * (1 - head_and_neck[..., None]) + skin * head_and_neck[..., None]
     fg = fg * (1 - hair_cov[..., None]) + hair_tex * hair_cov[..., None]
     # Eyes and mouth, so that the face blur visibly removes detail.
-    features = np.zeros((big_h, big_w), np.uint8)
-    eye_dy = int(-0.05 * head_ry)
-    for side in (-1, 1):
-        cv2.ellipse(
-            features,
-            (head_c[0] + int(side * 0.35 * head_rx), head_c[1] + eye_dy),
-            (max(1, int(0.12 * head_rx)), max(1, int(0.07 * head_ry))),
-            0,
-            0,
-            360,
-            255,
-            -1,
-        )
-    cv2.ellipse(
-        features,
-        (head_c[0], head_c[1] + int(0.5 * head_ry)),
-        (max(1, int(0.3 * head_rx)), max(1, int(0.06 * head_ry))),
-        0,
-        0,
-        360,
-        255,
-        -1,
-    )
+    features = _draw_features((big_h, big_w), head_c, (head_rx, head_ry))
     feature_cov = _coverage(features, height, width)[..., None] * (face_cov[..., None])
     fg = fg * (1 - 0.8 * feature_cov)
     fg = np.clip(np.round(fg * 255.0), 0, 255).astype(np.uint8)
