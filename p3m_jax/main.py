@@ -127,6 +127,7 @@ def main(argv) -> int:
 
 
 def _train_or_evaluate() -> int:
+    """Trains (or with --mode=eval, evaluates) --config in --workdir; 1 with one error line when it cannot."""
     # Imported after flag parsing, so that `--help` and flag errors do not wait for JAX.
     from p3m_jax.common import compilation_cache  # pylint: disable=import-outside-toplevel
     from p3m_jax.train import loop  # pylint: disable=import-outside-toplevel
