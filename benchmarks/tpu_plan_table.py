@@ -8,7 +8,8 @@ with libtpu (pip install "p3m-jax[tpu]"): a model of the step, not a measurement
 
 Each compile of a real network takes minutes on a 2-core CPU: `--search` doubles the per-chip batch from
 ``--batch_per_chip`` until a compile runs out of HBM (then bisects), so it costs several compiles per row.
-Rows are appended to ``--output`` as they finish (JSON lines), and a row already there is not compiled again.
+Rows are appended to ``--output`` as they finish (JSON lines), and a row already there is not compiled again;
+``--markdown --output FILE`` prints them as the table of docs/training.md.
 """
 
 from __future__ import annotations
@@ -134,6 +135,37 @@ def largest_batch(compile_at, start: int, hbm_gib: float, prior_slope: float | N
     return best, list(rows.values()), predicted
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as the table of docs/training.md, one line per compile."""
+    lines = [
+        "| variant | P3M-CP | slice | remat | per chip | fits | memory per chip | TFLOP | GB accessed | roofline step | images/s per chip | compile here |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {"resnet34": "ResNet-34", "swin_t": "Swin-T", "vitae_s": "ViTAE-S"}
+    order = lambda r: (r["target"], r["arch"], r["copy_paste"], r["remat"], r["per_chip"])  # noqa: E731
+    for row in sorted(rows, key=order):
+        chip = tpu_plan.parse_target(row["target"]).chip
+        hosts = f", {row['hosts']} hosts" if row.get("hosts", 1) > 1 else ""
+        memory = f"{row['memory_gib']:.2f} GiB" if row["fits"] else f"needs {row['memory_gib']:.2f} GiB"
+        cells = [
+            names.get(row["arch"], row["arch"]),
+            "on" if row["copy_paste"] else "off",
+            f"{row['target']}{hosts}",
+            row["remat"] + (", fsdp" if row["param_sharding"] == "fsdp" else ""),
+            str(row["per_chip"]),
+            "yes" if row["fits"] else f"no (HBM {chip.hbm_bytes / tpu_plan.GIB:.0f} GiB)",
+            memory,
+        ]
+        if row["fits"]:
+            cells += [f"{row['tflop']:.3f}", f"{row['gb_accessed']:.1f}", f"{row['roofline_ms']:.1f} ms"]
+            cells += [f"{row['images_per_s_per_chip']:.1f}"]
+        else:
+            cells += ["", "", "", ""]
+        cells.append(f"{row['compile_s']:.0f} s")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _other_slices_line(done, target_name, arch, copy_paste, remat, args):
     """The (intercept, slope) line of this setting's compiles on other slices, or None."""
     points = [
@@ -157,7 +189,12 @@ def main(argv=None) -> int:
     parser.add_argument("--param_sharding", default="replicated", choices=("replicated", "fsdp"))
     parser.add_argument("--search", action="store_true", help="find the largest per-chip batch that fits")
     parser.add_argument("--output", default=None, help="append rows here (JSON lines); rows already there are kept")
+    parser.add_argument("--markdown", action="store_true", help="print the rows of --output as a table and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.output, encoding="utf-8") as f:
+            print(markdown([json.loads(line) for line in f if line.strip()]))
+        return 0
     done = []
     if args.output and os.path.exists(args.output):
         with open(args.output, encoding="utf-8") as f:
