@@ -3,7 +3,7 @@
 Every fenced ```bash block of README.md and docs/*.md is read: a line ending in a backslash (or a quote left
 open) goes on with the next one, `#` lines are comments, and `&&` separates commands. Each block runs in a
 fresh temporary folder outside the checkout, its commands in order, each in its own bash, against a clean
-install of the wheel: the `python` and `p3m-*` of tests/test_install.py's virtual environment (the wheel of
+install of the wheel: the `python` and `p3m-*` of tests/test_install.py's borrowing virtual environment (the wheel of
 this checkout; other packages borrowed from the test environment; the checkout is not on sys.path). HOME is
 a fake home folder of the test, so `~/...` lands there. Programs share the run's compilation cache
 (tests/conftest.py), one trained checkpoint and one synthetic TFDS build.
@@ -53,7 +53,7 @@ import test_install
 pytestmark = pytest.mark.slow  # runs every documented command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-wheel, venv = test_install.wheel, test_install.venv  # its fixtures: this checkout's wheel in a fresh venv
+wheel, borrowing_venv = test_install.wheel, test_install.borrowing_venv  # the wheel, the test env's extras
 DOCS = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
 QUICKSTART = "python -m p3m_jax.main --config=default --workdir=workdir/quickstart"
 
@@ -470,8 +470,8 @@ def _quickstart_block() -> Block:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, compilation_cache, venv):
-    state = World(tmp_path_factory.mktemp("docs"), venv)
+def world(tmp_path_factory, compilation_cache, borrowing_venv):
+    state = World(tmp_path_factory.mktemp("docs"), borrowing_venv)
     yield state
     table = report(state.records)
     print("\n" + table)

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import numpy as np
@@ -77,6 +78,32 @@ def venv(wheel, tmp_path_factory) -> pathlib.Path:
     bin_dir = fresh_venv(tmp_path_factory.mktemp("venv") / "env", str(wheel))
     assert (bin_dir / "p3m-train").is_file()
     return bin_dir
+
+
+@pytest.fixture(scope="module")
+def borrowing_venv(wheel, tmp_path_factory) -> pathlib.Path:
+    """A fresh virtual environment holding the wheel, whose dependencies and extras are the test
+    environment's (a ``.pth`` line after its own site-packages): for tests/test_docs_commands.py, whose
+    documented commands use every extra (pytest, onnx, rembg, torch). Its bin folder."""
+    root = tmp_path_factory.mktemp("borrowing") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    pathlib.Path(site, "test_env_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --ignore-installed: the borrowed packages may hold p3m-jax too (a non-editable test install).
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--ignore-installed"]
+        + [str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return root / "bin"
 
 
 # The modules that need an extra, and the package whose absence they report without it.
